@@ -1,0 +1,403 @@
+"""Backend-agnostic ReLoRA building blocks.
+
+ReLoRA (Lialin et al., "ReLoRA: High-Rank Training Through Low-Rank Updates", arXiv 2307.05695, §3)
+trains a frozen base weight ``W`` plus a low-rank adapter ``s * B @ A`` and periodically merges the
+adapter into ``W`` (``W <- W + s*B@A``), re-initialises it (A ~ Kaiming-uniform, B = 0), partially
+resets the adapters' optimizer state and re-warms the learning rate.  The sum of many rank-r updates
+can reach a high rank.
+
+This module holds the pieces that do not depend on the distributed backend: the wrapped linear layer,
+model wrapping / freezing, deterministic per-(seed, restart, module) random draws, the fp32 merge delta
+(whole, by rows, or as a slice of the row-major flattened weight, which is what a ZeRO-3 rank owns),
+optimizer-state prune masks and rank diagnostics.  The DeepSpeed-specific merge and optimizer reset
+live elsewhere and call these.
+
+Deliberate differences from the reference implementation (github Guitaricet/relora):
+* A is Kaiming-uniform and B is zero at wrap time.  The reference zeroes BOTH (issue #18), so every
+  adapter gradient of the first cycle is exactly zero and the first cycle trains no adapter.
+* A is drawn from a generator seeded by a stable hash of (seed, restart_index, module_name) instead of
+  relying on every rank having consumed the global RNG identically; every rank and every world size
+  draws the identical A.
+* Magnitude pruning uses ``torch.kthvalue`` so it works above 2**24 elements (``torch.quantile``
+  raises there; axolotl silently skips such tensors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "PRUNE_MODES",
+    "ReLoRAConfigError",
+    "ReLoRALinear",
+    "wrap_model",
+    "relora_modules",
+    "set_adapters_active",
+    "freeze_for_relora_phase",
+    "freeze_for_full_rank",
+    "draw_lora_A",
+    "lora_delta",
+    "lora_delta_rows",
+    "flat_slice_delta",
+    "prune_mask",
+    "prune_generator",
+    "cumulative_rank",
+    "effective_rank",
+]
+
+#: Hugging Face LLaMA attention and MLP projections (what the reference wraps for LLaMA).
+DEFAULT_TARGETS: list[str] = [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"]
+
+PRUNE_MODES = ("zero", "random", "magnitude")
+
+
+class ReLoRAConfigError(ValueError):
+    """A ReLoRA setting is invalid; the message names the problem and the fix on one line."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Deterministic seeding
+# --------------------------------------------------------------------------------------------------
+
+def _stable_seed(*parts: object) -> int:
+    """63-bit seed from a stable hash (sha256) of ``parts``; independent of PYTHONHASHSEED/process."""
+    key = "\x1f".join(str(p) for p in parts).encode("utf-8")
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _generator(seed: int) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+# The wrapped linear layer
+# --------------------------------------------------------------------------------------------------
+
+class ReLoRALinear(nn.Module):
+    """``y = x W^T + b  [+ scale * B(A(dropout(x)))  when adapter_active]``.
+
+    The base parameters keep the names ``weight`` and ``bias`` (and are the *same* Parameter objects as
+    the replaced ``nn.Linear``: nothing is copied), so state-dict keys stay e.g.
+    ``model.layers.0.self_attn.q_proj.weight``.  ``lora_A`` is ``[r, in]``, ``lora_B`` is ``[out, r]``,
+    ``scale = alpha / r``.  The adapters are created inactive and frozen, so a model can be wrapped
+    before the first DeepSpeed engine is built (ZeRO needs the final parameter set) and still train
+    full-rank during the warm start.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, *,
+                 name: str = "", seed: int = 0):
+        super().__init__()
+        _check_hparams(r, alpha, dropout)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight  # same Parameter object: no copy
+        if base.bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = base.bias  # same Parameter object
+        self.r = int(r)
+        self.alpha = float(alpha)
+        self.scale = self.alpha / self.r
+        #: Qualified name used as the seed key for every draw of A; set by wrap_model.  Use it (not a
+        #: name taken from an engine-wrapped model, which gains a "module." prefix) when re-drawing A.
+        self.relora_name = name
+        self.adapter_active = False
+        w = base.weight
+        # Paper §3 / issue #18: A ~ Kaiming-uniform(a=sqrt(5)), B = 0, so the wrapped model computes
+        # exactly what the unwrapped one did while the gradient w.r.t. B is non-zero on step one.
+        a = draw_lora_A((self.r, self.in_features), seed, 0, name)
+        self.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype), requires_grad=False)
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.out_features, self.r, device=w.device, dtype=w.dtype), requires_grad=False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(base.training)  # inherit train/eval mode (new modules default to train)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, *,
+                    name: str = "", seed: int = 0) -> "ReLoRALinear":
+        return cls(linear, r, alpha, dropout, name=name, seed=seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.adapter_active:
+            out = out + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return out
+
+    def extra_repr(self) -> str:
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, "
+                f"scale={self.scale:g}, dropout={p:g}, adapter_active={self.adapter_active}")
+
+
+def _check_hparams(r: int, alpha: float, dropout: float) -> None:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ReLoRAConfigError(f"LoRA rank r={r!r} is invalid: use an integer r >= 1 (reference default 128)")
+    if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
+        raise ReLoRAConfigError(f"lora alpha={alpha!r} is invalid: use a finite alpha > 0 (scale = alpha/r; reference 32)")
+    if not (isinstance(dropout, numbers.Real) and 0.0 <= dropout < 1.0):
+        raise ReLoRAConfigError(f"lora dropout={dropout!r} is invalid: use 0 <= dropout < 1 (reference 0.1)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model-level helpers
+# --------------------------------------------------------------------------------------------------
+
+def wrap_model(model: nn.Module, target_patterns: list[str] | None, r: int, alpha: float,
+               dropout: float, *, seed: int = 0) -> list[str]:
+    """Replace every ``nn.Linear`` whose qualified name matches any pattern (``re.search``) by a
+    ReLoRALinear (adapters inactive and frozen).  ``target_patterns=None`` means DEFAULT_TARGETS.
+
+    All checks run before the model is modified.  Returns the sorted wrapped module names.
+    """
+    _check_hparams(r, alpha, dropout)
+    patterns = list(DEFAULT_TARGETS if target_patterns is None else target_patterns)
+    if isinstance(target_patterns, str) or not patterns:
+        raise ReLoRAConfigError(
+            f"target_patterns={target_patterns!r} is invalid: pass a non-empty list of regexes, "
+            f"e.g. {DEFAULT_TARGETS}")
+    if relora_modules(model):
+        raise ReLoRAConfigError("model is already ReLoRA-wrapped: call wrap_model only once per model")
+    compiled = []
+    for pat in patterns:
+        try:
+            compiled.append(re.compile(pat))
+        except re.error as e:
+            raise ReLoRAConfigError(f"target pattern {pat!r} is not a valid regex ({e}): fix the pattern") from None
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    chosen: dict[str, nn.Linear] = {}
+    for pat, rx in zip(patterns, compiled):
+        hits = [n for n in linears if rx.search(n)]
+        if not hits:
+            avail = sorted(linears)
+            few = ", ".join(avail[:6]) + (f", ... ({len(avail)} in all)" if len(avail) > 6 else "")
+            raise ReLoRAConfigError(
+                f"target pattern {pat!r} matches no nn.Linear module: fix or drop it; "
+                f"available Linear names: {few or '(none)'}")
+        for n in hits:
+            chosen[n] = linears[n]
+    for n, m in sorted(chosen.items()):
+        if type(m) is not nn.Linear:
+            raise ReLoRAConfigError(
+                f"module {n!r} is a {type(m).__name__} (an nn.Linear subclass whose forward may bypass "
+                f"ours): exclude it from target_patterns")
+        max_r = min(m.in_features, m.out_features)
+        if r > max_r:
+            raise ReLoRAConfigError(
+                f"r={r} exceeds min(in, out) for module {n!r} (weight [{m.out_features}, "
+                f"{m.in_features}]): use r <= {max_r} or exclude the module")
+    for n, m in chosen.items():
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ReLoRALinear.from_linear(m, r, alpha, dropout, name=n, seed=seed))
+    return sorted(chosen)
+
+
+def relora_modules(model: nn.Module) -> dict[str, ReLoRALinear]:
+    """Qualified name -> ReLoRALinear, in module order (names as seen from ``model``)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ReLoRALinear)}
+
+
+def set_adapters_active(model: nn.Module, active: bool) -> None:
+    for m in relora_modules(model).values():
+        m.adapter_active = bool(active)
+
+
+def _param_roles(model: nn.Module) -> tuple[set[int], set[int]]:
+    mods = relora_modules(model).values()
+    lora = {id(p) for m in mods for p in (m.lora_A, m.lora_B)}
+    base = {id(p) for m in mods for p in (m.weight, m.bias) if p is not None}
+    return lora, base
+
+
+def freeze_for_relora_phase(model: nn.Module, train_extra: bool) -> list[str]:
+    """ReLoRA phase: lora_A/lora_B trainable; base weight/bias of wrapped linears frozen; every other
+    parameter (embeddings, norms, lm_head, unwrapped linears) gets ``requires_grad=train_extra``
+    (the reference trains them, so default callers should pass True).  A parameter tied to a wrapped
+    base weight is frozen.  Does not touch ``adapter_active``.  Returns trainable parameter names
+    (``named_parameters`` order, tied parameters listed once)."""
+    lora, base = _param_roles(model)
+    if not lora:
+        raise ReLoRAConfigError("model has no ReLoRALinear modules: call wrap_model before freeze_for_relora_phase")
+    for p in model.parameters():
+        p.requires_grad_(id(p) in lora or (id(p) not in base and bool(train_extra)))
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def freeze_for_full_rank(model: nn.Module) -> list[str]:
+    """Full-rank (warm start) phase: every parameter trainable except lora_A/lora_B.  Returns the
+    trainable parameter names."""
+    lora, _ = _param_roles(model)
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in lora)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-init draws and merge deltas
+# --------------------------------------------------------------------------------------------------
+
+def draw_lora_A(shape: Iterable[int], seed: int, restart_index: int, module_name: str) -> Tensor:
+    """fp32 CPU tensor ~ Kaiming-uniform(a=sqrt(5)) for a weight of ``shape = [r, in]``, i.e.
+    U(-1/sqrt(in), 1/sqrt(in)) (gain sqrt(2/(1+5)), bound sqrt(3)*gain/sqrt(fan_in)).
+    Seeded by a sha256 of (seed, restart_index, module_name): identical on every rank / world size."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ReLoRAConfigError(f"lora_A shape {shape} is invalid: expected [r, in_features] with both >= 1")
+    bound = 1.0 / math.sqrt(shape[1])
+    g = _generator(_stable_seed("lora_A", int(seed), int(restart_index), module_name))
+    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=g)
+
+
+def _check_AB(A: Tensor, B: Tensor) -> None:
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0] or A.shape[0] < 1:
+        raise ReLoRAConfigError(
+            f"adapter shapes A{tuple(A.shape)} B{tuple(B.shape)} do not chain: expected A [r, in], B [out, r]")
+
+
+# Rows of the fp64 accumulator per chunk (bounds the temporary to ~32 MiB of fp64 per chunk).
+_DELTA_CHUNK_ELEMS = 1 << 22
+
+
+def _delta_rows(A: Tensor, B_rows: Tensor, scale: float) -> Tensor:
+    """``scale * B_rows @ A`` as fp32, accumulated in fp64 over k = 0..r-1 in a FIXED order with
+    separate (correctly rounded) multiplies and adds, then rounded once to fp32.  Each element thus
+    depends only on its own row of B and column of A, never on how many rows are computed together
+    or on BLAS blocking: the result is bit-identical for any row range / flat slice (any ZeRO-3
+    partition, any world size) and across CPU and GPU.  A BLAS matmul of a row subset is not (it
+    differs from the full product in the last bit for some shapes)."""
+    rows, n, r = B_rows.shape[0], A.shape[1], A.shape[0]
+    out = torch.empty(rows, n, dtype=torch.float32, device=A.device)
+    if rows == 0 or n == 0:
+        return out
+    A64 = A.detach().to(torch.float64)
+    chunk = max(1, _DELTA_CHUNK_ELEMS // n)
+    for i in range(0, rows, chunk):
+        b = B_rows[i:i + chunk].detach().to(device=A.device, dtype=torch.float64)
+        acc = b[:, 0:1] * A64[0]
+        for k in range(1, r):
+            acc += b[:, k:k + 1] * A64[k]
+        out[i:i + chunk] = acc.mul_(scale)
+    return out
+
+
+def lora_delta(A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``scale * B @ A`` as fp32 [out, in] (fp64 fixed-order accumulation, see _delta_rows)."""
+    _check_AB(A, B)
+    return _delta_rows(A, B, scale)
+
+
+def lora_delta_rows(A: Tensor, B: Tensor, scale: float, row_start: int, row_end: int) -> Tensor:
+    """Rows [row_start, row_end) of ``scale * B @ A`` as fp32 [row_end-row_start, in]; bit-identical
+    to the same rows of ``lora_delta``."""
+    _check_AB(A, B)
+    if not 0 <= row_start <= row_end <= B.shape[0]:
+        raise ReLoRAConfigError(
+            f"row range [{row_start}, {row_end}) is outside [0, {B.shape[0]}]: pass 0 <= start <= end <= out")
+    return _delta_rows(A, B[row_start:row_end], scale)
+
+
+def flat_slice_delta(A: Tensor, B: Tensor, scale: float, flat_start: int, flat_end: int,
+                     n_cols: int) -> Tensor:
+    """Elements [flat_start, flat_end) of the row-major flattened ``scale * B @ A`` ([out, in], in =
+    n_cols) as a 1-D fp32 tensor, computing only the rows that overlap the slice (what a ZeRO-3 rank
+    owns is a contiguous slice of the flattened weight).  Bit-identical to the same elements of
+    ``lora_delta`` for every slice, so the merged weights do not depend on the partitioning."""
+    _check_AB(A, B)
+    if A.shape[1] != n_cols:
+        raise ReLoRAConfigError(f"n_cols={n_cols} does not match A's in_features={A.shape[1]}: pass n_cols = in_features")
+    total = B.shape[0] * n_cols
+    if not 0 <= flat_start <= flat_end <= total:
+        raise ReLoRAConfigError(
+            f"flat range [{flat_start}, {flat_end}) is outside [0, {total}]: pass 0 <= start <= end <= out*in")
+    if flat_start == flat_end:
+        return torch.zeros(0, dtype=torch.float32, device=A.device)
+    row0 = flat_start // n_cols
+    row1 = (flat_end - 1) // n_cols + 1
+    rows = lora_delta_rows(A, B, scale, row0, row1).reshape(-1)
+    off = row0 * n_cols
+    return rows[flat_start - off:flat_end - off]
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer-state pruning
+# --------------------------------------------------------------------------------------------------
+
+def prune_generator(seed: int, restart_index: int, name: str, state_key: str) -> torch.Generator:
+    """CPU generator seeded by a stable hash of (seed, restart_index, parameter name, state key)."""
+    return _generator(_stable_seed("prune", int(seed), int(restart_index), name, state_key))
+
+
+def prune_mask(t: Tensor, mode: str, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Keep-mask (bool, shape of ``t``, on ``t.device``) over the FULL tensor; the state is then
+    ``t * mask``.
+
+    * ``"zero"``: all False (exact zeroing; the reference's 0.1%-random-keep workaround for
+      ZeroRedundancyOptimizer is not needed).
+    * ``"random"``: keep where ``U[0,1) > p``, U drawn on CPU from ``generator`` (deterministic when
+      the generator comes from prune_generator; the global RNG when None).
+    * ``"magnitude"``: keep where ``|t| > thr``, ``thr`` = the k-th smallest ``|t|`` over the whole
+      tensor with ``k = max(1, ceil(p * n))`` (``torch.kthvalue``; works above 2**24 elements).  So at
+      least ``ceil(p*n)`` elements are pruned (exactly that many when |t| has no ties); p = 0 prunes
+      the minimum (as ``|t| > quantile(|t|, 0)`` does), p = 1 prunes everything.
+    """
+    if mode not in PRUNE_MODES:
+        raise ReLoRAConfigError(f"unknown optimizer prune mode {mode!r}: use one of {list(PRUNE_MODES)}")
+    if not (isinstance(p, numbers.Real) and 0.0 <= p <= 1.0):
+        raise ReLoRAConfigError(f"prune fraction p={p!r} is invalid: use 0 <= p <= 1 (e.g. 0.9 or 0.99)")
+    if mode == "zero" or t.numel() == 0:
+        return torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+    if mode == "random":
+        u = torch.rand(t.shape, generator=generator, dtype=torch.float32)
+        return (u > p).to(t.device)
+    a = t.detach().abs().float()
+    n = a.numel()
+    k = max(1, math.ceil(p * n))
+    thr = torch.kthvalue(a.reshape(-1), k).values
+    return a > thr
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank diagnostics
+# --------------------------------------------------------------------------------------------------
+
+def cumulative_rank(r: int, restarts_done: int, out_features: int, in_features: int) -> int:
+    """Upper bound on rank(W_now - W_switch), W_switch being the weight when the ReLoRA phase began.
+
+    After ``restarts_done`` resets (merges) the difference is the sum of the ``restarts_done`` merged
+    adapters plus the live one, i.e. ``restarts_done + 1`` rank-r terms, so the bound is
+    ``min(r * (restarts_done + 1), out_features, in_features)``.
+    """
+    if r < 1 or restarts_done < 0 or out_features < 1 or in_features < 1:
+        raise ReLoRAConfigError(
+            f"cumulative_rank(r={r}, restarts_done={restarts_done}, out={out_features}, in={in_features}): "
+            f"need r, out, in >= 1 and restarts_done >= 0")
+    return min(r * (restarts_done + 1), out_features, in_features)
+
+
+def effective_rank(delta: Tensor, rtol: float = 1e-4) -> int:
+    """Numerical rank of a 2-D tensor: the number of singular values ``s > rtol * s_max``
+    (``torch.linalg.svdvals`` in fp64).  ``rtol`` defaults to 1e-4, well above fp32 round-off
+    (~1e-7 relative) so a fp32 product of rank-k factors reports k.  A zero matrix has rank 0."""
+    if delta.dim() != 2:
+        raise ReLoRAConfigError(f"effective_rank needs a 2-D tensor, got shape {tuple(delta.shape)}")
+    if not rtol > 0:
+        raise ReLoRAConfigError(f"rtol={rtol!r} is invalid: use rtol > 0 (e.g. 1e-4)")
+    if delta.numel() == 0:
+        return 0
+    s = torch.linalg.svdvals(delta.detach().to(torch.float64))
+    smax = s.max()
+    if smax <= 0:
+        return 0
+    return int((s > rtol * smax).sum().item())

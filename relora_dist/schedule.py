@@ -1,0 +1,128 @@
+"""Learning-rate multipliers (lr = lr_max * multiplier) for the warm start and the ReLoRA phase.
+
+``jagged_cosine`` is the reference's "cosine_restarts" schedule (github Guitaricet/relora,
+``training_utils._get_cosine_schedule_with_multiple_warmups_lambda`` with adjust_step = 0; ReLoRA
+paper arXiv 2307.05695 §3 "jagged cosine"): one cosine envelope over the whole ReLoRA phase, a first
+linear warmup, and after every reset a short linear re-warm from 0 back up to the envelope.  The
+re-warm matters: the Adam ``step`` counter is not reset with the pruned moments, so the first update
+after a reset is ~3*sign(g)*lr; the paper's ablation diverges without it.
+
+Reset-step convention (the reference's loop order): the optimizer step with phase index t (0-based
+steps since the ReLoRA phase began) runs at ``lr_max * jagged_cosine(t)``; the multiplier is exactly
+0 at every t with ``t % C == 0 and t >= C``; the merge + re-init + optimizer prune happens right after
+that LR-0 step (see ``is_reset_step``) and step t+1 begins the restart warmup.  (The reference checks
+``(update_step - start) % C == 1`` after incrementing update_step, i.e. the same steps.)  With T
+steps (t = 0..T-1) there are T/C - 1 resets, at t = C, 2C, ..., T - C.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["ScheduleError", "warmup_cosine", "jagged_cosine", "validate_jagged", "is_reset_step"]
+
+
+class ScheduleError(ValueError):
+    """An invalid schedule setting; the message names the problem and valid values on one line."""
+
+
+def _int(name: str, v: object, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+        raise ScheduleError(f"{name}={v!r} is invalid: use an integer >= {lo}")
+    return int(v)
+
+
+def _envelope(progress: float, min_lr_ratio: float) -> float:
+    """m + (1 - m) * 0.5 * (1 + cos(pi * progress)); progress clamped to [0, 1]."""
+    progress = min(max(progress, 0.0), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_lr_ratio: float) -> float:
+    """Linear warmup ``step / warmup`` (so step 0 -> 0.0, step warmup -> 1.0), then cosine from 1 to
+    ``min_lr_ratio`` at ``step == total``; constant ``min_lr_ratio`` beyond ``total``.
+    ``warmup == 0`` starts directly on the cosine (step 0 -> 1.0)."""
+    step = _int("step", step, 0)
+    total = _int("total", total, 1)
+    warmup = _int("warmup", warmup, 0)
+    if warmup > total:
+        raise ScheduleError(f"warmup={warmup} exceeds total={total}: use 0 <= warmup <= {total}")
+    if not (isinstance(min_lr_ratio, numbers.Real) and 0.0 <= min_lr_ratio <= 1.0):
+        raise ScheduleError(f"min_lr_ratio={min_lr_ratio!r} is invalid: use 0 <= min_lr_ratio <= 1")
+    if step < warmup:
+        return step / warmup
+    return _envelope((step - warmup) / max(1, total - warmup), float(min_lr_ratio))
+
+
+def _divisors_near(total: int, c: int, k: int = 2) -> list[int]:
+    divs: set[int] = set()
+    i = 1
+    while i * i <= total:
+        if total % i == 0:
+            divs.update((i, total // i))
+        i += 1
+    return sorted(divs, key=lambda d: (abs(d - c), d))[:k]
+
+
+def validate_jagged(total: int, first_warmup: int, restart_warmup: int, cycle_length: int,
+                    min_lr_ratio: float) -> None:
+    """Raise ScheduleError (one line, naming valid values) unless: cycle_length >= 1;
+    total is a positive multiple of cycle_length; 0 <= first_warmup <= cycle_length;
+    1 <= restart_warmup < cycle_length; 0 < min_lr_ratio <= 1 (the reference's asserts, plus
+    restart_warmup >= 1 so the LR really is 0 at each reset step)."""
+    c = _int("cycle_length", cycle_length, 1)
+    t = _int("total", total, 1)
+    w1 = _int("first_warmup", first_warmup, 0)
+    wr = _int("restart_warmup", restart_warmup, 1)
+    if t % c != 0:
+        lower, upper = (t // c) * c, (t // c + 1) * c
+        totals = " or ".join(str(x) for x in (lower, upper) if x > 0)
+        cycles = " or ".join(str(d) for d in _divisors_near(t, c))
+        raise ScheduleError(
+            f"ReLoRA phase length total={t} is not a multiple of cycle_length={c}: "
+            f"use total={totals}, or a cycle_length dividing {t} such as {cycles}")
+    if w1 > c:
+        raise ScheduleError(
+            f"first_warmup={w1} exceeds cycle_length={c} (the first reset would come before the warmup "
+            f"ends): use 0 <= first_warmup <= {c}")
+    if wr >= c:
+        raise ScheduleError(
+            f"restart_warmup={wr} must be shorter than cycle_length={c}: use 1 <= restart_warmup <= {c - 1}")
+    if not (isinstance(min_lr_ratio, numbers.Real) and 0.0 < min_lr_ratio <= 1.0):
+        raise ScheduleError(f"min_lr_ratio={min_lr_ratio!r} is invalid: use 0 < min_lr_ratio <= 1 (e.g. 0.1)")
+
+
+def jagged_cosine(t: int, total: int, first_warmup: int, restart_warmup: int, cycle_length: int,
+                  min_lr_ratio: float) -> float:
+    """Multiplier for phase step t (T = total, W1 = first_warmup, Wr = restart_warmup,
+    C = cycle_length, m = min_lr_ratio, env(p) = m + (1-m) * (1 + cos(pi p)) / 2):
+
+    * t < W1: t / W1
+    * r = t mod C, n = t // C; if r < Wr and t >= C: (r / Wr) * env((n*C + Wr - W1) / (T - W1))
+    * otherwise: env((t - W1) / (T - W1))
+
+    (denominators max(1, .); envelope progress clamped to [0, 1], which only matters for t > T).
+    Exactly 0 at every reset step (t % C == 0, t >= C)."""
+    validate_jagged(total, first_warmup, restart_warmup, cycle_length, min_lr_ratio)
+    t = _int("t", t, 0)
+    m = float(min_lr_ratio)
+    if t < first_warmup:
+        return t / max(1, first_warmup)
+    span = max(1, total - first_warmup)
+    r, n = t % cycle_length, t // cycle_length
+    if r < restart_warmup and t >= cycle_length:
+        end_of_warmup = _envelope((n * cycle_length + restart_warmup - first_warmup) / span, m)
+        return r / restart_warmup * end_of_warmup
+    return _envelope((t - first_warmup) / span, m)
+
+
+def is_reset_step(t: int, cycle_length: int, total: int | None = None) -> bool:
+    """True when the merge + re-init + optimizer prune follows the optimizer step with phase index t,
+    i.e. the step taken at LR 0: ``t % cycle_length == 0 and t >= cycle_length`` (and ``t < total``
+    when total is given; steps run t = 0..total-1)."""
+    t = _int("t", t, 0)
+    c = _int("cycle_length", cycle_length, 1)
+    if t < c or t % c != 0:
+        return False
+    return total is None or t < total

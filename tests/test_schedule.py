@@ -1,0 +1,148 @@
+import math
+
+import pytest
+
+from relora_dist.schedule import (ScheduleError, is_reset_step, jagged_cosine, validate_jagged,
+                                  warmup_cosine)
+
+CONFIGS = [
+    # total, first_warmup, restart_warmup, cycle_length, min_lr_ratio
+    (1000, 50, 10, 100, 0.1),
+    (600, 100, 25, 100, 0.1),   # first_warmup == cycle_length
+    (400, 0, 1, 100, 1.0),      # no first warmup, constant envelope
+    (20000, 500, 100, 5000, 0.1),
+    (200, 20, 7, 200, 0.05),    # single cycle: no reset
+]
+
+
+def _env(p, m):
+    return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def _reference(current_step, num_training_steps, first_warmup_steps, restart_warmup_steps,
+               restart_every, min_lr_ratio):
+    # transcription of the reference's _get_cosine_schedule_with_multiple_warmups_lambda (adjust_step=0)
+    if current_step < first_warmup_steps:
+        return float(current_step) / float(max(1, first_warmup_steps))
+    restart_step = current_step % restart_every
+    restart_number = current_step // restart_every
+    if restart_step < restart_warmup_steps and current_step >= restart_every:
+        end_of_warmup_progress = (float(restart_number * restart_every + restart_warmup_steps - first_warmup_steps)
+                                  / float(max(1, num_training_steps - first_warmup_steps)))
+        _cosine_decay = 0.5 * (1.0 + math.cos(math.pi * end_of_warmup_progress))
+        warmup_lr_multiplier = min_lr_ratio + (1.0 - min_lr_ratio) * _cosine_decay
+        return float(restart_step) / float(max(1, restart_warmup_steps)) * warmup_lr_multiplier
+    progress = float(current_step - first_warmup_steps) / float(max(1, num_training_steps - first_warmup_steps))
+    cosine_decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * cosine_decay
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_matches_reference_formula(cfg):
+    T = cfg[0]
+    for t in range(T + 1):
+        assert jagged_cosine(t, *cfg) == pytest.approx(_reference(t, *cfg), rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_zero_exactly_at_reset_steps(cfg):
+    T, W1, Wr, C, m = cfg
+    resets = [t for t in range(T) if is_reset_step(t, C, T)]
+    assert resets == list(range(C, T, C))
+    assert len(resets) == T // C - 1
+    for t in resets:
+        assert jagged_cosine(t, *cfg) == 0.0
+    # no other step in the phase runs at LR 0 except t = 0 of the first warmup
+    zeros = [t for t in range(T) if jagged_cosine(t, *cfg) == 0.0]
+    assert zeros == ([0] if W1 > 0 else []) + resets
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_continuous_with_envelope_and_below_it(cfg):
+    T, W1, Wr, C, m = cfg
+    env = lambda t: _env(min(1.0, (t - W1) / max(1, T - W1)), m)
+    for t in range(W1, T):
+        assert jagged_cosine(t, *cfg) <= env(t) + 1e-15
+    for n in range(1, T // C):
+        end = n * C + Wr
+        lam = jagged_cosine(end, *cfg)
+        assert lam == pytest.approx(env(end), abs=1e-15)  # back on the envelope
+        # the ramp is linear from 0 and ends exactly where the envelope is
+        for r in range(Wr):
+            assert jagged_cosine(n * C + r, *cfg) == pytest.approx(r / Wr * lam, abs=1e-15)
+    # first warmup ends on the envelope's start (1.0)
+    if W1 > 0:
+        assert jagged_cosine(W1 - 1, *cfg) == pytest.approx((W1 - 1) / W1)
+    if W1 < C:
+        assert jagged_cosine(W1, *cfg) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_reaches_min_ratio_at_end(cfg):
+    T, W1, Wr, C, m = cfg
+    last = jagged_cosine(T - 1, *cfg)
+    step_decay = (1 - m) * (math.pi / max(1, T - W1)) ** 2  # cosine near its end is quadratic
+    assert m <= last <= m + step_decay + 1e-12
+    assert _env(1.0, m) == pytest.approx(m)
+
+
+def test_is_reset_step_convention():
+    assert not is_reset_step(0, 100)
+    assert not is_reset_step(99, 100)
+    assert is_reset_step(100, 100)
+    assert not is_reset_step(101, 100)
+    assert is_reset_step(900, 100, 1000)
+    assert not is_reset_step(1000, 100, 1000)
+    assert is_reset_step(1000, 100)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(total=1000, first_warmup=10, restart_warmup=100, cycle_length=100, min_lr_ratio=0.1),
+     "restart_warmup=100 must be shorter"),
+    (dict(total=1000, first_warmup=10, restart_warmup=0, cycle_length=100, min_lr_ratio=0.1),
+     "restart_warmup=0"),
+    (dict(total=1000, first_warmup=101, restart_warmup=10, cycle_length=100, min_lr_ratio=0.1),
+     "first_warmup=101 exceeds cycle_length=100"),
+    (dict(total=1000, first_warmup=10, restart_warmup=10, cycle_length=100, min_lr_ratio=0.0),
+     "0 < min_lr_ratio <= 1"),
+    (dict(total=1000, first_warmup=10, restart_warmup=10, cycle_length=100, min_lr_ratio=1.5),
+     "0 < min_lr_ratio <= 1"),
+    (dict(total=1050, first_warmup=10, restart_warmup=10, cycle_length=100, min_lr_ratio=0.1),
+     "use total=1000 or 1100"),
+    (dict(total=1000, first_warmup=10, restart_warmup=10, cycle_length=0, min_lr_ratio=0.1),
+     "cycle_length=0"),
+    (dict(total=0, first_warmup=0, restart_warmup=1, cycle_length=10, min_lr_ratio=0.1),
+     "total=0"),
+    (dict(total=100.0, first_warmup=0, restart_warmup=1, cycle_length=10, min_lr_ratio=0.1),
+     "total=100.0"),
+])
+def test_validate_jagged_errors(kwargs, needle):
+    with pytest.raises(ScheduleError) as ei:
+        validate_jagged(**kwargs)
+    msg = str(ei.value)
+    assert needle in msg and "\n" not in msg
+    with pytest.raises(ValueError):
+        jagged_cosine(5, **kwargs)
+
+
+def test_total_not_multiple_suggests_cycle_lengths():
+    with pytest.raises(ScheduleError, match=r"cycle_length dividing 1050 such as 105 or 75"):
+        validate_jagged(1050, 10, 10, 100, 0.1)
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 10, 100, 0.1) == 0.0
+    assert warmup_cosine(5, 10, 100, 0.1) == 0.5
+    assert warmup_cosine(10, 10, 100, 0.1) == 1.0
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 100, 0.1) == pytest.approx(0.1)  # clamped
+    assert warmup_cosine(0, 0, 100, 0.0) == 1.0
+    vals = [warmup_cosine(s, 10, 100, 0.1) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    with pytest.raises(ScheduleError):
+        warmup_cosine(0, 200, 100, 0.1)
+    with pytest.raises(ScheduleError):
+        warmup_cosine(0, 10, 100, -0.1)
+    with pytest.raises(ScheduleError):
+        warmup_cosine(-1, 10, 100, 0.1)
