@@ -1,0 +1,102 @@
+"""The backend contract: the only place that knows how parameters are sharded.
+
+The ReLoRA steps in `relora_dist/reset.py` are written once against this contract; ZeRO-2 and
+ZeRO-3 (and later FSDP2) implement it. Shards are described as a contiguous range of the
+row-major flattened parameter, which is exactly how ZeRO-3 partitions (`ds_tensor`) and how the
+checkpoint format will slice tensors.
+"""
+
+from __future__ import annotations
+
+import gc
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def rank_slice(numel: int, rank: int, world_size: int) -> tuple[int, int]:
+    """ZeRO-3's partition of a flattened tensor: ceil(numel/world) elements per rank, tail padded."""
+    per_rank = -(-numel // world_size)
+    start = min(rank * per_rank, numel)
+    return start, min(start + per_rank, numel)
+
+
+class Backend(ABC):
+    """Build/tear down engines and read/write sharded params and optimizer state."""
+
+    stage: int
+
+    def __init__(self, ds_config: dict, rank: int, world_size: int):
+        self.ds_config = ds_config
+        self.rank = rank
+        self.world_size = world_size
+
+    # --- engines --------------------------------------------------------------------------------
+    @abstractmethod
+    def build_engine(self, model: torch.nn.Module, param_groups: list[dict]) -> Any:
+        """Wrap `model` with an engine whose optimizer holds exactly `param_groups`."""
+
+    @abstractmethod
+    def teardown_engine(self, engine: Any) -> None:
+        """Free the engine, its optimizer state and every hook it left on the module."""
+
+    # --- shards of params -------------------------------------------------------------------------
+    @abstractmethod
+    def local_range(self, p: torch.nn.Parameter) -> tuple[int, int]:
+        """The [start, end) range of flatten(p) that this rank holds and writes."""
+
+    @abstractmethod
+    def local_view(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """1-D view of this rank's shard of the module copy of p (the tensor the forward uses)."""
+
+    @abstractmethod
+    def full_fp32(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """Full fp32 master of a trainable param (collective: every rank must call)."""
+
+    @abstractmethod
+    def local_fp32_master(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """A copy of this rank's shard of the optimizer's fp32 master of a trainable param."""
+
+    @abstractmethod
+    def write_trainable(self, p: torch.nn.Parameter, full_value: torch.Tensor) -> None:
+        """Set a trainable param in the module copy AND the optimizer's fp32 master."""
+
+    @abstractmethod
+    def full_optimizer_state(self, p: torch.nn.Parameter, key: str) -> torch.Tensor | None:
+        """Full fp32 optimizer state `key` of p (collective), None before the first step."""
+
+    @abstractmethod
+    def mask_optimizer_state(self, p: torch.nn.Parameter, key: str, keep: torch.Tensor) -> None:
+        """Multiply this rank's shard of optimizer state `key` by the full-shape mask `keep`."""
+
+    @abstractmethod
+    def gather_full(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The whole module copy of p in fp32 (collective). For evaluation, tests and export."""
+
+    # --- shared helpers ---------------------------------------------------------------------------
+    def local_slice_of(self, p: torch.nn.Parameter, full_value: torch.Tensor) -> torch.Tensor:
+        start, end = self.local_range(p)
+        return full_value.reshape(-1)[start:end]
+
+    def gather_flat_slices(self, local: torch.Tensor, numel: int) -> torch.Tensor:
+        """Reassemble a flat tensor from every rank's `rank_slice` part (collective)."""
+        per_rank = -(-numel // self.world_size)
+        padded = torch.zeros(per_rank, dtype=local.dtype, device=local.device)
+        padded[: local.numel()] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat(parts)[:numel]
+
+    @staticmethod
+    def release_memory() -> None:
+        gc.collect()
+        try:  # return freed arenas to the OS so RSS reflects the freed optimizer state
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # pragma: no cover - non-glibc platforms
+            pass
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

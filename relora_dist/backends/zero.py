@@ -1,0 +1,146 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 behind the backend contract.
+
+Facts this relies on were checked on DeepSpeed 0.19.8 (shared/notes/deepspeed-on-cpu.md):
+- ZeRO keeps an fp32 master of every trainable param and copies it back at each step, so a write
+  to the module copy alone is undone: write both (module copy + `safe_set_*_fp32_param`).
+- `safe_set_full_*` setters break on ZeRO-3 when numel % world != 0; the `safe_set_local_*` ones
+  with a padded slice work, so ZeRO-3 writes are always shard-local.
+- `engine.destroy()` leaves the engine reachable (module forward hooks, `_z3_optimizer`,
+  `_hp_mapping` on params); `teardown_engine` removes those so the first engine is collected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
+)
+
+from relora_dist.backends.base import Backend, rank_slice
+
+
+class ZeroBackend(Backend):
+    """Engine lifecycle shared by both stages."""
+
+    def build_engine(self, model: torch.nn.Module, param_groups: list[dict]) -> Any:
+        import deepspeed
+
+        optimizer = torch.optim.AdamW(param_groups)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        return engine
+
+    def teardown_engine(self, engine: Any) -> None:
+        module = engine.module
+        engine.destroy()
+        for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+            hook = getattr(engine, name, None)
+            if hook is not None:
+                hook.remove()
+                setattr(engine, name, None)
+        for p in module.parameters():
+            for attr in ("_z3_optimizer", "_hp_mapping"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
+            # Give every param its own storage again: views into the engine's flat buffers would
+            # keep those whole buffers (and the dead copies of now-frozen weights) alive.
+            self._own_storage(p)
+        engine.module = None
+        engine.optimizer = None
+        self.release_memory()
+
+    def _own_storage(self, p: torch.nn.Parameter) -> None:
+        p.data = p.data.clone()
+
+
+class Zero2Backend(ZeroBackend):
+    """ZeRO-2: module copies are replicated; the fp32 master and moments are partitioned."""
+
+    stage = 2
+
+    def local_range(self, p):
+        return 0, p.numel()
+
+    def local_view(self, p):
+        return p.data.view(-1)
+
+    def full_fp32(self, p):
+        return safe_get_full_fp32_param(p).float()
+
+    def local_fp32_master(self, p):
+        return safe_get_full_fp32_param(p).float().reshape(-1).clone()
+
+    def write_trainable(self, p, full_value):
+        full_value = full_value.reshape(p.shape).to(p.device)
+        p.data.copy_(full_value.to(p.dtype))
+        safe_set_full_fp32_param(p, full_value.float())
+
+    def full_optimizer_state(self, p, key):
+        return safe_get_full_optimizer_state(p, key)
+
+    def mask_optimizer_state(self, p, key, keep):
+        full = safe_get_full_optimizer_state(p, key)
+        # Writes only this rank's fragment of the flat partition.
+        safe_set_full_optimizer_state(p, full * keep.reshape(full.shape).to(full), key)
+
+    def gather_full(self, p):
+        return p.data.detach().float().clone()
+
+
+class Zero3Backend(ZeroBackend):
+    """ZeRO-3: params, fp32 masters and moments are all partitioned; every write is shard-local."""
+
+    stage = 3
+
+    def local_range(self, p):
+        return rank_slice(p.ds_numel, self.rank, self.world_size)
+
+    def local_view(self, p):
+        start, end = self.local_range(p)
+        return p.ds_tensor.data.view(-1)[: end - start]
+
+    def _padded_local(self, p, full_value: torch.Tensor) -> torch.Tensor:
+        start, end = self.local_range(p)
+        padded = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=p.ds_tensor.device)
+        padded[: end - start] = full_value.reshape(-1)[start:end].float()
+        return padded
+
+    def full_fp32(self, p):
+        return safe_get_full_fp32_param(p).float()
+
+    def local_fp32_master(self, p):
+        start, end = self.local_range(p)
+        return safe_get_local_fp32_param(p).float().reshape(-1)[: end - start].clone()
+
+    def write_trainable(self, p, full_value):
+        padded = self._padded_local(p, full_value.to(p.ds_tensor.device))
+        p.ds_tensor.data.copy_(padded.to(p.ds_tensor.dtype).view_as(p.ds_tensor))
+        safe_set_local_fp32_param(p, padded)
+
+    def full_optimizer_state(self, p, key):
+        return safe_get_full_optimizer_state(p, key)
+
+    def mask_optimizer_state(self, p, key, keep):
+        local = safe_get_local_optimizer_state(p, key)
+        keep_local = self._padded_local(p, keep.to(local.device))
+        safe_set_local_optimizer_state(p, local * keep_local.view_as(local).to(local), key)
+
+    def gather_full(self, p):
+        return self.gather_flat_slices(self.local_view(p).float(), p.ds_numel).view(p.ds_shape)
+
+    def _own_storage(self, p):
+        p.ds_tensor.data = p.ds_tensor.data.clone()
+
+
+def make_backend(ds_config: dict, rank: int, world_size: int) -> Backend:
+    stage = int(ds_config["zero_optimization"]["stage"])
+    return {2: Zero2Backend, 3: Zero3Backend}[stage](ds_config, rank, world_size)

@@ -1,0 +1,342 @@
+"""Typed run configuration: dataclasses, YAML presets, `--section.key=value` overrides, validation.
+
+Every field has a docstring right under it; `field_docs()` reads those docstrings from this file's
+source so `launchers/pretrain.py --help` documents every key with its default.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relora_dist.model import PRESETS
+
+
+class ConfigError(ValueError):
+    """A one-line configuration problem that names the fix."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """LLaMA-style size preset: tiny, 20m, 60m, 130m, 250m, 350m, 1b3 (see relora_dist/model.py)."""
+    init_from: str = ""
+    """Hugging Face model folder to load weights from instead of a random init ('' = random)."""
+    hidden_size: int = 0
+    """Override the preset's hidden size (0 = preset); e.g. for the paper's "control" baseline."""
+    intermediate_size: int = 0
+    """Override the preset's MLP size (0 = preset)."""
+    num_layers: int = 0
+    """Override the preset's layer count (0 = preset)."""
+    num_heads: int = 0
+    """Override the preset's attention head count (0 = preset)."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=list)
+    """Text/jsonl/jsonl.xz/parquet files to train on; empty = the bundled corpus in assets/corpus."""
+    tokenizer_dir: str = ""
+    """SentencePiece tokenizer folder (tokenizer.model); empty = the bundled assets/tokenizer."""
+    prepared_dir: str = ""
+    """Already-prepared data folder (tools/prepare_data.py output); overrides sources when set."""
+    cache_dir: str = ".cache/data"
+    """Where sources are tokenized and packed on first use (relative paths: to the working dir)."""
+    seq_len: int = 128
+    """Tokens per training sequence (packed block length)."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    """Total optimizer steps of the run, warm start and ReLoRA phases together."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all ranks (= micro_batch_size x grad_accum x world size)."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on one rank; grad_accum is derived from the global batch."""
+    precision: str = "auto"
+    """fp32, bf16, or auto (bf16 on GPUs that support it, fp32 on CPU)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    eval_every: int = 50
+    """Run validation every N steps (and at the end); 0 = only at the end."""
+    eval_tokens: int = 32768
+    """Validation budget in tokens per evaluation, split over ranks."""
+    seed: int = 0
+    """Seed of the model init, the data order, adapter draws and random pruning."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    """Peak learning rate of the full-rank (warm-start) phase."""
+    weight_decay: float = 0.0
+    """Decoupled AdamW weight decay; never applied to norms and biases."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 20
+    """Linear warmup of the full-rank phase (steps)."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak, for both phases' cosine envelopes."""
+
+
+@dataclass
+class ReLoRAConfig:
+    enabled: bool = True
+    """Switch to ReLoRA after the warm start; false = plain full-rank training for max_steps."""
+    warm_start_steps: int = 100
+    """Full-rank steps before the switch (paper: 1/3 of the run at 1.3B); 0 = no warm start."""
+    r: int = 32
+    """Adapter rank per reset (paper: 128)."""
+    alpha: float = 32.0
+    """Adapter scale numerator: s = alpha / r (reference: 32)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (reference: 0.1)."""
+    targets: list[str] = field(
+        default_factory=lambda: [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"]
+    )
+    """Regexes (re.search) over module names selecting the Linear layers to wrap."""
+    train_extra: bool = True
+    """Keep embeddings, norms and lm_head trainable in ReLoRA phases (paper: yes)."""
+    cycle_length: int = 50
+    """Steps between resets (merge, re-init, optimizer prune, LR restart)."""
+    first_warmup: int = 10
+    """Linear LR warmup at the start of the ReLoRA phase (steps)."""
+    restart_warmup: int = 5
+    """Linear LR re-warm after each reset (steps); the paper's ablation diverges without it."""
+    lr: float = 0.0
+    """Peak LR of the ReLoRA phase; 0 = 2 x optimizer.lr (reference README: ~2x the full-rank LR)."""
+    resets: bool = True
+    """Merge and restart every cycle_length steps; false = plain LoRA after the warm start."""
+    optimizer_reset: str = "magnitude"
+    """Prune of the adapters' Adam moments at each reset: zero, random, magnitude, or none."""
+    prune_ratio: float = 0.9
+    """Fraction of moment entries pruned by random/magnitude reset (paper: 0.99; >0.9 is flat)."""
+    merge_precision: str = "fp32"
+    """fp32: merge into an fp32 master of the frozen weights; bf16: merge straight into bf16
+    compute weights like the reference (rounding accumulates over resets)."""
+    effective_rank_every: int = 0
+    """Measure the effective rank of W_now - W_switch every N steps via SVD (0 = at resets only)."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    """Print a console line every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under run.output_dir/tb."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device for MFU; 0 = a guess from the hardware (989e12 on H100/H200 bf16)."""
+    progress_bar: bool = True
+    """Show a tqdm bar on rank 0."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Run directory: config.yaml, TensorBoard logs, exported models."""
+    export_warm_start: bool = True
+    """Save the warm-started model as a Hugging Face folder at the switch (reusable via model.init_from)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def relora_lr(self) -> float:
+        return self.relora.lr if self.relora.lr > 0 else 2.0 * self.optimizer.lr
+
+    @property
+    def relora_steps(self) -> int:
+        return self.train.max_steps - self.relora.warm_start_steps if self.relora.enabled else 0
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
+SECTIONS = {name: typing.get_type_hints(Config)[name] for name in SECTIONS}
+
+
+def field_docs() -> dict[str, str]:
+    """{"section.key": docstring} read from the string literal under each field in this file."""
+    docs: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+                if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                    docs[f"{section}.{node.target.id}"] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(sorted(options))}"
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check/convert one YAML- or CLI-parsed value against the dataclass field type."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}; write a YAML list or a,b,c")
+        return [str(v) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        return "" if value is None else str(value)
+    raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover - programming error
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    if "." not in dotted:
+        raise ConfigError(
+            f"'{dotted}' is not of the form section.key; sections: {', '.join(SECTIONS)}"
+        )
+    section, key = dotted.split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section '{section}': {_suggest(section, list(SECTIONS))}")
+    sub = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sub))
+    if key not in hints:
+        raise ConfigError(f"unknown config key '{dotted}': {_suggest(key, list(hints))}")
+    setattr(sub, key, _coerce(dotted, value, hints[key]))
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides (values parsed as YAML scalars)."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass an existing YAML (see configs/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}")
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must map sections to keys, got {type(data).__name__}")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section '{section}' in '{path}' must be a mapping")
+            for key, value in values.items():
+                _set(cfg, f"{section}.{key}", value)
+    for item in overrides or []:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' needs a value: write --{item}=VALUE")
+        key, raw = item.split("=", 1)
+        _set(cfg, key, yaml.safe_load(raw) if raw != "" else "")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data, world size or DeepSpeed config. One-line errors naming the fix."""
+    t, r, s = cfg.train, cfg.relora, cfg.schedule
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset '{cfg.model.preset}' unknown: {_suggest(cfg.model.preset, list(PRESETS))}")
+    if t.max_steps < 1:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be >= 1")
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size}; change one of them"
+        )
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision '{t.precision}' unknown: use fp32, bf16 or auto")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    if not 0 < s.min_lr_ratio <= 1:
+        raise ConfigError(f"schedule.min_lr_ratio={s.min_lr_ratio} must be in (0, 1]")
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be > 0")
+    if not r.enabled:
+        return
+    if r.warm_start_steps >= t.max_steps:
+        raise ConfigError(
+            f"relora.warm_start_steps={r.warm_start_steps} leaves no ReLoRA steps in "
+            f"train.max_steps={t.max_steps}; lower it or raise train.max_steps"
+        )
+    if r.optimizer_reset not in ("zero", "random", "magnitude", "none"):
+        raise ConfigError(
+            f"relora.optimizer_reset '{r.optimizer_reset}' unknown: use zero, random, magnitude or none"
+        )
+    if not 0 <= r.prune_ratio <= 1:
+        raise ConfigError(f"relora.prune_ratio={r.prune_ratio} must be in [0, 1]")
+    if r.merge_precision not in ("fp32", "bf16"):
+        raise ConfigError(f"relora.merge_precision '{r.merge_precision}' unknown: use fp32 or bf16")
+    if r.r < 1:
+        raise ConfigError(f"relora.r={r.r} must be >= 1")
+    if r.resets:
+        from relora_dist.schedule import validate_jagged
+
+        validate_jagged(
+            total=cfg.relora_steps,
+            first_warmup=r.first_warmup,
+            restart_warmup=r.restart_warmup,
+            cycle_length=r.cycle_length,
+            min_lr_ratio=s.min_lr_ratio,
+        )
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with --config)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def help_text() -> str:
+    """Every key with its default and docstring, for --help."""
+    defaults = to_dict(Config())
+    lines = []
+    for dotted, doc in field_docs().items():
+        section, key = dotted.split(".")
+        lines.append(f"  --{dotted}={defaults[section][key]!r}\n      {doc}")
+    return "\n".join(lines)

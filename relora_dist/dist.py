@@ -1,0 +1,77 @@
+"""Process-group setup and teardown shared by the launchers and the tests.
+
+Works under `deepspeed`, `torchrun`, `torch.multiprocessing.spawn` (tests) and plain `python`:
+DeepSpeed's MPI discovery needs mpi4py when no launcher set RANK/WORLD_SIZE, so a single process
+sets those itself (shared/notes/deepspeed-on-cpu.md, "Launching").
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 300.0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA)."""
+    import datetime
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    if not torch.cuda.is_available():
+        # The CPU accelerator is auto-detected; setting it only silences a warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
+        )
+    return DistInfo(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+    )
+
+
+def shutdown_and_exit(code: int = 0) -> None:
+    """barrier -> destroy -> flush -> os._exit: without it rank 1 often aborts at exit under gloo
+    ("terminate called without an active exception"); this order gave 0 failures in 30 runs."""
+    try:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -1,0 +1,92 @@
+"""LLaMA-style model presets built as `transformers.LlamaForCausalLM`.
+
+Dimensions follow the reference repo's configs (Guitaricet/relora `configs/llama_*.json`); the
+vocabulary size always comes from the tokenizer. Model code knows nothing about parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_layers: int
+    max_seq_len: int = 1024
+
+
+PRESETS: dict[str, Preset] = {
+    # Debug model: fast enough for 2-process tests and the 5-minute default run on 2 CPU cores.
+    "tiny": Preset(128, 344, 4, 2),
+    # ~20.8M with an 8k vocabulary: the CPU benchmark model of shared/notes/deepspeed-on-cpu.md.
+    "20m": Preset(512, 1376, 8, 4),
+    "60m": Preset(512, 1376, 8, 8),
+    "130m": Preset(768, 2048, 12, 12),
+    "250m": Preset(768, 2560, 16, 24),
+    "350m": Preset(1024, 2736, 16, 24),
+    "1b3": Preset(2048, 5461, 32, 24),
+    # Not a paper size: the shape the memory model reports for 7B-class LLaMA.
+    "7b": Preset(4096, 11008, 32, 32, 2048),
+}
+
+
+def llama_config(
+    preset: str,
+    vocab_size: int,
+    seq_len: int,
+    hidden_size: int = 0,
+    intermediate_size: int = 0,
+    num_layers: int = 0,
+    num_heads: int = 0,
+) -> LlamaConfig:
+    """LlamaConfig for a preset; non-zero keyword values override the preset's dimensions."""
+    p = PRESETS[preset]
+    hidden = hidden_size or p.hidden_size
+    heads = num_heads or p.num_heads
+    if hidden % heads:
+        raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads; change model.num_heads")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate_size or p.intermediate_size,
+        num_hidden_layers=num_layers or p.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max(seq_len, p.max_seq_len),
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        attn_implementation="sdpa",
+    )
+
+
+def build_model(config: LlamaConfig, seed: int, init_from: str = "") -> LlamaForCausalLM:
+    """Random init from `seed` (identical on every rank), or weights from a HF folder, in fp32."""
+    if init_from:
+        model = LlamaForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+        return model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float()
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) as in the PaLM appendix B / nanoGPT:
+    6 * non-embedding matmul params + 6 * lm_head + 12 * layers * hidden * seq_len (attention).
+    MFU uses this "model FLOPs" count in both phases so the figures stay comparable."""
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_layer = 4 * h * h + 3 * h * i
+    return 6.0 * (L * per_layer + h * config.vocab_size) + 12.0 * L * h * seq_len

@@ -1,0 +1,287 @@
+"""One Trainer for both phases: full-rank warm start, then ReLoRA cycles with collective resets.
+
+Model code (model.py, relora.py) knows nothing about sharding; the Trainer talks to DeepSpeed only
+through the backend contract (backends/), and the ReLoRA steps live in relora_steps.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from relora_dist import relora_steps as steps
+from relora_dist.backends.zero import make_backend
+from relora_dist.config import Config, ConfigError, dump_config, validate
+from relora_dist.data import (
+    DEFAULT_CORPUS,
+    DEFAULT_TOKENIZER,
+    BlockLoader,
+    PackedBlocks,
+    check_tokenizer_matches,
+    ensure_prepared,
+    eval_batches,
+)
+from relora_dist.dist import DistInfo
+from relora_dist.ds_config import build_ds_config, resolve_precision
+from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
+from relora_dist.model import build_model, count_params, flops_per_token, llama_config
+from relora_dist.relora import freeze_for_full_rank, relora_modules, wrap_model
+from relora_dist.tokenizer import load_tokenizer
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps done (global; engines restart their own counters, so we keep ours)."""
+    restart_index: int = 0
+    """Resets done in the ReLoRA phase (= index of the live adapter)."""
+    tokens_seen: int = 0
+    phase: str = "full_rank"
+    history: list[dict] = field(default_factory=list)
+    """Per-step logged records (loss, lr, ...) kept for tests and summaries."""
+
+
+def _ndim(p: torch.nn.Parameter) -> int:
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+
+
+def param_groups(model: torch.nn.Module, cfg: Config, lr: float) -> list[dict]:
+    """Trainable params in two AdamW groups: decoupled decay on matrices, none on norms/biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if _ndim(p) >= 2 else no_decay).append(p)
+    o = cfg.optimizer
+    common = dict(lr=lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    groups = [dict(params=decay, weight_decay=o.weight_decay, **common),
+              dict(params=no_decay, weight_decay=0.0, **common)]
+    return [g for g in groups if g["params"]]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_template: dict, info: DistInfo):
+        validate(cfg)
+        self.cfg, self.info = cfg, info
+        self.device = info.device
+        c = cfg
+        tokenizer_dir = c.data.tokenizer_dir or str(DEFAULT_TOKENIZER)
+        self.tokenizer_dir = tokenizer_dir
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.ds_config = build_ds_config(ds_template, c, info.world_size)
+        self.precision = resolve_precision(c.train.precision)
+        self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])
+
+        data_dir = c.data.prepared_dir or ensure_prepared(
+            c.data.sources or [str(DEFAULT_CORPUS)], tokenizer_dir, c.data.cache_dir,
+            c.data.seq_len, c.data.val_fraction, c.train.seed)
+        check_tokenizer_matches(data_dir, self.tokenizer.vocab_size)
+        self.train_blocks = PackedBlocks(data_dir, "train", c.data.seq_len)
+        self.val_blocks = PackedBlocks(data_dir, "val", c.data.seq_len)
+        self.loader = BlockLoader(self.train_blocks, c.train.micro_batch_size, self.grad_accum,
+                                  info.rank, info.world_size, c.train.seed)
+
+        m = c.model
+        self.model_config = llama_config(m.preset, self.tokenizer.vocab_size, c.data.seq_len, m.hidden_size,
+                                         m.intermediate_size, m.num_layers, m.num_heads)
+        self.model = build_model(self.model_config, c.train.seed, m.init_from)
+        if self.model.config.vocab_size != self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.init_from '{m.init_from}' has vocab {self.model.config.vocab_size} but the tokenizer "
+                f"'{tokenizer_dir}' has {self.tokenizer.vocab_size}; use the tokenizer the model was trained with")
+        self.model_config = self.model.config
+        self.modules = {}
+        if c.relora.enabled:
+            wrap_model(self.model, c.relora.targets, c.relora.r, c.relora.alpha, c.relora.dropout,
+                       seed=c.train.seed)
+            self.modules = relora_modules(self.model)
+        self.backend = make_backend(self.ds_config, info.rank, info.world_size)
+        self.state = TrainState()
+        self.masters = None
+        self.engine = None
+        self.output_dir = Path(c.run.output_dir)
+        if info.is_main:
+            dump_config(c, self.output_dir / "config.yaml")
+        self.log = MetricsLogger(info.is_main, self.output_dir / "tb", c.logging.tensorboard,
+                                 c.logging.progress_bar, c.train.max_steps)
+        self.flops_per_token = flops_per_token(self.model_config, c.data.seq_len)
+        self.peak_flops = c.logging.peak_flops or default_peak_flops(self.device, self.precision)
+        self.tokens_per_step = c.train.global_batch_size * c.data.seq_len
+        if c.relora.enabled and c.relora.warm_start_steps == 0:
+            self.switch_to_relora()
+        else:
+            freeze_for_full_rank(self.model) if c.relora.enabled else None
+            self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr))
+
+    # --- phases -----------------------------------------------------------------------------------
+    @property
+    def peak_lr(self) -> float:
+        return self.cfg.relora_lr if self.state.phase == "relora" else self.cfg.optimizer.lr
+
+    def switch_to_relora(self) -> None:
+        """Tear down the full-rank engine and continue with adapters only (relora_steps.py)."""
+        self.state.phase = "relora"
+        engine, self.engine = self.engine, None
+        self.engine, self.masters = steps.switch_to_relora(
+            self.backend, engine, self.model, self.cfg, self.modules,
+            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr), self.precision == "fp32")
+        del engine
+        self.state.restart_index = 0
+
+    def reset(self) -> dict[str, float]:
+        """Merge, re-init and prune after the step taken at LR 0."""
+        self.state.restart_index += 1
+        return steps.relora_reset(self.backend, self.modules, self.masters, self.cfg, self.state.restart_index)
+
+    def rank_stats(self, measure: bool) -> dict[str, float]:
+        if not self.modules or self.state.phase != "relora":
+            return {}
+        return steps.rank_stats(self.backend, self.modules, self.masters, self.state.restart_index, measure)
+
+    # --- steps ------------------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns rank-averaged metrics."""
+        lr = self.peak_lr * steps.lr_multiplier(self.cfg, self.state.step)
+        self.set_lr(lr)
+        self.engine.train()
+        total = torch.zeros((), dtype=torch.float64)
+        for batch in micro_batches:
+            batch = batch.to(self.device)
+            loss = self.engine(input_ids=batch, labels=batch).loss
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed applies the update at the accumulation boundary
+            total += loss.detach().double().cpu()
+            del loss
+        mean = total / len(micro_batches)
+        dist.all_reduce(mean)
+        grad_norm = self.engine.get_global_grad_norm()
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
+        return {"loss": float(mean) / self.info.world_size, "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        c = self.cfg
+        self.engine.eval()
+        max_blocks = max(1, c.train.eval_tokens // c.data.seq_len)
+        sums = torch.zeros(2, dtype=torch.float64)
+        for batch in eval_batches(self.val_blocks, c.train.micro_batch_size, self.info.rank,
+                                  self.info.world_size, max_blocks):
+            batch = batch.to(self.device)
+            loss = self.engine(input_ids=batch, labels=batch).loss
+            sums += torch.tensor([float(loss) * batch.shape[0], batch.shape[0]], dtype=torch.float64)
+        dist.all_reduce(sums)
+        if sums[1] == 0:
+            raise ConfigError(f"validation split has fewer than {self.info.world_size * c.train.micro_batch_size} "
+                              f"blocks; raise data.val_fraction or lower train.micro_batch_size")
+        loss = float(sums[0] / sums[1])
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def trainable_params(self) -> int:
+        return count_params(self.model, trainable_only=True) if not hasattr(
+            next(self.model.parameters()), "ds_numel") else sum(
+            p.ds_numel for p in self.model.parameters() if p.requires_grad)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def train(self) -> TrainState:
+        c, st = self.cfg, self.state
+        r = c.relora
+        evals: list[dict] = []
+        first_eval = self.evaluate()
+        evals.append({"step": 0, **first_eval})
+        self.log.scalars(0, {"eval/loss": first_eval["eval_loss"], "eval/ppl": first_eval["eval_ppl"]})
+        self.log.print(f"step 0 | eval loss {first_eval['eval_loss']:.4f} ppl {first_eval['eval_ppl']:.2f}")
+        t_last = time.perf_counter()
+        while st.step < c.train.max_steps:
+            if r.enabled and st.phase == "full_rank" and st.step == r.warm_start_steps:
+                self.log_phase_summary(evals[-1] if evals else {})
+                self.export_warm_start()
+                self.switch_to_relora()
+                self.log.print(f"step {st.step} | switched to ReLoRA: trainable params "
+                               f"{self.trainable_params():,} of {self.total_params():,}")
+            metrics = self.train_step(self.loader.next_batch())
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            tok_s = self.tokens_per_step / dt
+            record = {"step": st.step, **metrics, "tokens_seen": st.tokens_seen, "tokens_per_s": tok_s,
+                      "mfu": tok_s * self.flops_per_token / (self.peak_flops * self.info.world_size),
+                      "phase": st.phase, "restart_index": st.restart_index}
+            if steps.reset_due(c, st.step - 1):
+                timings = self.reset()
+                record.update({f"reset_{k}_s": v for k, v in timings.items()}, restart_index=st.restart_index)
+                record.update(self.rank_stats(measure=r.effective_rank_every >= 0))
+                self.log.print(f"step {st.step} | reset {st.restart_index}: merge {timings['merge']:.3f}s "
+                               f"re-init {timings['reinit']:.3f}s prune {timings['prune']:.3f}s | "
+                               f"cumulative rank {record['cumulative_rank_mean']:.0f}"
+                               + (f" effective {record['effective_rank_mean']:.1f}" if "effective_rank_mean" in record else ""))
+            elif r.effective_rank_every > 0 and st.phase == "relora" and st.step % r.effective_rank_every == 0:
+                record.update(self.rank_stats(measure=True))
+            if c.train.eval_every and st.step % c.train.eval_every == 0 or st.step == c.train.max_steps:
+                record.update(self.evaluate())
+                evals.append({"step": st.step, "eval_loss": record["eval_loss"], "eval_ppl": record["eval_ppl"]})
+            self._log_record(record)
+            t_last = time.perf_counter()
+        self.log_phase_summary(evals[-1])
+        self.log.print(f"done | first eval ppl {evals[0]['eval_ppl']:.2f} -> final eval ppl {evals[-1]['eval_ppl']:.2f}")
+        self.log.close()
+        return st
+
+    def total_params(self) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+
+    def _log_record(self, record: dict) -> None:
+        c, st = self.cfg, self.state
+        record["peak_mem_mb"] = peak_memory_mb(self.device)
+        st.history.append(record)
+        tb = {"train/loss": record["loss"], "train/lr": record["lr"], "train/grad_norm": record["grad_norm"],
+              "train/tokens_seen": record["tokens_seen"], "perf/tokens_per_s": record["tokens_per_s"],
+              "perf/mfu": record["mfu"], f"mem/peak_mb_rank{self.info.rank}": record["peak_mem_mb"]}
+        if "eval_loss" in record:
+            tb.update({"eval/loss": record["eval_loss"], "eval/ppl": record["eval_ppl"]})
+        if st.phase == "relora":
+            tb["relora/restart_index"] = st.restart_index
+        for key in ("cumulative_rank_mean", "cumulative_rank_total", "effective_rank_mean", "effective_rank_min",
+                    "reset_total_s", "reset_merge_s", "reset_reinit_s", "reset_prune_s"):
+            if key in record:
+                tb[f"relora/{key}"] = record[key]
+        self.log.scalars(st.step, tb)
+        self.log.advance({"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}", "phase": st.phase})
+        if st.step % c.logging.log_every == 0 or "eval_loss" in record:
+            line = (f"step {st.step} | {st.phase} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                    f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s")
+            if st.phase == "relora":
+                line += f" | restart {st.restart_index}"
+            if "eval_loss" in record:
+                line += f" | eval loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}"
+            self.log.print(line)
+
+    def log_phase_summary(self, last_eval: dict) -> None:
+        st = self.state
+        losses = [h["loss"] for h in st.history if h["phase"] == st.phase][-10:]
+        if not losses:
+            return
+        summary = (f"== phase {st.phase} ends at step {st.step}: loss {sum(losses) / len(losses):.4f} "
+                   f"(last {len(losses)} steps)")
+        if last_eval:
+            summary += f", eval ppl {last_eval.get('eval_ppl', float('nan')):.2f}"
+        summary += f", trainable params {self.trainable_params():,}"
+        if st.phase == "relora":
+            cum = steps.rank_stats(self.backend, self.modules, self.masters, st.restart_index, False)
+            summary += f", restart index {st.restart_index}, cumulative rank {cum['cumulative_rank_mean']:.0f}/module"
+        self.log.print(summary)
+
+    # --- export -----------------------------------------------------------------------------------
+    def export_warm_start(self) -> None:
+        if self.cfg.run.export_warm_start:
+            from relora_dist.export import export_hf
+
+            export_hf(self, self.output_dir / "warm_start")
