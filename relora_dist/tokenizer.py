@@ -1,0 +1,196 @@
+"""SentencePiece tokenizer: training, loading, checksum.
+
+We use ``sentencepiece`` directly for training and for tokenizing data (fast and exact).
+The tokenizer directory holds ``tokenizer.model`` plus a small ``tokenizer_config.json`` so
+that ``transformers.AutoTokenizer.from_pretrained(dir)`` builds the same tokenizer (checked
+by tests: identical ids on sample text). No ``tokenizer.json`` is written: it would be ~0.8 MB
+for an 8k vocab, and transformers converts ``tokenizer.model`` on load anyway.
+
+Training choices, and why:
+  * ``normalization_rule_name="identity"`` and ``remove_extra_whitespaces=False``: the
+    transformers conversion of a SentencePiece BPE model does not apply NFKC or collapse
+    spaces, so any normalization here would make the two disagree (and lose information).
+  * documents are fed whole (newlines included), so ``"\\n"`` becomes an ordinary piece and
+    a word right after a newline tokenizes like the training text, instead of every line
+    being a separate "sentence" with a dummy-prefix space.
+  * ``byte_fallback=True``: unseen characters become byte tokens, never ``<unk>``.
+  * ids: unk=0, bos=1, eos=2, no pad (-1); callers pad with eos when they need to.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from typing import Iterable, Iterator
+
+__all__ = ["SPTokenizer", "train_tokenizer", "load_tokenizer", "tokenizer_checksum",
+           "MODEL_FILE"]
+
+MODEL_FILE = "tokenizer.model"
+
+# Written beside tokenizer.model for transformers. add_bos/eos false: our data pipeline adds
+# EOS itself, and encode() must return the same ids as sentencepiece's encode().
+_HF_CONFIG = {
+    "tokenizer_class": "TokenizersBackend",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "clean_up_tokenization_spaces": False,
+}
+
+# SentencePiece silently skips training sentences longer than max_sentence_length bytes,
+# so long documents are cut (at newlines where possible) into chunks below this size.
+_MAX_SENTENCE_BYTES = 1 << 15
+
+
+class SPTokenizer:
+    """Thin wrapper over ``sentencepiece.SentencePieceProcessor``.
+
+    ``encode`` never adds BOS/EOS (the data pipeline appends EOS per document).
+    """
+
+    def __init__(self, tokenizer_dir: str):
+        import sentencepiece as spm
+
+        self.path = os.path.abspath(tokenizer_dir)
+        model = os.path.join(self.path, MODEL_FILE)
+        if not os.path.isfile(model):
+            raise FileNotFoundError(
+                f"no {MODEL_FILE} in {self.path}; train one with "
+                f"`python tools/train_tokenizer.py --input FILES --out {tokenizer_dir}` "
+                f"or use the bundled assets/tokenizer")
+        self.sp = spm.SentencePieceProcessor(model_file=model)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids (embedding rows a model needs)."""
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    @property
+    def checksum(self) -> str:
+        return tokenizer_checksum(self.path)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS)."""
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """Token ids of each text; sentencepiece parallelizes over ``num_threads``."""
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` (a list of ints or a 1-D tensor/array)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self.sp.decode([int(i) for i in ids])
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"SPTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(tokenizer_dir: str) -> SPTokenizer:
+    """Load ``<tokenizer_dir>/tokenizer.model``; returns an :class:`SPTokenizer`."""
+    return SPTokenizer(tokenizer_dir)
+
+
+def tokenizer_checksum(tokenizer_dir: str) -> str:
+    """sha256 hex digest of ``<tokenizer_dir>/tokenizer.model`` (identifies the vocabulary)."""
+    h = hashlib.sha256()
+    with open(os.path.join(tokenizer_dir, MODEL_FILE), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _training_sentences(docs: Iterable[str], max_bytes: int = _MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """Yield documents whole, cutting ones longer than ``max_bytes`` at line boundaries."""
+    for doc in docs:
+        if not doc:
+            continue
+        if len(doc.encode("utf-8")) <= max_bytes:
+            yield doc
+            continue
+        chunk, size = [], 0
+        for line in doc.splitlines(keepends=True):
+            n = len(line.encode("utf-8"))
+            if chunk and size + n > max_bytes:
+                yield "".join(chunk)
+                chunk, size = [], 0
+            if n > max_bytes:  # a single huge line: hard cut (4 bytes/char worst case)
+                step = max_bytes // 4
+                for i in range(0, len(line), step):
+                    yield line[i:i + step]
+                continue
+            chunk.append(line)
+            size += n
+        if chunk:
+            yield "".join(chunk)
+
+
+def train_tokenizer(inputs: list[str], out_dir: str, vocab_size: int = 8000,
+                    model_type: str = "bpe", text_field: str = "text",
+                    txt_split: str = "paragraph", input_sentence_size: int = 1_000_000,
+                    character_coverage: float = 1.0, num_threads: int | None = None) -> str:
+    """Train a SentencePiece model on ``inputs`` and write it to ``out_dir``.
+
+    ``inputs``: local .txt / .jsonl / .json / .jsonl.xz / .parquet files, read with the same
+    document semantics as :func:`relora_dist.data.load_documents` (``text_field`` for
+    json/parquet, ``txt_split`` for text files). ``input_sentence_size`` caps how many
+    training sentences sentencepiece samples (0 = all). Writes ``tokenizer.model`` and
+    ``tokenizer_config.json``; returns the path of ``tokenizer.model``.
+    """
+    import sentencepiece as spm
+
+    from relora_dist.data import load_documents  # lazy: data.py imports this module
+
+    docs = load_documents(inputs, text_field=text_field, txt_split=txt_split)  # column "text"
+    buf = io.BytesIO()
+    # model_writer: serialize to memory so the model proto does not embed out_dir's path,
+    # which would make tokenizer_checksum depend on where the tokenizer was trained.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_sentences(docs["text"]),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        character_coverage=character_coverage,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,  # digit-by-digit numbers: fewer rare number pieces, llama-style
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        num_threads=num_threads or min(8, os.cpu_count() or 1),
+        minloglevel=2,  # silence the per-iteration training log
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, MODEL_FILE)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(_HF_CONFIG, f, indent=2)
+        f.write("\n")
+    return path
