@@ -25,7 +25,7 @@ def full_state_dict(trainer) -> dict[str, torch.Tensor]:
             sd[name] = backend.full_fp32(p).reshape(getattr(p, "ds_shape", p.shape)).cpu()
         elif masters is not None and not masters.alias and module_name in masters.shards and name.endswith("weight"):
             shape = getattr(p, "ds_shape", p.shape)
-            sd[name] = backend.gather_flat_slices(masters.shards[module_name], shape.numel()).view(shape).cpu()
+            sd[name] = backend.gather_shard(p, masters.shards[module_name]).view(shape).cpu()
         else:
             sd[name] = backend.gather_full(p).cpu()
     for module_name, m in trainer.modules.items():

@@ -208,8 +208,7 @@ def rank_stats(backend: Backend, modules: dict[str, ReLoRALinear], masters: Froz
         start, end = backend.local_range(m.weight)
         A, B = backend.full_fp32(m.lora_A), backend.full_fp32(m.lora_B)
         local = now - masters.at_switch[name] + flat_slice_delta(A, B, m.scale, start, end, m.in_features)
-        numel = m.out_features * m.in_features
-        full = local if end - start == numel else backend.gather_flat_slices(local, numel)
+        full = backend.gather_shard(m.weight, local)
         ranks.append(effective_rank(full.view(m.out_features, m.in_features)))
     stats["effective_rank_mean"] = sum(ranks) / len(ranks)
     stats["effective_rank_min"] = float(min(ranks))

@@ -147,16 +147,22 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches; returns rank-averaged metrics."""
-        lr = self.peak_lr * steps.lr_multiplier(self.cfg, self.state.step)
+    def train_step(self, micro_batches: list[torch.Tensor], lr: float | None = None,
+                   before_update=None) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns rank-averaged metrics.
+        `lr` overrides the schedule; `before_update()` runs after the last backward, before the
+        update (tests read gradients there)."""
+        if lr is None:
+            lr = self.peak_lr * steps.lr_multiplier(self.cfg, self.state.step)
         self.set_lr(lr)
         self.engine.train()
         total = torch.zeros((), dtype=torch.float64)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
             loss = self.engine(input_ids=batch, labels=batch).loss
             self.engine.backward(loss)
+            if before_update is not None and i == len(micro_batches) - 1:
+                before_update()
             self.engine.step()  # DeepSpeed applies the update at the accumulation boundary
             total += loss.detach().double().cpu()
             del loss

@@ -80,6 +80,16 @@ class Backend(ABC):
         start, end = self.local_range(p)
         return full_value.reshape(-1)[start:end]
 
+    def gather_shard(self, p: torch.nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+        """Full flat tensor from every rank's `local_range(p)` part (no communication when the
+        local part is already the whole tensor, as for ZeRO-2's replicated weights: then the
+        result may share memory with `local`)."""
+        start, end = self.local_range(p)
+        numel = getattr(p, "ds_numel", p.numel())
+        if end - start == numel:
+            return local.reshape(-1)
+        return self.gather_flat_slices(local, numel)
+
     def gather_flat_slices(self, local: torch.Tensor, numel: int) -> torch.Tensor:
         """Reassemble a flat tensor from every rank's `rank_slice` part (collective)."""
         per_rank = -(-numel // self.world_size)

@@ -1,0 +1,161 @@
+"""Per-rank scenario bodies for the multi-process tests (run by tests/dist_utils.run_world).
+
+Each returns plain tensors/floats; assertions happen in the test process, against single-process
+references computed there or here from gathered full tensors.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
+
+from relora_dist.relora import freeze_for_full_rank
+from relora_dist.trainer import Trainer
+
+
+def _fixed_loss(t: Trainer, batch: torch.Tensor) -> float:
+    with torch.no_grad():
+        t.engine.eval()
+        loss = t.engine(input_ids=batch, labels=batch).loss.detach().double()
+    dist.all_reduce(loss)
+    return float(loss) / t.info.world_size
+
+
+def _frozen_weights(t: Trainer) -> dict[str, torch.Tensor]:
+    """Full fp32 merge targets (the fp32 masters when kept, else the module copies)."""
+    out = {}
+    for name, m in t.modules.items():
+        if t.masters is not None and not t.masters.alias and name in t.masters.shards:
+            out[name] = t.backend.gather_shard(m.weight, t.masters.shards[name]).clone()
+        else:
+            out[name] = t.backend.gather_full(m.weight).reshape(-1)
+    return out
+
+
+def _adapters(t: Trainer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (t.backend.full_fp32(m.lora_A).clone(), t.backend.full_fp32(m.lora_B).clone())
+            for n, m in t.modules.items()}
+
+
+def _module_copies(t: Trainer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (t.backend.gather_full(m.lora_A).reshape(m.r, m.in_features),
+                t.backend.gather_full(m.lora_B).reshape(m.out_features, m.r)) for n, m in t.modules.items()}
+
+
+def _optimizer_param_ids(t: Trainer) -> set[int]:
+    opt = t.engine.optimizer
+    groups = opt.bit16_groups if t.backend.stage == 2 else opt.fp16_groups
+    return {id(p) for g in groups for p in g}
+
+
+def _optimizer_state_numel(t: Trainer) -> int:
+    opt = t.engine.optimizer
+    flats = opt.single_partition_of_fp32_groups if t.backend.stage == 2 else opt.fp32_partitioned_groups_flat
+    return sum(int(f.numel()) for f in flats)
+
+
+def full_rank_run(cfg, template, info) -> dict:
+    t = Trainer(cfg, template, info)
+    st = t.train()
+    params = {n: t.backend.gather_full(p) for n, p in t.model.named_parameters()}
+    return {"losses": torch.tensor([h["loss"] for h in st.history]), "params": params,
+            "evals": torch.tensor([h["eval_loss"] for h in st.history if "eval_loss" in h])}
+
+
+def relora_run(cfg, template, info) -> dict:
+    """A whole ReLoRA run through train(); returns logged losses and the final merged weights."""
+    from relora_dist.export import full_state_dict
+
+    t = Trainer(cfg, template, info)
+    st = t.train()
+    return {"losses": torch.tensor([h["loss"] for h in st.history]),
+            "lrs": torch.tensor([h["lr"] for h in st.history]),
+            "restart_index": st.restart_index, "state_dict": full_state_dict(t)}
+
+
+def relora_checks(cfg, template, info) -> dict:
+    """Step through switch and one reset by hand and record everything the tests compare."""
+    t = Trainer(cfg, template, info)
+    out: dict = {}
+    mb = cfg.train.micro_batch_size
+    fixed = t.val_blocks.get_batch(list(range(info.rank * mb, (info.rank + 1) * mb)))
+    for _ in range(cfg.relora.warm_start_steps):
+        t.train_step(t.loader.next_batch())
+
+    # --- switch ---------------------------------------------------------------------------------
+    out["loss_before_switch"] = _fixed_loss(t, fixed)
+    w_before = {n: t.backend.full_fp32(m.weight).reshape(-1).clone() for n, m in t.modules.items()}
+    engine_ref, optimizer_ref = weakref.ref(t.engine), weakref.ref(t.engine.optimizer)
+    t.switch_to_relora()
+    gc.collect()
+    out["engine1_collected"] = engine_ref() is None and optimizer_ref() is None
+    out["loss_after_switch"] = _fixed_loss(t, fixed)
+    w_switch = _frozen_weights(t)
+    out["switch_weight_maxdiff"] = max(float((w_switch[n] - w_before[n]).abs().max()) for n in w_before)
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    held = _optimizer_param_ids(t)
+    out["optimizer_params"] = sorted(names[i] for i in held)
+    out["trainable_params"] = sorted(n for n, p in t.model.named_parameters() if p.requires_grad)
+    out["trainable_numel"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                 for p in t.model.parameters() if p.requires_grad)
+    out["optimizer_state_numel"] = _optimizer_state_numel(t)
+
+    # --- first ReLoRA steps: gradients of A and B -----------------------------------------------
+    grads: list[dict] = []
+
+    def probe():
+        grads.append({n: (float(safe_get_full_grad(m.lora_A).abs().sum()),
+                          float(safe_get_full_grad(m.lora_B).abs().sum())) for n, m in t.modules.items()})
+
+    t.train_step(t.loader.next_batch(), before_update=probe)
+    t.train_step(t.loader.next_batch(), before_update=probe)
+    out["grad_abs_first"] = {n: torch.tensor(v) for n, v in grads[0].items()}
+    out["grad_abs_second"] = {n: torch.tensor(v) for n, v in grads[1].items()}
+
+    # --- run to the LR-0 step, then reset -------------------------------------------------------
+    from relora_dist import relora_steps as steps
+
+    lr0 = None
+    while not steps.reset_due(cfg, t.state.step - 1):
+        lr0 = t.train_step(t.loader.next_batch())["lr"]
+    out["lr_of_step_before_reset"] = lr0
+    out["base_maxdiff_within_cycle"] = max(
+        float((w - w_switch[n]).abs().max()) for n, w in _frozen_weights(t).items())
+    w_pre = _frozen_weights(t)
+    ab = _adapters(t)
+    embed = next(p for n, p in t.model.named_parameters() if "embed_tokens" in n)
+    moments_pre = {n: {k: t.backend.full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
+                   for n, m in t.modules.items() for p in (m.lora_A,)}
+    embed_moment_pre = t.backend.full_optimizer_state(embed, "exp_avg").clone()
+    out["loss_before_reset"] = _fixed_loss(t, fixed)
+    t.reset()
+    out["loss_after_reset"] = _fixed_loss(t, fixed)
+    out["w_pre"], out["ab_pre"], out["w_post"] = w_pre, ab, _frozen_weights(t)
+    out["module_w_post"] = {n: t.backend.gather_full(m.weight).reshape(-1) for n, m in t.modules.items()}
+    out["scale"] = {n: m.scale for n, m in t.modules.items()}
+    out["relora_name"] = {n: m.relora_name for n, m in t.modules.items()}
+    out["ab_post"], out["ab_module_post"] = _adapters(t), _module_copies(t)
+    out["moments_pre"] = moments_pre
+    out["moments_post"] = {n: {k: t.backend.full_optimizer_state(m.lora_A, k).clone()
+                               for k in ("exp_avg", "exp_avg_sq")} for n, m in t.modules.items()}
+    out["embed_moment_unchanged"] = bool(torch.equal(embed_moment_pre,
+                                                     t.backend.full_optimizer_state(embed, "exp_avg")))
+    out["restart_index"] = t.state.restart_index
+
+    # --- a step at LR 0 keeps the fresh adapters; the base stays frozen --------------------------
+    t.train_step(t.loader.next_batch(), lr=0.0)
+    out["ab_after_lr0"], out["ab_module_after_lr0"] = _adapters(t), _module_copies(t)
+    t.train_step(t.loader.next_batch())
+    out["w_after_more_steps"] = _frozen_weights(t)
+    return out
+
+
+def full_rank_then_flip(cfg, template, info) -> dict:
+    """Unused by the engine; documents why: flipping requires_grad inside one engine is wrong."""
+    t = Trainer(cfg, template, info)
+    freeze_for_full_rank(t.model)
+    return {}
