@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
-from relora_dist.relora import freeze_for_full_rank
 from relora_dist.trainer import Trainer
 
 
@@ -152,10 +151,3 @@ def relora_checks(cfg, template, info) -> dict:
     t.train_step(t.loader.next_batch())
     out["w_after_more_steps"] = _frozen_weights(t)
     return out
-
-
-def full_rank_then_flip(cfg, template, info) -> dict:
-    """Unused by the engine; documents why: flipping requires_grad inside one engine is wrong."""
-    t = Trainer(cfg, template, info)
-    freeze_for_full_rank(t.model)
-    return {}
