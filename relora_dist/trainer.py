@@ -44,6 +44,8 @@ class TrainState:
     phase: str = "full_rank"
     history: list[dict] = field(default_factory=list)
     """Per-step logged records (loss, lr, ...) kept for tests and summaries."""
+    evals: list[dict] = field(default_factory=list)
+    """Every evaluation {step, eval_loss, eval_ppl}, including the one before training."""
 
 
 def _ndim(p: torch.nn.Parameter) -> int:
@@ -201,7 +203,7 @@ class Trainer:
     def train(self) -> TrainState:
         c, st = self.cfg, self.state
         r = c.relora
-        evals: list[dict] = []
+        evals = st.evals
         first_eval = self.evaluate()
         evals.append({"step": 0, **first_eval})
         self.log.scalars(0, {"eval/loss": first_eval["eval_loss"], "eval/ppl": first_eval["eval_ppl"]})

@@ -62,7 +62,7 @@ def full_rank_run(cfg, template, info) -> dict:
     st = t.train()
     params = {n: t.backend.gather_full(p) for n, p in t.model.named_parameters()}
     return {"losses": torch.tensor([h["loss"] for h in st.history]), "params": params,
-            "evals": torch.tensor([h["eval_loss"] for h in st.history if "eval_loss" in h])}
+            "evals": torch.tensor([e["eval_loss"] for e in st.evals])}
 
 
 def relora_run(cfg, template, info) -> dict:
