@@ -33,6 +33,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def quiet_libraries() -> None:
+    """Select DeepSpeed's CPU accelerator before its first import (else it warns) and mute
+    deprecation chatter that DeepSpeed's collectives trigger in torch on every step."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*|.*reduce_scatter_tensor.*")
+
+
 def init_distributed(timeout_s: float = 300.0) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA)."""
     import datetime
@@ -41,9 +52,7 @@ def init_distributed(timeout_s: float = 300.0) -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
-    if not torch.cuda.is_available():
-        # The CPU accelerator is auto-detected; setting it only silences a warning.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    quiet_libraries()
     import deepspeed
 
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -60,13 +60,16 @@ def lr_multiplier(cfg: Config, step: int) -> float:
     jagged cosine (restart warmup after each reset) over the ReLoRA phase, or plain warmup+cosine
     for the LoRA baseline (relora.resets=false)."""
     r, s = cfg.relora, cfg.schedule
+    # Warmups longer than their phase are clamped to it, so a short debug run (--train.max_steps=4)
+    # needs no other overrides.
     if not r.enabled:
-        return warmup_cosine(step, s.warmup_steps, cfg.train.max_steps, s.min_lr_ratio)
+        total = cfg.train.max_steps
+        return warmup_cosine(step, min(s.warmup_steps, total), total, s.min_lr_ratio)
     if step < r.warm_start_steps:
         return warmup_cosine(step, min(s.warmup_steps, r.warm_start_steps), r.warm_start_steps, s.min_lr_ratio)
     t = step - r.warm_start_steps
     if not r.resets:
-        return warmup_cosine(t, r.first_warmup, cfg.relora_steps, s.min_lr_ratio)
+        return warmup_cosine(t, min(r.first_warmup, cfg.relora_steps), cfg.relora_steps, s.min_lr_ratio)
     return jagged_cosine(t, cfg.relora_steps, r.first_warmup, r.restart_warmup, r.cycle_length, s.min_lr_ratio)
 
 

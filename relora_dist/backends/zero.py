@@ -14,7 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from deepspeed.utils import (
+
+from relora_dist.dist import quiet_libraries
+
+quiet_libraries()  # before DeepSpeed's first import
+
+from deepspeed.utils import (  # noqa: E402
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
     safe_get_local_fp32_param,
@@ -25,7 +30,7 @@ from deepspeed.utils import (
     safe_set_local_optimizer_state,
 )
 
-from relora_dist.backends.base import Backend, rank_slice
+from relora_dist.backends.base import Backend, rank_slice  # noqa: E402
 
 
 class ZeroBackend(Backend):
