@@ -52,7 +52,12 @@ class FrozenMasters:
     at_switch: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
+        """Bytes of the fp32 merge masters on this rank (0 when they alias the compute weights)."""
         return 0 if self.alias else sum(t.numel() * t.element_size() for t in self.shards.values())
+
+    def snapshot_nbytes(self) -> int:
+        """Bytes of the W_switch snapshot kept for the effective-rank diagnostic (effective_rank_every=-1 drops it)."""
+        return sum(t.numel() * t.element_size() for t in self.at_switch.values())
 
 
 def lr_multiplier(cfg: Config, step: int) -> float:

@@ -214,8 +214,13 @@ class Trainer:
                 self.log_phase_summary(evals[-1] if evals else {})
                 self.export_warm_start()
                 self.switch_to_relora()
+                master_mb = self.masters.nbytes() / 2**20
                 self.log.print(f"step {st.step} | switched to ReLoRA: trainable params "
-                               f"{self.trainable_params():,} of {self.total_params():,}")
+                               f"{self.trainable_params():,} of {self.total_params():,} | fp32 merge "
+                               f"masters {master_mb:.1f} MB on rank {self.info.rank} (+"
+                               f"{self.masters.snapshot_nbytes() / 2**20:.1f} MB W_switch snapshot for the "
+                               f"effective rank)")
+                self.log.scalars(st.step, {"mem/frozen_master_mb": master_mb})
             metrics = self.train_step(self.loader.next_batch())
             now = time.perf_counter()
             dt, t_last = now - t_last, now
