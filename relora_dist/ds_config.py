@@ -27,27 +27,43 @@ def resolve_precision(precision: str) -> str:
 def load_ds_template(path: str | Path | None) -> dict[str, Any]:
     path = Path(path) if path else DEFAULT_DS_CONFIG
     if not path.is_file():
-        raise ConfigError(f"--ds_config '{path}' not found; pass one of ds_configs/*.json")
+        raise ConfigError(f"--ds_config '{path}' not found; pass an existing file such as ds_configs/zero2.json "
+                          f"or ds_configs/zero3.json")
     try:
-        return json.loads(path.read_text())
+        ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--ds_config '{path}' is not valid JSON ({e.msg} at line {e.lineno})")
+        raise ConfigError(f"--ds_config '{path}' is not valid JSON ({e.msg} at line {e.lineno}); fix the file")
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--ds_config '{path}' must be a JSON object, got {type(ds).__name__}; "
+                          f"start from ds_configs/zero2.json")
+    return ds
 
 
-def _fill(ds: dict, key: str, value: Any, what: str) -> None:
+def _fill(ds: dict, key: str, value: Any, what: str, fix: str, name: str | None = None) -> None:
     """Set an "auto" (or absent) key; refuse an explicit value that contradicts the config."""
     current = ds.get(key, "auto")
     if current == "auto":
         ds[key] = value
     elif current != value:
-        raise ConfigError(
-            f"DeepSpeed config sets {key}={current!r} but the training config gives {value!r} "
-            f"({what}); set it to \"auto\" or change the training config"
-        )
+        name = name or key
+        raise ConfigError(f"DeepSpeed config sets {name}={json.dumps(current)} but {what} requires "
+                          f"{json.dumps(value)}; set {name} to \"auto\" or {fix}")
+
+
+def _section(ds: dict, key: str) -> dict:
+    sec = ds.setdefault(key, {})
+    if not isinstance(sec, dict):
+        raise ConfigError(f"DeepSpeed config '{key}' must be an object, got {json.dumps(sec)}; "
+                          f"write \"{key}\": {{...}} as in ds_configs/zero2.json")
+    return sec
 
 
 def build_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
-    """Return a complete DeepSpeed config for this run and world size."""
+    """Return a complete DeepSpeed config for this run and world size. Every contradiction between
+    the template and the training config is a one-line ConfigError naming the key and the fix."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world size {world_size!r} is invalid; the WORLD_SIZE environment variable must be "
+                          f"a positive integer (set by deepspeed/torchrun)")
     ds = copy.deepcopy(template)
     t = cfg.train
     for forbidden in ("optimizer", "scheduler"):
@@ -56,48 +72,66 @@ def build_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
                 f"DeepSpeed config has an '{forbidden}' section, but relora_dist owns the optimizer and "
                 f"the (jagged) LR schedule; delete it and use the optimizer/schedule config sections"
             )
-    if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
-        raise ConfigError("fp16 is not supported (loss scaling breaks exact merges); use train.precision=bf16")
-    ds.pop("fp16", None)
+    for half, what in (("fp16", "fp16 (loss scaling breaks exact merges)"), ("amp", "apex amp")):
+        sec = ds.get(half, {})
+        enabled = sec.get("enabled", True) if isinstance(sec, dict) else sec
+        if half in ds and enabled not in (False, "auto"):
+            raise ConfigError(f"DeepSpeed config enables {what}, which relora_dist does not support; "
+                              f"delete the '{half}' section and use train.precision=bf16 for mixed precision")
+        ds.pop(half, None)
+    if "bfloat16" in ds:
+        raise ConfigError("DeepSpeed config has a 'bfloat16' section; rename it to 'bf16' (its enabled flag is "
+                          "filled from train.precision)")
 
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size % per_step:
         raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
-            f"{t.micro_batch_size} x world size {world_size}; pick a multiple of {per_step}"
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{t.micro_batch_size} x world size {world_size}; use a multiple of {per_step} or another "
+            f"train.micro_batch_size"
         )
     grad_accum = t.global_batch_size // per_step
-    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size")
+    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size,
+          f"train.micro_batch_size={t.micro_batch_size}", "change train.micro_batch_size")
     _fill(ds, "gradient_accumulation_steps", grad_accum,
-          f"train.global_batch_size / (micro_batch_size x world size {world_size})")
-    _fill(ds, "train_batch_size", t.global_batch_size, "train.global_batch_size")
-    _fill(ds, "gradient_clipping", float(t.grad_clip), "train.grad_clip")
+          f"train.global_batch_size={t.global_batch_size} / (train.micro_batch_size={t.micro_batch_size} "
+          f"x world size {world_size})", "change train.global_batch_size (accumulation is derived)")
+    _fill(ds, "train_batch_size", t.global_batch_size,
+          f"train.global_batch_size (= micro batch {t.micro_batch_size} x grad accumulation {grad_accum} "
+          f"x world size {world_size})", "change train.global_batch_size")
+    _fill(ds, "gradient_clipping", float(t.grad_clip), f"train.grad_clip={t.grad_clip}",
+          "change train.grad_clip")
 
     precision = resolve_precision(t.precision)
-    bf16 = ds.setdefault("bf16", {})
-    _fill(bf16, "enabled", precision == "bf16", f"train.precision={precision}")
+    bf16 = _section(ds, "bf16")
+    _fill(bf16, "enabled", precision == "bf16", f"train.precision={t.precision} (resolved: {precision})",
+          f"set train.precision={'fp32' if bf16.get('enabled') is False else 'bf16'}", name="bf16.enabled")
 
-    zero = ds.setdefault("zero_optimization", {})
+    zero = _section(ds, "zero_optimization")
     stage = zero.get("stage", 0)
-    if stage not in (2, 3):
-        raise ConfigError(f"zero_optimization.stage={stage} unsupported; use ds_configs/zero2.json or zero3.json")
+    if stage not in (2, 3) or isinstance(stage, bool):
+        raise ConfigError(f"DeepSpeed config zero_optimization.stage={json.dumps(stage)} is unsupported; set it "
+                          f"to 2 or 3 (see ds_configs/zero2.json, zero3.json)")
     if stage == 3 and cfg.relora.enabled:
         # Params below the persistence threshold keep a full replica in p.data that the forward
         # uses, so a shard-local merge into ds_tensor would be silently ignored
         # (shared/notes/deepspeed-on-cpu.md, "ZeRO-3 trap").
         _fill(zero, "stage3_param_persistence_threshold", 0,
-              "ReLoRA's shard-local merge needs every frozen weight partitioned")
+              "ReLoRA on ZeRO-3 (params under the threshold keep a full replica, so shard-local merges "
+              "would be silently bypassed)", "0, or use ds_configs/zero2.json",
+              name="zero_optimization.stage3_param_persistence_threshold")
     elif stage == 3:
         zero.setdefault("stage3_param_persistence_threshold", "auto")
         if zero["stage3_param_persistence_threshold"] == "auto":
             zero.pop("stage3_param_persistence_threshold")
-    # We pass torch.optim.AdamW as a client optimizer (decoupled decay, param groups).
+    # We pass a torch optimizer (optimizer.name) as a client optimizer (decoupled decay, param groups).
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     leftovers = [k for k, v in _walk(ds) if v == "auto"]
     if leftovers:
-        raise ConfigError(f"DeepSpeed config keys {leftovers} are \"auto\" but relora_dist cannot fill them; set values")
+        raise ConfigError(f"DeepSpeed config keys {', '.join(leftovers)} are \"auto\" but relora_dist cannot "
+                          f"fill them; set explicit values")
     return ds
 
 

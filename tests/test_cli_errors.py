@@ -1,0 +1,56 @@
+"""`python launchers/pretrain.py` with bad inputs: exit code 2, a one-line `error: ...` on stderr that
+names the key, and nothing written (no run directory, no data cache). Every case fails before the
+process group starts, so each takes only the import time; they run concurrently."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+CASES = {
+    "unknown key": (["--train.max_step=3"], "'train.max_step'", {}),
+    "override without value": (["--relora.r=8", "--train.max_steps"], "--train.max_steps", {}),
+    "missing data source": (["--data.sources=/no/such/corpus.jsonl"], "data.sources", {}),
+    "restart warmup >= cycle length": (["--relora.restart_warmup", "50"], "relora.restart_warmup=50", {}),
+    "r too large": (["--relora.r=512"], "relora.r=512", {}),
+    "target matches nothing": (["--relora.targets=attn\\.query$"], "relora.targets", {}),
+    "ds batch contradiction": (["--ds_config", "{ds}"], "train_batch_size=7", {}),
+    "batch vs WORLD_SIZE": ([], "world size 4", {"WORLD_SIZE": "4"}),
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    ds = tmp / "ds_batch.json"
+    ds.write_text(json.dumps({"train_batch_size": 7, "zero_optimization": {"stage": 2}}))
+    procs = {}
+    for i, (name, (args, _, env_extra)) in enumerate(CASES.items()):
+        out, cache = tmp / f"run{i}", tmp / f"cache{i}"
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_extra)
+        argv = [a.replace("{ds}", str(ds)) for a in args]
+        cmd = [sys.executable, "launchers/pretrain.py", *argv, f"--run.output_dir={out}", f"--data.cache_dir={cache}"]
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True), out, cache)
+    done = {}
+    for name, (p, out, cache) in procs.items():
+        stdout, stderr = p.communicate(timeout=60)
+        done[name] = (p.returncode, stdout, stderr, out, cache)
+    return done
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_error(case, results):
+    code, stdout, stderr, out, cache = results[case]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code == 2, (code, stdout[-2000:], stderr[-2000:])
+    assert lines and lines[-1].startswith("error: "), stderr[-2000:]
+    assert CASES[case][1] in lines[-1], lines[-1]
+    assert sum(ln.startswith("error:") for ln in lines) == 1
+    assert not out.exists() and not cache.exists()  # losing nothing: no run directory, no data prepared
