@@ -7,6 +7,7 @@ through the backend contract (backends/), and the ReLoRA steps live in relora_st
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from relora_dist import checkpoint as ckpt
 from relora_dist import relora_steps as steps
 from relora_dist.backends.zero import make_backend
 from relora_dist.config import Config, ConfigError, dump_config, validate
@@ -46,6 +48,8 @@ class TrainState:
     """Per-step logged records (loss, lr, ...) kept for tests and summaries."""
     evals: list[dict] = field(default_factory=list)
     """Every evaluation {step, eval_loss, eval_ppl}, including the one before training."""
+    stopped: bool = False
+    """True when the run stopped early on SIGTERM (after saving a checkpoint)."""
 
 
 def _ndim(p: torch.nn.Parameter) -> int:
@@ -106,18 +110,32 @@ class Trainer:
         self.masters = None
         self.engine = None
         self.output_dir = Path(c.run.output_dir)
-        if info.is_main:
-            dump_config(c, self.output_dir / "config.yaml")
-        self.log = MetricsLogger(info.is_main, self.output_dir / "tb", c.logging.tensorboard,
-                                 c.logging.progress_bar, c.train.max_steps)
+        self.checkpoint_root = Path(c.checkpoint.dir) if c.checkpoint.dir else self.output_dir / "checkpoints"
+        ckpt.check_output_dir(self.output_dir, self.checkpoint_root, c.checkpoint.resume, c.checkpoint.overwrite)
+        self.resumed_from = None
+        if c.checkpoint.resume:
+            self.resumed_from = (ckpt.find_latest(self.checkpoint_root) if c.checkpoint.resume == "auto"
+                                 else Path(c.checkpoint.resume))
+        manifest = ckpt.read_manifest(self.resumed_from) if self.resumed_from else None
         self.flops_per_token = flops_per_token(self.model_config, c.data.seq_len)
         self.peak_flops = c.logging.peak_flops or default_peak_flops(self.device, self.precision)
         self.tokens_per_step = c.train.global_batch_size * c.data.seq_len
-        if c.relora.enabled and c.relora.warm_start_steps == 0:
+        if c.relora.enabled and (c.relora.warm_start_steps == 0 or (manifest and manifest["phase"] == "relora")):
             self.switch_to_relora()
         else:
             freeze_for_full_rank(self.model) if c.relora.enabled else None
             self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr))
+        if manifest is not None:
+            ckpt.load_checkpoint(self, self.resumed_from)
+        if info.is_main:
+            dump_config(c, self.output_dir / "config.yaml")
+        self.log = MetricsLogger(info.is_main, self.output_dir / "tb", c.logging.tensorboard,
+                                 c.logging.progress_bar, c.train.max_steps, initial_step=self.state.step)
+        if self.resumed_from:
+            self.log.print(f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.phase}, "
+                           f"restart index {self.state.restart_index}, world size {manifest['world_size']} -> "
+                           f"{info.world_size}, ZeRO-{manifest['zero_stage']} -> ZeRO-{self.backend.stage})")
+        self._stop_requested = False
 
     # --- phases -----------------------------------------------------------------------------------
     @property
@@ -200,14 +218,18 @@ class Trainer:
             p.ds_numel for p in self.model.parameters() if p.requires_grad)
 
     # --- the loop ---------------------------------------------------------------------------------
-    def train(self) -> TrainState:
+    def train(self, stop_at: int | None = None) -> TrainState:
+        """Train to train.max_steps; `stop_at` stops early after that step exactly like a SIGTERM
+        (checkpoint, then return), which the resume tests use."""
         c, st = self.cfg, self.state
         r = c.relora
         evals = st.evals
-        first_eval = self.evaluate()
-        evals.append({"step": 0, **first_eval})
-        self.log.scalars(0, {"eval/loss": first_eval["eval_loss"], "eval/ppl": first_eval["eval_ppl"]})
-        self.log.print(f"step 0 | eval loss {first_eval['eval_loss']:.4f} ppl {first_eval['eval_ppl']:.2f}")
+        if self.resumed_from is None:
+            first_eval = self.evaluate()
+            evals.append({"step": 0, **first_eval})
+            self.log.scalars(0, {"eval/loss": first_eval["eval_loss"], "eval/ppl": first_eval["eval_ppl"]})
+            self.log.print(f"step 0 | eval loss {first_eval['eval_loss']:.4f} ppl {first_eval['eval_ppl']:.2f}")
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         t_last = time.perf_counter()
         while st.step < c.train.max_steps:
             if r.enabled and st.phase == "full_rank" and st.step == r.warm_start_steps:
@@ -242,11 +264,35 @@ class Trainer:
                 record.update(self.evaluate())
                 evals.append({"step": st.step, "eval_loss": record["eval_loss"], "eval_ppl": record["eval_ppl"]})
             self._log_record(record)
+            stop = self._stop_agreed() or st.step == stop_at
+            every = c.checkpoint.save_every
+            if stop or st.step == c.train.max_steps or (every and st.step % every == 0):
+                path = self.save_checkpoint()
+                self.log.print(f"step {st.step} | saved checkpoint {path}")
+            if stop:
+                self.log.print(f"step {st.step} | SIGTERM: checkpoint saved, exiting cleanly")
+                st.stopped = True
+                break
             t_last = time.perf_counter()
-        self.log_phase_summary(evals[-1])
-        self.log.print(f"done | first eval ppl {evals[0]['eval_ppl']:.2f} -> final eval ppl {evals[-1]['eval_ppl']:.2f}")
+        signal.signal(signal.SIGTERM, previous_handler)
+        if evals and not st.stopped:
+            self.log_phase_summary(evals[-1])
+            self.log.print(f"done | first eval ppl {evals[0]['eval_ppl']:.2f} -> final eval ppl {evals[-1]['eval_ppl']:.2f}")
         self.log.close()
         return st
+
+    # --- checkpoints and preemption -------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        return ckpt.save_checkpoint(self, self.checkpoint_root, self.cfg.checkpoint.keep_last)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True  # acted on at the next step boundary, on every rank at once
+
+    def _stop_agreed(self) -> bool:
+        """Cluster preemption sends SIGTERM; ranks agree (MAX all-reduce) so all save together."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def total_params(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())

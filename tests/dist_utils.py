@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _worker(rank: int, world_size: int, port: int, scenario: str, overrides: list[str], ds_config: str,
-            out_dir: str) -> None:
+            out_dir: str, kwargs: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -32,16 +32,16 @@ def _worker(rank: int, world_size: int, port: int, scenario: str, overrides: lis
     info = init_distributed(timeout_s=240)
     cfg = load_config(None, overrides)
     template = load_ds_template(REPO / ds_config)
-    result = getattr(scenarios, scenario)(cfg, template, info)
+    result = getattr(scenarios, scenario)(cfg, template, info, **kwargs)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
 def run_world(world_size: int, scenario: str, overrides: list[str], out_dir: Path,
-              ds_config: str = "ds_configs/zero2.json") -> list[dict]:
+              ds_config: str = "ds_configs/zero2.json", **kwargs) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(world_size, free_port(), scenario, overrides, ds_config, str(out_dir)),
+    mp.spawn(_worker, args=(world_size, free_port(), scenario, overrides, ds_config, str(out_dir), kwargs),
              nprocs=world_size, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 

@@ -65,15 +65,17 @@ def full_rank_run(cfg, template, info) -> dict:
             "evals": torch.tensor([e["eval_loss"] for e in st.evals])}
 
 
-def relora_run(cfg, template, info) -> dict:
-    """A whole ReLoRA run through train(); returns logged losses and the final merged weights."""
+def relora_run(cfg, template, info, stop_at: int | None = None) -> dict:
+    """A (possibly resumed, possibly stopped early) run through train(); returns the logged
+    records and the merged fp32 weights at the end."""
     from relora_dist.export import full_state_dict
 
     t = Trainer(cfg, template, info)
-    st = t.train()
-    return {"losses": torch.tensor([h["loss"] for h in st.history]),
+    st = t.train(stop_at=stop_at)
+    return {"losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
+            "steps": torch.tensor([h["step"] for h in st.history]),
             "lrs": torch.tensor([h["lr"] for h in st.history]),
-            "restart_index": st.restart_index, "state_dict": full_state_dict(t)}
+            "restart_index": st.restart_index, "phase": st.phase, "state_dict": full_state_dict(t)}
 
 
 def relora_checks(cfg, template, info) -> dict:

@@ -75,6 +75,60 @@ class Backend(ABC):
     def gather_full(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The whole module copy of p in fp32 (collective). For evaluation, tests and export."""
 
+    # --- checkpoint fragments (no communication) --------------------------------------------------
+    @abstractmethod
+    def fp32_fragment(self, p: torch.nn.Parameter) -> tuple[int, int, torch.Tensor | None]:
+        """(start, end, view) of the part of a trainable param's fp32 master this rank owns."""
+
+    @abstractmethod
+    def state_fragment(self, p: torch.nn.Parameter, key: str) -> torch.Tensor | None:
+        """View of this rank's fragment of optimizer state `key` (same range as fp32_fragment)."""
+
+    @abstractmethod
+    def optimizer_flats(self, engine: Any) -> list[torch.Tensor]:
+        """The flat fp32 partitions the inner torch optimizer steps (its state keys)."""
+
+    @abstractmethod
+    def write_frozen(self, p: torch.nn.Parameter, full_value: torch.Tensor) -> None:
+        """Set the module copy of a param that no optimizer holds (every rank passes the full value)."""
+
+    @abstractmethod
+    def write_optimizer_state(self, p: torch.nn.Parameter, key: str, full_value: torch.Tensor) -> None:
+        """Set this rank's shard of optimizer state `key` from the full value."""
+
+    def save_range(self, p: torch.nn.Parameter) -> tuple[int, int]:
+        """The flat range of a module copy this rank writes into a checkpoint: its own shard, or
+        for replicated tensors its `rank_slice`, so each element is written exactly once."""
+        start, end = self.local_range(p)
+        numel = getattr(p, "ds_numel", p.numel())
+        if end - start == numel and self.world_size > 1:
+            return rank_slice(numel, self.rank, self.world_size)
+        return start, end
+
+    def adam_step(self, engine: Any) -> int | None:
+        """Adam's step counter (shared by every flat group), None before the first step."""
+        state = engine.optimizer.optimizer.state
+        for flat in self.optimizer_flats(engine):
+            if "step" in state.get(flat, {}):
+                return int(state[flat]["step"])
+        return None
+
+    def init_optimizer_state(self, engine: Any, step: int) -> None:
+        """Create Adam's lazily-built state for every flat partition (zero moments, the saved step
+        counter) so resume can overwrite the moments. Built directly rather than by a dummy step:
+        ZeRO-3 swaps sub-group params into the inner optimizer only inside its own step."""
+        inner = engine.optimizer.optimizer
+        if not isinstance(inner, torch.optim.AdamW):
+            raise TypeError(f"resuming optimizer state supports AdamW, not {type(inner).__name__}")
+        for flat in self.optimizer_flats(engine):
+            inner.state[flat] = {"step": torch.tensor(float(step)),
+                                 "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                                 "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format)}
+        self.link_optimizer_fragments(engine)
+
+    def link_optimizer_fragments(self, engine: Any) -> None:
+        """Make per-param views of the optimizer state valid (ZeRO-2 needs it; see there)."""
+
     # --- shared helpers ---------------------------------------------------------------------------
     def local_slice_of(self, p: torch.nn.Parameter, full_value: torch.Tensor) -> torch.Tensor:
         start, end = self.local_range(p)

@@ -100,6 +100,41 @@ class Zero2Backend(ZeroBackend):
     def gather_full(self, p):
         return p.data.detach().float().clone()
 
+    def fp32_fragment(self, p):
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            return 0, 0, None
+        address = mapping.lp_fragment_address
+        return address.start, address.start + address.numel, mapping.hp_fragment.reshape(-1)
+
+    def state_fragment(self, p, key):
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None or not mapping.optim_fragment or key not in mapping.optim_fragment:
+            return None
+        return mapping.optim_fragment[key].reshape(-1)
+
+    def optimizer_flats(self, engine):
+        return list(engine.optimizer.single_partition_of_fp32_groups)
+
+    def link_optimizer_fragments(self, engine):
+        # DeepSpeed 0.19.8 bug: ZeRO-2 steps one param group at a time and links the per-param
+        # optimizer-state views after the FIRST group's step, when the other groups' Adam state
+        # does not exist yet; params of later groups (here: norms, no weight decay) never get
+        # views, and safe_get/set_full_optimizer_state fail for them. Link every group again.
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        opt = engine.optimizer
+        for i, flat in enumerate(opt.single_partition_of_fp32_groups):
+            if opt.optimizer.state.get(flat):
+                lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], flat, opt.optimizer.state)
+        opt._hp_optimizer_states_linked = True
+
+    def write_frozen(self, p, full_value):
+        p.data.copy_(full_value.reshape(p.shape).to(p.dtype))
+
+    def write_optimizer_state(self, p, key, full_value):
+        safe_set_full_optimizer_state(p, full_value.reshape(p.shape).float(), key)
+
 
 class Zero3Backend(ZeroBackend):
     """ZeRO-3: params, fp32 masters and moments are all partitioned; every write is shard-local."""
@@ -141,6 +176,27 @@ class Zero3Backend(ZeroBackend):
 
     def gather_full(self, p):
         return self.gather_flat_slices(self.local_view(p).float(), p.ds_numel).view(p.ds_shape)
+
+    def fp32_fragment(self, p):
+        start, end = self.local_range(p)
+        return start, end, safe_get_local_fp32_param(p).reshape(-1)[: end - start]
+
+    def state_fragment(self, p, key):
+        try:
+            return safe_get_local_optimizer_state(p, key).reshape(-1)[: self.local_range(p)[1] - self.local_range(p)[0]]
+        except KeyError:  # Adam builds its state lazily at the first step
+            return None
+
+    def optimizer_flats(self, engine):
+        return list(engine.optimizer.fp32_partitioned_groups_flat)
+
+    def write_frozen(self, p, full_value):
+        padded = self._padded_local(p, full_value)
+        p.ds_tensor.data.copy_(padded.to(p.ds_tensor.dtype).view_as(p.ds_tensor))
+
+    def write_optimizer_state(self, p, key, full_value):
+        local = safe_get_local_optimizer_state(p, key)
+        safe_set_local_optimizer_state(p, self._padded_local(p, full_value).view_as(local).to(local), key)
 
     def _own_storage(self, p):
         p.ds_tensor.data = p.ds_tensor.data.clone()
