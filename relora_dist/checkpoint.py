@@ -338,12 +338,53 @@ def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
     return m
 
 
-def check_output_dir(output_dir: str | Path, checkpoint_root: str | Path, resume: str, overwrite: bool) -> None:
-    """Refuse to train into a directory that holds another run's checkpoints (losing nothing)."""
-    existing = list_checkpoints(checkpoint_root)
-    if existing and not resume and not overwrite:
+# Settings that make a checkpoint another run's when they differ (train.max_steps may change: it
+# extends or shortens the same run).
+RUN_IDENTITY = {"model": None, "data": ("seq_len",), "train": ("global_batch_size", "seed"),
+                "relora": ("enabled", "warm_start_steps", "r", "alpha", "targets", "cycle_length")}
+
+
+def _identity_diff(ours: dict, theirs: dict) -> str | None:
+    for section, keys in RUN_IDENTITY.items():
+        for key in keys or ours.get(section, {}).keys():
+            a, b = ours.get(section, {}).get(key), theirs.get(section, {}).get(key)
+            if a != b:
+                return f"{section}.{key} {b!r} there vs {a!r} here"
+    return None
+
+
+def check_output_dir(cfg, checkpoint_root: str | Path) -> None:
+    """Refuse to train over another run's checkpoints: with checkpoint.resume='' any existing
+    checkpoint, with 'auto' one whose run-defining settings differ (torchtitan-style auto-resume
+    of the same run is what a preempted cluster job needs). checkpoint.overwrite lifts both."""
+    import yaml
+
+    from relora_dist.config import to_dict
+
+    ck = cfg.checkpoint
+    if ck.resume and ck.resume != "auto":
+        if not (Path(ck.resume) / MANIFEST).is_file():
+            raise CheckpointError(f"checkpoint.resume={ck.resume}: no {MANIFEST} there; pass a step_* directory or auto")
+        return
+    latest = find_latest(checkpoint_root)
+    if latest is None or ck.overwrite:
+        return
+    if not ck.resume:
         raise CheckpointError(
-            f"{checkpoint_root} already holds checkpoints ({existing[-1].name}); pass --checkpoint.resume=auto to "
+            f"{checkpoint_root} already holds checkpoints ({latest.name}); pass --checkpoint.resume=auto to "
             f"continue that run, --checkpoint.overwrite=true to replace it, or another --run.output_dir")
-    if resume and resume != "auto" and not (Path(resume) / MANIFEST).is_file():
-        raise CheckpointError(f"--checkpoint.resume={resume}: no {MANIFEST} there; pass a step_* directory or auto")
+    saved = latest / "config.yaml"
+    theirs = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+    diff = _identity_diff(to_dict(cfg), theirs or {})
+    if diff:
+        raise CheckpointError(
+            f"{latest} belongs to another run ({diff}); use another --run.output_dir, or "
+            f"--checkpoint.overwrite=true to replace it")
+
+
+def remove_checkpoints(checkpoint_root: str | Path) -> None:
+    """checkpoint.overwrite: a new run replaces the old checkpoints (rank 0 only)."""
+    root = Path(checkpoint_root)
+    for path in list_checkpoints(root):
+        shutil.rmtree(path, ignore_errors=True)
+    (root / LATEST).unlink(missing_ok=True)

@@ -63,7 +63,7 @@ def param_groups(model: torch.nn.Module, cfg: Config, lr: float) -> list[dict]:
         if p.requires_grad:
             (decay if _ndim(p) >= 2 else no_decay).append(p)
     o = cfg.optimizer
-    common = dict(lr=lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    common = dict(lr=lr) if o.name == "sgd" else dict(lr=lr, betas=(o.beta1, o.beta2), eps=o.eps)
     groups = [dict(params=decay, weight_decay=o.weight_decay, **common),
               dict(params=no_decay, weight_decay=0.0, **common)]
     return [g for g in groups if g["params"]]
@@ -105,15 +105,18 @@ class Trainer:
             wrap_model(self.model, c.relora.targets, c.relora.r, c.relora.alpha, c.relora.dropout,
                        seed=c.train.seed)
             self.modules = relora_modules(self.model)
-        self.backend = make_backend(self.ds_config, info.rank, info.world_size)
+        self.backend = make_backend(self.ds_config, info.rank, info.world_size, c.optimizer.name)
         self.state = TrainState()
         self.masters = None
         self.engine = None
         self.output_dir = Path(c.run.output_dir)
         self.checkpoint_root = Path(c.checkpoint.dir) if c.checkpoint.dir else self.output_dir / "checkpoints"
-        ckpt.check_output_dir(self.output_dir, self.checkpoint_root, c.checkpoint.resume, c.checkpoint.overwrite)
+        ckpt.check_output_dir(c, self.checkpoint_root)
+        if c.checkpoint.overwrite and info.is_main:
+            ckpt.remove_checkpoints(self.checkpoint_root)
+        dist.barrier()
         self.resumed_from = None
-        if c.checkpoint.resume:
+        if c.checkpoint.resume and not c.checkpoint.overwrite:
             self.resumed_from = (ckpt.find_latest(self.checkpoint_root) if c.checkpoint.resume == "auto"
                                  else Path(c.checkpoint.resume))
         manifest = ckpt.read_manifest(self.resumed_from) if self.resumed_from else None
@@ -229,6 +232,9 @@ class Trainer:
             evals.append({"step": 0, **first_eval})
             self.log.scalars(0, {"eval/loss": first_eval["eval_loss"], "eval/ppl": first_eval["eval_ppl"]})
             self.log.print(f"step 0 | eval loss {first_eval['eval_loss']:.4f} ppl {first_eval['eval_ppl']:.2f}")
+        if st.step >= c.train.max_steps:
+            self.log.print(f"nothing to do: the run is already at step {st.step} = train.max_steps "
+                           f"({self.resumed_from}); raise train.max_steps to continue it")
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         t_last = time.perf_counter()
         while st.step < c.train.max_steps:

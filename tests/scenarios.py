@@ -72,7 +72,11 @@ def relora_run(cfg, template, info, stop_at: int | None = None) -> dict:
 
     t = Trainer(cfg, template, info)
     st = t.train(stop_at=stop_at)
-    return {"losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
+    batch = t.val_blocks.get_batch([0, 1])
+    with torch.no_grad():
+        t.engine.eval()
+        logits = t.engine(input_ids=batch).logits.float()
+    return {"logits_batch": batch, "logits": logits,"losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
             "steps": torch.tensor([h["step"] for h in st.history]),
             "lrs": torch.tensor([h["lr"] for h in st.history]),
             "restart_index": st.restart_index, "phase": st.phase, "state_dict": full_state_dict(t)}

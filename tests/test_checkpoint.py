@@ -129,3 +129,98 @@ def test_newer_format_version_is_refused(resumed, tmp_path):
     (ckpt / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="format_version 99"):
         read_manifest(ckpt)
+
+
+def _launch(args, timeout=300):
+    import os
+    import subprocess
+    import sys
+
+    from tests.dist_utils import REPO
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "launchers/pretrain.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_other_runs_checkpoints_are_refused_and_kept(resumed, tiny_data):
+    """A different run (other r) into the same output_dir, or an explicit fresh start, is refused
+    before any work with a one-line error; the existing checkpoints are untouched."""
+    _, precision, _, _, run_dir = resumed
+    root = run_dir / "checkpoints"
+    before = {p.name: (p / "manifest.json").read_bytes() for p in root.iterdir() if p.name.startswith("step_")}
+    for extra in ({"relora.r": 4}, {"checkpoint.resume": ""}):
+        proc = _launch(_overrides(tiny_data, run_dir, precision, **extra))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and "checkpoint" in last
+    after = {p.name: (p / "manifest.json").read_bytes() for p in root.iterdir() if p.name.startswith("step_")}
+    assert after == before
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.dist_utils import REPO
+
+    run_dir = tmp_path / "run"
+    args = _overrides(tiny_data, run_dir, "fp32", **{"train.max_steps": 400, "relora.cycle_length": 4,
+                                                     "logging.log_every": 1})
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "launchers/pretrain.py", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 6 |") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: checkpoint saved" in out
+    latest = find_latest(run_dir / "checkpoints")
+    m = read_manifest(latest)
+    assert 6 <= m["global_step"] < 400
+    # the rerun of the same command continues from there (checkpoint.resume=auto by default)
+    proc2 = _launch(args + ["--logging.log_every=1000"], timeout=600)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert f"resumed from {latest}" in proc2.stdout
+
+
+def test_export_to_hugging_face(resumed, tmp_path):
+    """convert_ckpt consolidates the final checkpoint (2 ranks' shards), merges the live adapters,
+    and writes a folder that transformers loads; its logits equal the live training model's
+    (adapters unmerged, read on rank 0 at the end of the run) within 1e-4 (fp32) / 2e-2 (bf16
+    compute in training), and its tokenizer gives the training tokenizer's ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from relora_dist.tokenizer import load_tokenizer
+    from tools.convert_ckpt import main as convert_main
+    from tools.inspect_ckpt import summary
+
+    _, precision, straight, pieces, run_dir = resumed
+    ckpt = run_dir / "checkpoints"
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        assert convert_main([str(ckpt), str(out), "--dtype", dtype]) == 0
+        model = AutoModelForCausalLM.from_pretrained(out)
+        assert model.dtype == (torch.float32 if dtype == "fp32" else torch.bfloat16)
+        batch = pieces[-1][0]["logits_batch"]
+        with torch.no_grad():
+            logits = model.float()(input_ids=batch).logits
+        tol = 1e-4 if precision == "fp32" and dtype == "fp32" else 5e-2
+        torch.testing.assert_close(logits, pieces[-1][0]["logits"], rtol=tol, atol=tol)
+        tok = AutoTokenizer.from_pretrained(out)
+        text = "In the beginning God created the heaven and the earth.\n"
+        assert tok(text, add_special_tokens=False).input_ids == load_tokenizer(str(out)).encode(text)
+        ids = tok("And God said", return_tensors="pt").input_ids
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    assert convert_main([str(ckpt), str(tmp_path / "fp32")]) == 2  # non-empty out_dir is refused
+    text = summary(ckpt, verify=True)
+    assert "step           16" in text and "restart index  2" in text and "sha256 verified" in text

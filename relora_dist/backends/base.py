@@ -28,8 +28,9 @@ class Backend(ABC):
 
     stage: int
 
-    def __init__(self, ds_config: dict, rank: int, world_size: int):
+    def __init__(self, ds_config: dict, rank: int, world_size: int, optimizer_name: str = "adamw"):
         self.ds_config = ds_config
+        self.optimizer_name = optimizer_name
         self.rank = rank
         self.world_size = world_size
 

@@ -39,7 +39,10 @@ class ZeroBackend(Backend):
     def build_engine(self, model: torch.nn.Module, param_groups: list[dict]) -> Any:
         import deepspeed
 
-        optimizer = torch.optim.AdamW(param_groups)
+        if self.optimizer_name == "sgd":  # a baseline; config validation forbids Adam-moment resets with it
+            optimizer = torch.optim.SGD(param_groups, momentum=0.9)
+        else:
+            optimizer = torch.optim.AdamW(param_groups)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         return engine
 
@@ -202,6 +205,6 @@ class Zero3Backend(ZeroBackend):
         p.ds_tensor.data = p.ds_tensor.data.clone()
 
 
-def make_backend(ds_config: dict, rank: int, world_size: int) -> Backend:
+def make_backend(ds_config: dict, rank: int, world_size: int, optimizer_name: str = "adamw") -> Backend:
     stage = int(ds_config["zero_optimization"]["stage"])
-    return {2: Zero2Backend, 3: Zero3Backend}[stage](ds_config, rank, world_size)
+    return {2: Zero2Backend, 3: Zero3Backend}[stage](ds_config, rank, world_size, optimizer_name)
