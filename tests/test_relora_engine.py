@@ -139,3 +139,22 @@ def test_zero3_merge_exact_when_world_does_not_divide(tiny_data, tmp_path):
         ref = (w_pre.double() + r0["scale"][name] * (B.double() @ A.double()).reshape(-1)).float()
         for r in results:
             torch.testing.assert_close(r["w_post"][name], ref, rtol=2e-7, atol=1e-7)
+
+
+def test_bf16_merge_option_rounds_like_the_reference(tiny_data, tmp_path):
+    """relora.merge_precision=bf16 merges straight into the bf16 compute weights (the reference's
+    behaviour): the merged W then carries bf16 rounding (> 0, within two bf16 roundings) where the
+    default fp32-master merge is exact to fp32 (test_merge_equals_single_process_fp32_reference)."""
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", **{**RELORA, "train.precision": "bf16",
+                                                                "relora.merge_precision": "bf16"})
+    r0 = run_world(2, "relora_checks", overrides, tmp_path, ds_config="ds_configs/zero3.json")[0]
+    worst = 0.0
+    for name, w_pre in r0["w_pre"].items():
+        A, B = r0["ab_pre"][name]
+        delta = r0["scale"][name] * (B.double() @ A.double()).reshape(-1)
+        ref = w_pre.double() + delta
+        err = (r0["w_post"][name].double() - ref).abs()
+        # two roundings to bf16 (8 significant bits): the delta, then the sum
+        assert torch.all(err <= 2.0 ** -8 * (w_pre.double().abs() + delta.abs()) + 1e-12), name
+        worst = max(worst, float(err.max()))
+    assert worst > 0
