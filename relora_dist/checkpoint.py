@@ -92,7 +92,7 @@ def _rank_fragments(trainer) -> tuple[dict[str, torch.Tensor], dict]:
             if masters.shards and not masters.alias:
                 put(name, "merge_master", start, masters.shards[module][start - lstart:end - lstart])
             if masters.at_switch:
-                put(name, "w_switch", start, masters.at_switch[module][start - lstart:end - lstart])
+                put(name, "w_switch", start, masters.at_switch[module])  # already this rank's save_range
     rng = {"rng/cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["rng/cuda"] = torch.cuda.get_rng_state()
@@ -317,7 +317,8 @@ def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
                 field = "merge_master" if reader.has(name, "merge_master") else "weight"
                 masters.shards[module] = backend.local_slice_of(mod.weight, reader.full(name, field).float()).clone()
             if reader.has(name, "w_switch") and masters.at_switch:
-                masters.at_switch[module] = backend.local_slice_of(mod.weight, reader.full(name, "w_switch").float()).clone()
+                start, end = backend.save_range(mod.weight)
+                masters.at_switch[module] = reader.full(name, "w_switch").float().reshape(-1)[start:end].clone()
     if engine is not None and m.get("adam_step") is not None:
         backend.init_optimizer_state(engine, int(m["adam_step"]))
         for name, p in trainer.model.named_parameters():

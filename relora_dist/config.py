@@ -137,7 +137,8 @@ class ReLoRAConfig:
     """fp32: merge into an fp32 master of the frozen weights; bf16: merge straight into bf16
     compute weights like the reference (rounding accumulates over resets)."""
     effective_rank_every: int = 0
-    """Measure the effective rank of W_now - W_switch every N steps via SVD (0 = at resets only)."""
+    """Measure the effective rank of W_now - W_switch every N steps via SVD on rank 0 (0 = at resets
+    only; -1 = never, and no W_switch snapshot is kept: 4 bytes per frozen weight / world, CPU RAM)."""
 
 
 @dataclass

@@ -50,6 +50,9 @@ class FrozenMasters:
     shards: dict[str, torch.Tensor] = field(default_factory=dict)
     alias: bool = False
     at_switch: dict[str, torch.Tensor] = field(default_factory=dict)
+    """W at the switch, for the effective-rank diagnostic: this rank's `save_range` slice only
+    (1/world of each W under ZeRO-2 and ZeRO-3 alike), in fp32 on the CPU so it costs no
+    accelerator memory."""
 
     def nbytes(self) -> int:
         """Bytes of the fp32 merge masters on this rank (0 when they alias the compute weights)."""
@@ -127,9 +130,7 @@ def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Conf
     if masters is None:
         masters = capture_frozen_masters(backend, modules, compute_fp32, r.merge_precision, False)
     if r.effective_rank_every >= 0:
-        masters.at_switch = {n: backend.local_view(m.weight).float().clone() for n, m in modules.items()}
-        if not masters.alias and masters.shards:
-            masters.at_switch = {n: t.clone() for n, t in masters.shards.items()}
+        masters.at_switch = {n: _snapshot_slice(backend, m, masters, n).cpu().clone() for n, m in modules.items()}
     # Adapter 0: A Kaiming-uniform, B = 0 (the reference's A = B = 0 bug, issue #18, must not exist).
     reinit_adapters(backend, modules, cfg.train.seed, restart_index=0)
     return new_engine, masters
@@ -212,23 +213,34 @@ def relora_reset(backend: Backend, modules: dict[str, ReLoRALinear], masters: Fr
     return timings
 
 
+def _snapshot_slice(backend: Backend, m: ReLoRALinear, masters: FrozenMasters, name: str) -> torch.Tensor:
+    """This rank's `save_range` slice of the fp32 merge target (or of the compute weight)."""
+    start, end = backend.save_range(m.weight)
+    lstart, _ = backend.local_range(m.weight)
+    source = masters.shards[name] if (masters.shards and not masters.alias) else backend.local_view(m.weight)
+    return source[start - lstart:end - lstart].float()
+
+
 def rank_stats(backend: Backend, modules: dict[str, ReLoRALinear], masters: FrozenMasters,
                restarts_done: int, measure: bool) -> dict[str, float]:
     """Cumulative rank (sum of r over adapters so far, capped) and, when `measure`, the numerical
-    rank of W_now - W_switch including the live adapter (collective; SVD on every rank, cheap at
-    the sizes where it is enabled by default)."""
+    rank of W_now - W_switch including the live adapter. Collective: each rank forms the delta on
+    its slice, the slices are all-gathered, and rank 0 alone runs the SVDs."""
     cum = [cumulative_rank(m.r, restarts_done, m.out_features, m.in_features) for m in modules.values()]
     stats = {"cumulative_rank_mean": sum(cum) / len(cum), "cumulative_rank_total": float(sum(cum))}
     if not measure or not masters.at_switch:
         return stats
     ranks = []
     for name, m in modules.items():
-        now = masters.shards[name] if (masters.shards and not masters.alias) else backend.local_view(m.weight).float()
-        start, end = backend.local_range(m.weight)
+        start, end = backend.save_range(m.weight)
         A, B = backend.full_fp32(m.lora_A), backend.full_fp32(m.lora_B)
-        local = now - masters.at_switch[name] + flat_slice_delta(A, B, m.scale, start, end, m.in_features)
-        full = backend.gather_shard(m.weight, local)
-        ranks.append(effective_rank(full.view(m.out_features, m.in_features)))
-    stats["effective_rank_mean"] = sum(ranks) / len(ranks)
-    stats["effective_rank_min"] = float(min(ranks))
+        now = _snapshot_slice(backend, m, masters, name)
+        local = now - masters.at_switch[name].to(now.device) + flat_slice_delta(
+            A, B, m.scale, start, end, m.in_features).to(now.device)
+        full = backend.gather_flat_slices(local, m.out_features * m.in_features)
+        if backend.rank == 0:
+            ranks.append(effective_rank(full.view(m.out_features, m.in_features)))
+    if ranks:
+        stats["effective_rank_mean"] = sum(ranks) / len(ranks)
+        stats["effective_rank_min"] = float(min(ranks))
     return stats
