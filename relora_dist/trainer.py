@@ -190,7 +190,7 @@ class Trainer:
             total += loss.detach().double().cpu()
             del loss
         mean = total / len(micro_batches)
-        dist.all_reduce(mean)
+        mean = self._all_reduce(mean)
         grad_norm = self.engine.get_global_grad_norm()
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
@@ -208,7 +208,7 @@ class Trainer:
             batch = batch.to(self.device)
             loss = self.engine(input_ids=batch, labels=batch).loss
             sums += torch.tensor([float(loss) * batch.shape[0], batch.shape[0]], dtype=torch.float64)
-        dist.all_reduce(sums)
+        sums = self._all_reduce(sums)
         if sums[1] == 0:
             raise ConfigError(f"validation split has fewer than {self.info.world_size * c.train.micro_batch_size} "
                               f"blocks; raise data.val_fraction or lower train.micro_batch_size")
@@ -287,6 +287,12 @@ class Trainer:
         self.log.close()
         return st
 
+    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """All-reduce a small CPU tensor through the accelerator (NCCL takes only device tensors)."""
+        on_device = t.to(self.device)
+        dist.all_reduce(on_device, op=op)
+        return on_device.cpu()
+
     # --- checkpoints and preemption -------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(self, self.checkpoint_root, self.cfg.checkpoint.keep_last)
@@ -297,7 +303,7 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         """Cluster preemption sends SIGTERM; ranks agree (MAX all-reduce) so all save together."""
         flag = torch.tensor([1.0 if self._stop_requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = self._all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def total_params(self) -> int:
@@ -305,11 +311,15 @@ class Trainer:
 
     def _log_record(self, record: dict) -> None:
         c, st = self.cfg, self.state
-        record["peak_mem_mb"] = peak_memory_mb(self.device)
+        # every rank's peak (collective: all ranks log every step), so rank 0 can log them all
+        peaks = torch.zeros(self.info.world_size, dtype=torch.float64)
+        peaks[self.info.rank] = peak_memory_mb(self.device)
+        peaks = self._all_reduce(peaks)
+        record["peak_mem_mb"] = float(peaks[self.info.rank])
         st.history.append(record)
         tb = {"train/loss": record["loss"], "train/lr": record["lr"], "train/grad_norm": record["grad_norm"],
               "train/tokens_seen": record["tokens_seen"], "perf/tokens_per_s": record["tokens_per_s"],
-              "perf/mfu": record["mfu"], f"mem/peak_mb_rank{self.info.rank}": record["peak_mem_mb"]}
+              "perf/mfu": record["mfu"], **{f"mem/peak_mb_rank{r}": float(v) for r, v in enumerate(peaks)}}
         if "eval_loss" in record:
             tb.update({"eval/loss": record["eval_loss"], "eval/ppl": record["eval_ppl"]})
         if st.phase == "relora":

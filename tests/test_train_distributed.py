@@ -60,7 +60,7 @@ def test_tensorboard_holds_expected_scalars(full_rank_runs):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_seen", "perf/tokens_per_s",
-                "perf/mfu", "mem/peak_mb_rank0", "eval/loss", "eval/ppl"}
+                "perf/mfu", "mem/peak_mb_rank0", "mem/peak_mb_rank1", "eval/loss", "eval/ppl"}
     assert expected <= tags, expected - tags
     loss_steps = [e.step for e in acc.Scalars("train/loss")]
     assert loss_steps == list(range(1, 9))
