@@ -1,75 +1,15 @@
 #!/usr/bin/env python
-"""Export a relora_dist checkpoint to a Hugging Face folder, on CPU, without a process group.
+"""Thin wrapper, for running from a checkout: `python tools/convert_ckpt.py --help` = `relora-convert --help`.
+The code lives in relora_dist/tools/convert_ckpt.py (inside the package, so the console script works from
+an installed wheel too)."""
 
-    python tools/convert_ckpt.py runs/default/checkpoints/step_00000300 hf_out [--dtype bf16]
-
-Consolidates every rank's shards (fp32 masters where they exist), merges live adapters
-(W + s*B*A in fp32), and writes config.json, model.safetensors (sharded above --max_shard_size),
-generation_config.json and the tokenizer files. CKPT_DIR may also be a checkpoints/ folder: its
-`latest` checkpoint is used.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from relora_dist.checkpoint import CheckpointError  # noqa: E402
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-def convert(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_size: str = "2GB",
-            overwrite: bool = False) -> Path:
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from relora_dist.checkpoint import MANIFEST, ShardReader, consolidated_state_dict, find_latest
-
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    if not (ckpt_dir / MANIFEST).is_file():
-        latest = find_latest(ckpt_dir)
-        if latest is None:
-            raise CheckpointError(f"{ckpt_dir} holds no {MANIFEST} and no checkpoints: pass a step_* directory")
-        ckpt_dir = latest
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} is not empty: pass an empty or new directory, or --overwrite")
-    reader = ShardReader(ckpt_dir)
-    state_dict = consolidated_state_dict(reader, merge_adapters=True)
-    config = LlamaConfig(**reader.manifest["model_config"])
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    torch_dtype = getattr(torch, DTYPES[dtype])
-    model.load_state_dict({k: v.to(torch_dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-    model.config.torch_dtype = torch_dtype
-    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    for f in (ckpt_dir / "tokenizer").iterdir():
-        if f.is_file():
-            shutil.copy2(f, out_dir / f.name)
-    return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("ckpt_dir", help="a checkpoint (step_*/) or a checkpoints/ folder (its latest is used)")
-    ap.add_argument("out_dir", help="output Hugging Face folder (new or empty)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default: fp32)")
-    ap.add_argument("--max_shard_size", default="2GB", help="safetensors shard size (default: 2GB)")
-    ap.add_argument("--overwrite", action="store_true", help="write into a non-empty out_dir (default: off)")
-    args = ap.parse_args(argv)
-    try:
-        out = convert(args.ckpt_dir, args.out_dir, args.dtype, args.max_shard_size, args.overwrite)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
+from relora_dist.tools.convert_ckpt import *  # noqa: E402,F401,F403  (re-exported for `from tools.convert_ckpt import ...`)
+from relora_dist.tools.convert_ckpt import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

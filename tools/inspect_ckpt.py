@@ -1,62 +1,15 @@
 #!/usr/bin/env python
-"""Print a checkpoint's manifest summary: step, phase, restart index, cumulative rank, sizes.
+"""Thin wrapper, for running from a checkout: `python tools/inspect_ckpt.py --help` = `relora-inspect --help`.
+The code lives in relora_dist/tools/inspect_ckpt.py (inside the package, so the console script works from
+an installed wheel too)."""
 
-    python tools/inspect_ckpt.py runs/default/checkpoints      # its latest checkpoint
-    python tools/inspect_ckpt.py runs/default/checkpoints/step_00000300 --verify
-"""
-
-from __future__ import annotations
-
-import argparse
-import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from relora_dist.checkpoint import MANIFEST, CheckpointError, ShardReader, find_latest, read_manifest  # noqa: E402
-
-
-def summary(ckpt_dir: Path, verify: bool) -> str:
-    if not (ckpt_dir / MANIFEST).is_file():
-        latest = find_latest(ckpt_dir)
-        if latest is None:
-            raise CheckpointError(f"{ckpt_dir} holds no {MANIFEST} and no checkpoints: pass a step_* directory")
-        ckpt_dir = latest
-    m = ShardReader(ckpt_dir).manifest if verify else read_manifest(ckpt_dir)
-    numel = sum(math.prod(t["shape"]) for t in m["tensors"].values())
-    trainable = sum(math.prod(t["shape"]) for t in m["tensors"].values() if t["trainable"])
-    size = sum((ckpt_dir / f["file"]).stat().st_size for f in m["files"])
-    cum = m["cumulative_rank"]
-    lines = [
-        f"checkpoint     {ckpt_dir}",
-        f"format         v{m['format_version']}",
-        f"step           {m['global_step']}  (tokens seen {m['tokens_seen']:,})",
-        f"phase          {m['phase']}",
-        f"restart index  {m['restart_index']}",
-        f"cumulative rank total {cum['total']} over {len(cum['per_module'])} modules"
-        + (f" (per module {min(cum['per_module'].values())}..{max(cum['per_module'].values())})" if cum["per_module"] else ""),
-        f"relora         r={m['relora']['r']} alpha={m['relora']['alpha']} targets={m['relora']['targets']}",
-        f"saved on       world size {m['world_size']}, ZeRO-{m['zero_stage']}, {m['precision']}",
-        f"params         {numel:,} ({trainable:,} trainable)",
-        f"files          {len(m['files'])} shards, {size / 2**20:.1f} MiB" + (", sha256 verified" if verify else ""),
-        f"data loader    {m['data_loader']}",
-    ]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("ckpt_dir", help="a checkpoint (step_*/) or a checkpoints/ folder")
-    ap.add_argument("--verify", action="store_true", help="also check every shard's sha256 (default: off)")
-    args = ap.parse_args(argv)
-    try:
-        print(summary(Path(args.ckpt_dir), args.verify))
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+from relora_dist.tools.inspect_ckpt import *  # noqa: E402,F401,F403  (re-exported for `from tools.inspect_ckpt import ...`)
+from relora_dist.tools.inspect_ckpt import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

