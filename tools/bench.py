@@ -1,0 +1,23 @@
+#!/usr/bin/env python
+"""Benchmark the full-rank and ReLoRA phases side by side, world size 2, ZeRO-2 and ZeRO-3.
+
+    python tools/bench.py --preset 20m --stages 2 3 --out benchmarks/bench_20m.json
+    python tools/bench.py --preset tiny --steps 6 --stages 2 --out /tmp/bench_tiny.json   # smoke test
+
+See docs/benchmarks.md for what is measured and how to read it; the logic is in relora_dist/bench.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from relora_dist.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()

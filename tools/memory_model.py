@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Analytic per-rank memory of the full-rank and ReLoRA phases under ZeRO-2/3.
+
+    python tools/memory_model.py                                   # Markdown tables, 8 and 64 ranks
+    python tools/memory_model.py --compute bf16 --detail 350m 8 2  # one configuration's breakdown
+    python tools/memory_model.py validate --bench benchmarks/bench_tiny.json   # vs measured bytes
+
+The logic is in relora_dist/memory_model.py; docs/benchmarks.md explains it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+from relora_dist.memory_model import main  # noqa: E402
+
+if __name__ == "__main__":
+    raise SystemExit(main())
