@@ -117,8 +117,9 @@ def _validate_values(cfg: Config) -> None:
         raise ConfigError(f"relora.dropout={r.dropout} must be in [0, 1) (reference 0.1)")
     if r.lr < 0:
         raise ConfigError(f"relora.lr={r.lr} must be >= 0 (0 = 2 x optimizer.lr)")
-    if r.effective_rank_every < 0:
-        raise ConfigError(f"relora.effective_rank_every={r.effective_rank_every} must be >= 0 (0 = at resets)")
+    if r.effective_rank_every < -1:
+        raise ConfigError(f"relora.effective_rank_every={r.effective_rank_every} must be >= -1 "
+                          f"(0 = at resets, -1 = never)")
     if r.resets:
         _validate_relora_schedule(cfg)
 

@@ -95,9 +95,12 @@ def relora_checks(cfg, template, info) -> dict:
     out["loss_before_switch"] = _fixed_loss(t, fixed)
     w_before = {n: t.backend.full_fp32(m.weight).reshape(-1).clone() for n, m in t.modules.items()}
     engine_ref, optimizer_ref = weakref.ref(t.engine), weakref.ref(t.engine.optimizer)
+    offload = getattr(t.engine.optimizer, "parameter_offload", None)  # ZeRO-3's hook owner
+    offload_ref = weakref.ref(offload) if offload is not None else (lambda: None)
+    del offload
     t.switch_to_relora()
     gc.collect()
-    out["engine1_collected"] = engine_ref() is None and optimizer_ref() is None
+    out["engine1_collected"] = engine_ref() is None and optimizer_ref() is None and offload_ref() is None
     out["loss_after_switch"] = _fixed_loss(t, fixed)
     w_switch = _frozen_weights(t)
     out["switch_weight_maxdiff"] = max(float((w_switch[n] - w_before[n]).abs().max()) for n in w_before)

@@ -54,6 +54,13 @@ class ZeroBackend(Backend):
             if hook is not None:
                 hook.remove()
                 setattr(engine, name, None)
+        for sub in module.modules():
+            # ZeRO-3 caches its backward autograd Functions on each module (parameter_offload.py:
+            # created only `if "pre_bwd_fn" not in module.__dict__`), closing over the engine that
+            # made them; left there, the next engine's backward is driven by this dead one (which
+            # re-gathers every param: 2x traffic, found by tools/bench.py) and keeps it alive.
+            for attr in ("pre_bwd_fn", "post_bwd_fn"):
+                sub.__dict__.pop(attr, None)
         for p in module.parameters():
             for attr in ("_z3_optimizer", "_hp_mapping"):
                 if hasattr(p, attr):
