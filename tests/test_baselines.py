@@ -43,3 +43,10 @@ def test_param_groups_decay_matrices_only():
     groups = param_groups(lin, cfg, lr=1e-3)
     assert [len(g["params"]) for g in groups] == [1, 3]
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+
+
+def test_sgd_optimizer_runs_relora_without_moment_resets(tiny_data, tmp_path):
+    r = _run(tiny_data, tmp_path, **{"optimizer.name": "sgd", "optimizer.lr": 0.1,
+                                     "relora.optimizer_reset": "none"})
+    assert r["restart_index"] == 2
+    assert r["losses"][-3:].mean() < r["losses"][:3].mean()
