@@ -177,6 +177,7 @@ def fakes(tiny_data, tmp_path_factory):
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     model.save_pretrained(root / "hf")
     out["hf"] = root / "hf"
+    out["run"] = root / "run"  # never the cwd's runs/default: a README default run may live there
     for name, vocab, weights in (("hf_vocab", 1000, True), ("hf_noweights", 8000, False)):
         d = root / name
         d.mkdir()
@@ -192,17 +193,26 @@ def fakes(tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path, monkeypatch):
+    """Validation inspects run.output_dir (default: runs/default, relative to the cwd); keep it
+    away from a real run that README's first command leaves in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _tiny(f: dict, **extra) -> list[str]:
     base = {"data.prepared_dir": str(f["data"]), "data.seq_len": 32, "train.global_batch_size": 8,
             "train.micro_batch_size": 4, "train.eval_tokens": 512, "train.max_steps": 16,
             "relora.warm_start_steps": 4, "relora.cycle_length": 4, "relora.first_warmup": 1,
-            "relora.restart_warmup": 1, "relora.r": 8}
+            "relora.restart_warmup": 1, "relora.r": 8, "run.output_dir": str(f["run"])}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def test_valid_configs_pass(fakes):
-    validate(Config())
+    default = Config()
+    default.run.output_dir = str(fakes["run"])
+    validate(default)
     validate(load_config(None, _tiny(fakes)))
     validate(load_config(None, _tiny(fakes, **{"data.seq_len": 16})))  # a divisor of the prepared 32
     validate(load_config(None, _tiny(fakes, **{"model.init_from": fakes["hf"], "relora.r": 16})))
