@@ -206,7 +206,8 @@ def test_sbatch_starts_one_torchrun_per_node_into_one_world(runs):
     the script's arguments passed through unchanged."""
     slurm = runs["slurm"]
     assert "2 nodes x 1 processes = world size 2; rendezvous 127.0.0.1:" in slurm
-    probes = sorted(re.findall(r"^probe (.*)$", slurm, re.M))
+    # two processes write concurrently: a probe line may start mid-line, so match up to "]"
+    probes = sorted(m.strip() for m in re.findall(r"probe (rank=.*?\])", slurm))
     args = "argv=['--train.max_steps=3', '--run.output_dir=x y']"
     assert probes == [f"rank={r} local_rank=0 world=2 master=127.0.0.1 rank_sum=1 {args}" for r in (0, 1)], slurm
     srun = runs["srun_log"]
