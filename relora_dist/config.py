@@ -136,6 +136,14 @@ class ReLoRAConfig:
     merge_precision: str = "fp32"
     """fp32: merge into an fp32 master of the frozen weights; bf16: merge straight into bf16
     compute weights like the reference (rounding accumulates over resets)."""
+    merge_master_device: str = "device"
+    """Where the fp32 merge masters live: device (the accelerator) or cpu (pinned host memory on
+    GPUs, so the accelerator holds only the bf16 weights and the trainable state; each merge copies
+    one slice at a time). Needs merge_precision=fp32 (with bf16 merges there is no master)."""
+    phase_stage: str = "same"
+    """ZeRO stage of the ReLoRA phase: same (as the warm start) or 3. A ZeRO-2 warm start with 3
+    shards the frozen bf16 weights too; ZeRO-2 keeps them replicated on every rank, which at many
+    ranks costs more than the optimizer state the ReLoRA phase frees (see --dry_run's memory plan)."""
     effective_rank_every: int = 0
     """Measure the effective rank of W_now - W_switch every N steps via SVD on rank 0 (0 = at resets
     only; -1 = never, and no W_switch snapshot is kept: 4 bytes per frozen weight / world, CPU RAM)."""

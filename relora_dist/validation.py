@@ -109,6 +109,13 @@ def _validate_values(cfg: Config) -> None:
         raise ConfigError(f"relora.prune_ratio={r.prune_ratio} must be in [0, 1]")
     if r.merge_precision not in ("fp32", "bf16"):
         raise ConfigError(f"relora.merge_precision '{r.merge_precision}' unknown: use fp32 or bf16")
+    if r.merge_master_device not in ("device", "cpu"):
+        raise ConfigError(f"relora.merge_master_device '{r.merge_master_device}' unknown: use device or cpu")
+    if r.merge_master_device == "cpu" and r.merge_precision == "bf16":
+        raise ConfigError("relora.merge_master_device=cpu with relora.merge_precision=bf16: bf16 merges keep "
+                          "no fp32 master to place; use merge_precision=fp32 or merge_master_device=device")
+    if r.phase_stage not in ("same", "3"):
+        raise ConfigError(f"relora.phase_stage '{r.phase_stage}' unknown: use same or 3")
     if r.r < 1:
         raise ConfigError(f"relora.r={r.r} must be >= 1")
     if not r.alpha > 0:
