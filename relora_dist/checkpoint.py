@@ -87,12 +87,11 @@ def _rank_fragments(trainer) -> tuple[dict[str, torch.Tensor], dict]:
             put(name, "weight", start, backend.local_view(p)[start - lstart:end - lstart])
         module = module_of.get(name)
         if module is not None and masters is not None:
-            start, end = backend.save_range(p)
-            lstart, _ = backend.local_range(p)
-            if masters.shards and not masters.alias:
-                put(name, "merge_master", start, masters.shards[module][start - lstart:end - lstart])
+            start, _ = backend.master_range(p)  # masters and W_switch hold exactly this range
+            if masters.kept:
+                put(name, "merge_master", start, masters.shards[module])
             if masters.at_switch:
-                put(name, "w_switch", start, masters.at_switch[module])  # already this rank's save_range
+                put(name, "w_switch", start, masters.at_switch[module])
     rng = {"rng/cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["rng/cuda"] = torch.cuda.get_rng_state()
@@ -313,12 +312,14 @@ def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
     if masters is not None:
         for module, mod in trainer.modules.items():
             name = f"{module}.weight"
-            if masters.shards and not masters.alias:
+            # Fields hold full tensors whatever layout wrote them (replicated or sharded masters, any
+            # world size): each rank copies out its own slice, in place (keeps pinned host memory).
+            if masters.kept:
                 field = "merge_master" if reader.has(name, "merge_master") else "weight"
-                masters.shards[module] = backend.local_slice_of(mod.weight, reader.full(name, field).float()).clone()
+                masters.shards[module].copy_(backend.master_slice_of(mod.weight, reader.full(name, field).float()))
             if reader.has(name, "w_switch") and masters.at_switch:
-                start, end = backend.save_range(mod.weight)
-                masters.at_switch[module] = reader.full(name, "w_switch").float().reshape(-1)[start:end].clone()
+                masters.at_switch[module] = backend.master_slice_of(
+                    mod.weight, reader.full(name, "w_switch").float()).clone()
     if engine is not None and m.get("adam_step") is not None:
         backend.init_optimizer_state(engine, int(m["adam_step"]))
         for name, p in trainer.model.named_parameters():

@@ -135,6 +135,20 @@ def build_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
     return ds
 
 
+def relora_phase_ds_config(ds: dict, cfg: Config) -> dict:
+    """The DeepSpeed config of the ReLoRA phase: the warm start's, or with relora.phase_stage=3 the
+    same under ZeRO-3 (frozen bf16 weights sharded 1/world instead of replicated; persistence
+    threshold 0 for the reason build_ds_config gives)."""
+    if cfg.relora.phase_stage != "3" or zero_stage(ds) == 3:
+        return ds
+    out = copy.deepcopy(ds)
+    zero = out["zero_optimization"]
+    for key in ("reduce_scatter", "allgather_partitions", "allgather_bucket_size"):  # ZeRO-1/2 keys
+        zero.pop(key, None)
+    zero.update(stage=3, stage3_param_persistence_threshold=0)
+    return out
+
+
 def _walk(d: dict, prefix: str = ""):
     for k, v in d.items():
         if isinstance(v, dict):

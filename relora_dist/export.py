@@ -23,9 +23,9 @@ def full_state_dict(trainer) -> dict[str, torch.Tensor]:
         module_name = name.rsplit(".", 1)[0]
         if engine is not None and p.requires_grad:
             sd[name] = backend.full_fp32(p).reshape(getattr(p, "ds_shape", p.shape)).cpu()
-        elif masters is not None and not masters.alias and module_name in masters.shards and name.endswith("weight"):
+        elif masters is not None and masters.kept and module_name in masters.shards and name.endswith("weight"):
             shape = getattr(p, "ds_shape", p.shape)
-            sd[name] = backend.gather_shard(p, masters.shards[module_name]).view(shape).cpu()
+            sd[name] = backend.gather_owned(p, masters.shards[module_name].to(p.device)).view(shape).cpu()
         else:
             sd[name] = backend.gather_full(p).cpu()
     for module_name, m in trainer.modules.items():

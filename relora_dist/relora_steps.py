@@ -34,33 +34,51 @@ ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 @dataclass
 class FrozenMasters:
-    """fp32 copy of this rank's shard of every frozen (wrapped) weight: the merge target.
+    """fp32 merge targets of the frozen (wrapped) weights: each rank keeps the `master_range`
+    slice of every W, 1/world of it under ZeRO-2 and ZeRO-3 alike.
 
-    Design (issue "ReLoRA engine", merge precision): after the switch the frozen W is in no
-    optimizer, so under bf16 it has no fp32 master and every merge would round into bf16 (the
-    reference does this; rounding accumulates over resets). We keep an fp32 copy of exactly the
-    shard each rank owns (ZeRO-3: 1/world of W; ZeRO-2: W is replicated, so all of it), taken from
-    the warm-start engine's fp32 master before it is freed, and cast it into the compute weights
-    after each merge. Cost: 4 bytes per owned frozen element (measured by tools/bench.py).
+    After the switch the frozen W is in no optimizer, so under bf16 it has no fp32 master and every
+    merge would round into bf16 (the reference does this; rounding accumulates over resets). Each
+    rank keeps an fp32 copy of only its slice, taken from the warm-start engine's fp32 master
+    before it is freed, merges s*B*A into it and writes the slice, rounded once, back into the
+    compute weights (under ZeRO-2 one all-gather of the bf16 slices rebuilds the replicated W).
+    Replicating the masters under ZeRO-2 instead made the ReLoRA phase need MORE memory than
+    full-rank training (350m, 8 ranks: 1.66x by the memory model).
     Under fp32 compute the compute weights ARE the master (`alias=True`): no extra memory.
     With merge_precision=bf16 no master is kept and merges go straight into bf16 like the
-    reference, so the difference can be measured.
+    reference, so the difference can be measured. `device` "cpu" keeps the masters in (pinned)
+    host memory: the accelerator then holds only the bf16 weights and the trainable state.
     """
 
     shards: dict[str, torch.Tensor] = field(default_factory=dict)
     alias: bool = False
     at_switch: dict[str, torch.Tensor] = field(default_factory=dict)
-    """W at the switch, for the effective-rank diagnostic: this rank's `save_range` slice only
-    (1/world of each W under ZeRO-2 and ZeRO-3 alike), in fp32 on the CPU so it costs no
-    accelerator memory."""
+    """W at the switch, for the effective-rank diagnostic: this rank's `master_range` slice only,
+    in fp32 on the CPU so it costs no accelerator memory."""
 
-    def nbytes(self) -> int:
-        """Bytes of the fp32 merge masters on this rank (0 when they alias the compute weights)."""
-        return 0 if self.alias else sum(t.numel() * t.element_size() for t in self.shards.values())
+    @property
+    def kept(self) -> bool:
+        """Whether separate fp32 masters exist (bf16 compute with fp32 merges)."""
+        return bool(self.shards) and not self.alias
+
+    def nbytes(self, device: str | None = None) -> int:
+        """Bytes of the fp32 merge masters on this rank (0 when they alias the compute weights);
+        with `device` ("cpu", "cuda", ...) only those on that device type."""
+        return 0 if self.alias else sum(t.numel() * t.element_size() for t in self.shards.values()
+                                        if device is None or t.device.type == device)
 
     def snapshot_nbytes(self) -> int:
         """Bytes of the W_switch snapshot kept for the effective-rank diagnostic (effective_rank_every=-1 drops it)."""
         return sum(t.numel() * t.element_size() for t in self.at_switch.values())
+
+
+def _place(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A master slice on its configured device: "cpu" = host memory, pinned where an accelerator
+    copies from it (pinned pages make the per-reset copies asynchronous-capable and faster)."""
+    if device != "cpu":
+        return t
+    t = t.to("cpu")
+    return t.pin_memory() if torch.cuda.is_available() else t
 
 
 def lr_multiplier(cfg: Config, step: int) -> float:
@@ -91,70 +109,77 @@ def reset_due(cfg: Config, step: int) -> bool:
 
 
 def capture_frozen_masters(backend: Backend, modules: dict[str, ReLoRALinear], compute_fp32: bool,
-                           merge_precision: str, engine_alive: bool) -> FrozenMasters:
+                           relora_cfg, engine_alive: bool) -> FrozenMasters:
     """Take the merge targets at the switch. With a warm-start engine alive (and bf16 compute) the
     fp32 values come from its optimizer master, not from the rounded bf16 module copy."""
-    if merge_precision == "bf16":
+    if relora_cfg.merge_precision == "bf16":
         return FrozenMasters(alias=False)
     if compute_fp32:
-        return FrozenMasters({n: backend.local_view(m.weight) for n, m in modules.items()}, alias=True)
+        return FrozenMasters(alias=True)
     shards = {}
     for name, m in modules.items():
-        if engine_alive:
-            shards[name] = backend.local_fp32_master(m.weight)
-        else:
-            shards[name] = backend.local_view(m.weight).float().clone()
+        value = (backend.fp32_master_slice(m.weight) if engine_alive
+                 else backend.owned_view(m.weight).float().clone())
+        shards[name] = _place(value, relora_cfg.merge_master_device)
     return FrozenMasters(shards)
 
 
 def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Config,
-                     modules: dict[str, ReLoRALinear], param_groups_fn, compute_fp32: bool):
+                     modules: dict[str, ReLoRALinear], param_groups_fn, compute_fp32: bool,
+                     phase_backend: Backend | None = None):
     """Full-rank engine -> ReLoRA engine over only the trainable params.
 
     Flipping requires_grad inside one ZeRO engine is silently wrong (its flat fp32 partitions and
     Adam moments keep moving the frozen weights), so the first engine is torn down completely and
-    a second one is built (shared/notes/deepspeed-on-cpu.md, "Switching"). Returns
-    (new_engine, FrozenMasters). `engine` may be None (no warm start / --init_from).
+    a second one is built, by `phase_backend` when the ReLoRA phase runs another stage (ZeRO-2 ->
+    ZeRO-3: the masters taken from ZeRO-2 are rank_slice slices, which is ZeRO-3's partition).
+    Returns (new_engine, FrozenMasters). `engine` may be None (no warm start / --init_from).
     """
     r = cfg.relora
+    phase_backend = phase_backend or backend
+    masters = None
     if engine is not None and not compute_fp32:
-        masters = capture_frozen_masters(backend, modules, compute_fp32, r.merge_precision, True)
-    else:
-        masters = None
+        masters = capture_frozen_masters(backend, modules, compute_fp32, r, True)
     if engine is not None:
         backend.teardown_engine(engine)
         del engine
     freeze_for_relora_phase(model, r.train_extra)
     set_adapters_active(model, True)
-    new_engine = backend.build_engine(model, param_groups_fn(model))
+    new_engine = phase_backend.build_engine(model, param_groups_fn(model))
     if masters is None:
-        masters = capture_frozen_masters(backend, modules, compute_fp32, r.merge_precision, False)
+        masters = capture_frozen_masters(phase_backend, modules, compute_fp32, r, False)
     if r.effective_rank_every >= 0:
-        masters.at_switch = {n: _snapshot_slice(backend, m, masters, n).cpu().clone() for n, m in modules.items()}
+        masters.at_switch = {n: _merge_target(phase_backend, m, masters, n).float().cpu().clone()
+                             for n, m in modules.items()}
     # Adapter 0: A Kaiming-uniform, B = 0 (the reference's A = B = 0 bug, issue #18, must not exist).
-    reinit_adapters(backend, modules, cfg.train.seed, restart_index=0)
+    reinit_adapters(phase_backend, modules, cfg.train.seed, restart_index=0)
     return new_engine, masters
 
 
+def _merge_target(backend: Backend, m: ReLoRALinear, masters: FrozenMasters, name: str) -> torch.Tensor:
+    """This rank's `master_range` slice of the merge target: the fp32 master when kept, else the
+    compute weights."""
+    return masters.shards[name] if masters.kept else backend.owned_view(m.weight)
+
+
 def merge_adapters(backend: Backend, modules: dict[str, ReLoRALinear], masters: FrozenMasters) -> int:
-    """W <- W + s*B*A on every rank's own shard. Only A and B travel (gathered fp32 masters);
-    ZeRO-3 ranks compute just the rows of B*A that overlap their slice of W. Returns bytes moved."""
+    """W <- W + s*B*A on every rank's own `master_range` slice: each rank computes just its rows of
+    B*A (1/world of the merge work, ZeRO-2 included) and writes its slice, rounded once, into the
+    compute weights; ZeRO-2 then all-gathers the rounded slices to rebuild its replicated copy.
+    Only A and B (fp32) and, under ZeRO-2, the compute-dtype W travel. Returns bytes received."""
     moved = 0
     for name, m in modules.items():
         A = backend.full_fp32(m.lora_A)
         B = backend.full_fp32(m.lora_B)
-        moved += (A.numel() + B.numel()) * 4
-        start, end = backend.local_range(m.weight)
+        if backend.world_size > 1:
+            moved += (A.numel() + B.numel()) * 4
+        start, end = backend.master_range(m.weight)
         delta = flat_slice_delta(A, B, m.scale, start, end, m.in_features)
-        target = backend.local_view(m.weight)
-        if masters.alias:
-            target.add_(delta.to(target.dtype))
-        elif name in masters.shards:
-            master = masters.shards[name]
-            master.add_(delta.to(master.device))
-            target.copy_(master.to(target.dtype))
-        else:  # merge_precision=bf16: round into the compute weights, like the reference
-            target.add_(delta.to(target.dtype))
+        target = _merge_target(backend, m, masters, name)
+        # fp32 master: exact fp32 add. No master (fp32 compute: the weights are the master; or
+        # merge_precision=bf16: rounds into bf16 like the reference).
+        target.add_(delta.to(device=target.device, dtype=target.dtype))
+        moved += backend.write_owned_slice(m.weight, target)
     return moved
 
 
@@ -213,14 +238,6 @@ def relora_reset(backend: Backend, modules: dict[str, ReLoRALinear], masters: Fr
     return timings
 
 
-def _snapshot_slice(backend: Backend, m: ReLoRALinear, masters: FrozenMasters, name: str) -> torch.Tensor:
-    """This rank's `save_range` slice of the fp32 merge target (or of the compute weight)."""
-    start, end = backend.save_range(m.weight)
-    lstart, _ = backend.local_range(m.weight)
-    source = masters.shards[name] if (masters.shards and not masters.alias) else backend.local_view(m.weight)
-    return source[start - lstart:end - lstart].float()
-
-
 def rank_stats(backend: Backend, modules: dict[str, ReLoRALinear], masters: FrozenMasters,
                restarts_done: int, measure: bool) -> dict[str, float]:
     """Cumulative rank (sum of r over adapters so far, capped) and, when `measure`, the numerical
@@ -232,12 +249,12 @@ def rank_stats(backend: Backend, modules: dict[str, ReLoRALinear], masters: Froz
         return stats
     ranks = []
     for name, m in modules.items():
-        start, end = backend.save_range(m.weight)
+        start, end = backend.master_range(m.weight)
         A, B = backend.full_fp32(m.lora_A), backend.full_fp32(m.lora_B)
-        now = _snapshot_slice(backend, m, masters, name)
+        now = _merge_target(backend, m, masters, name).to(A.device, torch.float32)  # NCCL gathers device tensors
         local = now - masters.at_switch[name].to(now.device) + flat_slice_delta(
             A, B, m.scale, start, end, m.in_features).to(now.device)
-        full = backend.gather_flat_slices(local, m.out_features * m.in_features)
+        full = backend.gather_owned(m.weight, local)
         if backend.rank == 0:
             ranks.append(effective_rank(full.view(m.out_features, m.in_features)))
     if ranks:

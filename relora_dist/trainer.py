@@ -29,7 +29,7 @@ from relora_dist.data import (
     eval_batches,
 )
 from relora_dist.dist import DistInfo
-from relora_dist.ds_config import build_ds_config, resolve_precision
+from relora_dist.ds_config import build_ds_config, relora_phase_ds_config, resolve_precision
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, count_params, flops_per_token, llama_config
 from relora_dist.relora import freeze_for_full_rank, relora_modules, wrap_model
@@ -149,9 +149,13 @@ class Trainer:
         """Tear down the full-rank engine and continue with adapters only (relora_steps.py)."""
         self.state.phase = "relora"
         engine, self.engine = self.engine, None
+        phase_backend = make_backend(relora_phase_ds_config(self.ds_config, self.cfg), self.info.rank,
+                                     self.info.world_size, self.cfg.optimizer.name)
         self.engine, self.masters = steps.switch_to_relora(
             self.backend, engine, self.model, self.cfg, self.modules,
-            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr), self.precision == "fp32")
+            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr), self.precision == "fp32",
+            phase_backend)
+        self.backend = phase_backend
         del engine
         self.state.restart_index = 0
 
@@ -245,7 +249,8 @@ class Trainer:
                 master_mb = self.masters.nbytes() / 2**20
                 self.log.print(f"step {st.step} | switched to ReLoRA: trainable params "
                                f"{self.trainable_params():,} of {self.total_params():,} | fp32 merge "
-                               f"masters {master_mb:.1f} MB on rank {self.info.rank} (+"
+                               f"masters {master_mb:.1f} MB on rank {self.info.rank}"
+                               f"{' in host memory' if self.cfg.relora.merge_master_device == 'cpu' else ''} (+"
                                f"{self.masters.snapshot_nbytes() / 2**20:.1f} MB W_switch snapshot for the "
                                f"effective rank)")
                 self.log.scalars(st.step, {"mem/frozen_master_mb": master_mb})
@@ -288,7 +293,10 @@ class Trainer:
         return st
 
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        """All-reduce a small CPU tensor through the accelerator (NCCL takes only device tensors)."""
+        """All-reduce a small CPU tensor through the accelerator (NCCL takes only device tensors);
+        none at world size 1 (see Backend.gather_flat_slices for why collectives cost more there)."""
+        if self.info.world_size == 1:
+            return t.clone()
         on_device = t.to(self.device)
         dist.all_reduce(on_device, op=op)
         return on_device.cpu()

@@ -28,8 +28,8 @@ def _frozen_weights(t: Trainer) -> dict[str, torch.Tensor]:
     """Full fp32 merge targets (the fp32 masters when kept, else the module copies)."""
     out = {}
     for name, m in t.modules.items():
-        if t.masters is not None and not t.masters.alias and name in t.masters.shards:
-            out[name] = t.backend.gather_shard(m.weight, t.masters.shards[name]).clone()
+        if t.masters is not None and t.masters.kept:
+            out[name] = t.backend.gather_owned(m.weight, t.masters.shards[name]).clone()
         else:
             out[name] = t.backend.gather_full(m.weight).reshape(-1)
     return out
@@ -103,6 +103,9 @@ def relora_checks(cfg, template, info) -> dict:
     out["engine1_collected"] = engine_ref() is None and optimizer_ref() is None and offload_ref() is None
     out["loss_after_switch"] = _fixed_loss(t, fixed)
     w_switch = _frozen_weights(t)
+    out["rank"], out["relora_stage"], out["phase_stage"] = info.rank, t.backend.stage, cfg.relora.phase_stage
+    out["master_numel"] = sum(v.numel() for v in t.masters.shards.values()) if t.masters.kept else 0
+    out["wrapped_numels"] = [m.out_features * m.in_features for m in t.modules.values()]
     out["switch_weight_maxdiff"] = max(float((w_switch[n] - w_before[n]).abs().max()) for n in w_before)
     names = {id(p): n for n, p in t.model.named_parameters()}
     held = _optimizer_param_ids(t)

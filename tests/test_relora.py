@@ -374,18 +374,36 @@ def test_cumulative_rank_matches_merged_updates():
         assert effective_rank(total) == cumulative_rank(r, restart, out_f, in_f)
 
 
-def test_flat_slice_bitexact_larger_shapes_and_chunking(monkeypatch):
-    """A BLAS matmul of a row subset can differ from the full product in the last bit; ours must not."""
+@pytest.mark.parametrize("block_rows", [16, 256])
+def test_flat_slice_bitexact_larger_shapes_and_blocks(monkeypatch, block_rows):
+    """A BLAS matmul of a row subset can differ from the full product in the last bit; ours must
+    not: every flat slice (random ones, and every rank's part at world 1, 2, 3 with sizes that do
+    not divide) is bitwise the same elements of the full delta, with many blocks (16 rows) and
+    with the default block, at 1 and 2 threads. The fp64 GEMM's only error is fp64 summation
+    before one rounding to fp32: within 1 fp32 ulp of the exact fp64 product."""
     import relora_dist.relora as rl
+    monkeypatch.setattr(rl, "_DELTA_BLOCK_ROWS", block_rows)
     g = torch.Generator().manual_seed(2)
-    A = torch.randn(64, 300, generator=g)
+    A = torch.randn(64, 301, generator=g)
     B = torch.randn(257, 64, generator=g)
-    full = lora_delta(A, B, 0.25).reshape(-1)
-    monkeypatch.setattr(rl, "_DELTA_CHUNK_ELEMS", 1000)  # force multi-chunk accumulation
-    assert torch.equal(lora_delta(A, B, 0.25).reshape(-1), full)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        full = lora_delta(A, B, 0.25).reshape(-1)
+        torch.set_num_threads(2)
+        assert torch.equal(lora_delta(A, B, 0.25).reshape(-1), full)
+    finally:
+        torch.set_num_threads(threads)
     rng = random.Random(1)
     n = full.numel()
+    assert n % 2 and n % 3  # the last rank's slice is short at world 2 and 3
     for _ in range(15):
         s, e = sorted((rng.randrange(n + 1), rng.randrange(n + 1)))
-        assert torch.equal(flat_slice_delta(A, B, 0.25, s, e, 300), full[s:e])
-    torch.testing.assert_close(full, (0.25 * (B.double() @ A.double())).float().reshape(-1), rtol=0, atol=1e-6)
+        assert torch.equal(flat_slice_delta(A, B, 0.25, s, e, 301), full[s:e])
+    for world in (1, 2, 3):
+        per = -(-n // world)
+        parts = [flat_slice_delta(A, B, 0.25, min(k * per, n), min((k + 1) * per, n), 301) for k in range(world)]
+        assert torch.equal(torch.cat(parts), full), world
+    exact = 0.25 * (B.double() @ A.double()).reshape(-1)
+    ulp = torch.finfo(torch.float32).eps * exact.abs().float()
+    assert torch.all((full.double() - exact).abs() <= ulp.double())

@@ -11,14 +11,38 @@ RELORA = {"relora.enabled": True, "relora.warm_start_steps": 3, "relora.cycle_le
           "train.max_steps": 12, "relora.optimizer_reset": "magnitude", "relora.prune_ratio": 0.9}
 
 
-@pytest.fixture(scope="module", params=[("zero2", "fp32"), ("zero3", "fp32"), ("zero2", "bf16"), ("zero3", "bf16")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+# (warm-start stage, precision, extra settings). The bf16 cases cover the three layouts of the fp32
+# merge masters: ZeRO-2 sharded slices on the device, ZeRO-3 shards in host memory, and a ZeRO-2
+# warm start whose ReLoRA phase runs under ZeRO-3.
+CASES = {
+    "zero2-fp32": ("zero2", "fp32", {}),
+    "zero3-fp32": ("zero3", "fp32", {}),
+    "zero2-bf16": ("zero2", "bf16", {}),
+    "zero3-bf16-host": ("zero3", "bf16", {"relora.merge_master_device": "cpu"}),
+    "zero2-bf16-phase3": ("zero2", "bf16", {"relora.phase_stage": "3"}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
 def checks(request, tiny_data, tmp_path_factory):
-    stage, precision = request.param
-    out = tmp_path_factory.mktemp(f"checks-{stage}-{precision}")
-    overrides = tiny_overrides(tiny_data, out / "run", **RELORA, **{"train.precision": precision})
+    stage, precision, extra = CASES[request.param]
+    out = tmp_path_factory.mktemp(f"checks-{request.param}")
+    overrides = tiny_overrides(tiny_data, out / "run", **RELORA, **{"train.precision": precision, **extra})
     results = run_world(2, "relora_checks", overrides, out, ds_config=f"ds_configs/{stage}.json")
     return precision, results
+
+
+def test_merge_masters_are_one_slice_per_rank(checks):
+    """bf16 compute: each rank keeps fp32 masters of only its rank_slice of every frozen W (ZeRO-2
+    included, where W itself is replicated), so together the ranks hold each element once."""
+    precision, results = checks
+    for r in results:
+        if precision == "fp32":
+            assert r["master_numel"] == 0  # the fp32 compute weights are the masters
+        else:
+            assert r["master_numel"] == sum(-(-n // 2) if r["rank"] == 0 else n - -(-n // 2)
+                                            for n in r["wrapped_numels"])
+        assert r["relora_stage"] == (3 if r["phase_stage"] == "3" else r["stage"])
 
 
 def test_switch_frees_first_engine_and_keeps_function(checks):

@@ -1,6 +1,6 @@
 """The backend contract: the only place that knows how parameters are sharded.
 
-The ReLoRA steps in `relora_dist/reset.py` are written once against this contract; ZeRO-2 and
+The ReLoRA steps in `relora_dist/relora_steps.py` are written once against this contract; ZeRO-2 and
 ZeRO-3 (and later FSDP2) implement it. Shards are described as a contiguous range of the
 row-major flattened parameter, which is exactly how ZeRO-3 partitions (`ds_tensor`) and how the
 checkpoint format will slice tensors.
@@ -57,8 +57,15 @@ class Backend(ABC):
         """Full fp32 master of a trainable param (collective: every rank must call)."""
 
     @abstractmethod
-    def local_fp32_master(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """A copy of this rank's shard of the optimizer's fp32 master of a trainable param."""
+    def fp32_master_slice(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """A copy of the `master_range(p)` slice of the optimizer's fp32 master of a trainable param
+        (collective: every rank must call)."""
+
+    @abstractmethod
+    def write_owned_slice(self, p: torch.nn.Parameter, values: torch.Tensor) -> int:
+        """Set the `master_range(p)` slice of the module copy of a param no optimizer holds, from
+        this rank's `values` (any dtype/device; cast to the compute dtype), and make the module
+        copy whole again where it is replicated (collective). Returns the bytes this rank received."""
 
     @abstractmethod
     def write_trainable(self, p: torch.nn.Parameter, full_value: torch.Tensor) -> None:
@@ -97,6 +104,18 @@ class Backend(ABC):
     def write_optimizer_state(self, p: torch.nn.Parameter, key: str, full_value: torch.Tensor) -> None:
         """Set this rank's shard of optimizer state `key` from the full value."""
 
+    def master_range(self, p: torch.nn.Parameter) -> tuple[int, int]:
+        """The flat range of a frozen weight whose fp32 merge master this rank keeps and merges
+        into: the range it writes into checkpoints. Under ZeRO-2 the module copy is replicated but
+        the master is not: each rank owns `rank_slice`, so masters and merge work are 1/world."""
+        return self.save_range(p)
+
+    def owned_view(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """1-D view of the `master_range(p)` slice of the module copy."""
+        start, end = self.master_range(p)
+        lstart, _ = self.local_range(p)
+        return self.local_view(p)[start - lstart:end - lstart]
+
     def save_range(self, p: torch.nn.Parameter) -> tuple[int, int]:
         """The flat range of a module copy this rank writes into a checkpoint: its own shard, or
         for replicated tensors its `rank_slice`, so each element is written exactly once."""
@@ -131,28 +150,27 @@ class Backend(ABC):
         """Make per-param views of the optimizer state valid (ZeRO-2 needs it; see there)."""
 
     # --- shared helpers ---------------------------------------------------------------------------
-    def local_slice_of(self, p: torch.nn.Parameter, full_value: torch.Tensor) -> torch.Tensor:
-        start, end = self.local_range(p)
+    def master_slice_of(self, p: torch.nn.Parameter, full_value: torch.Tensor) -> torch.Tensor:
+        start, end = self.master_range(p)
         return full_value.reshape(-1)[start:end]
 
-    def gather_shard(self, p: torch.nn.Parameter, local: torch.Tensor) -> torch.Tensor:
-        """Full flat tensor from every rank's `local_range(p)` part (no communication when the
-        local part is already the whole tensor, as for ZeRO-2's replicated weights: then the
-        result may share memory with `local`)."""
-        start, end = self.local_range(p)
-        numel = getattr(p, "ds_numel", p.numel())
-        if end - start == numel:
-            return local.reshape(-1)
-        return self.gather_flat_slices(local, numel)
+    def gather_owned(self, p: torch.nn.Parameter, owned: torch.Tensor) -> torch.Tensor:
+        """Full flat tensor from every rank's `master_range(p)` slice (collective)."""
+        return self.gather_flat_slices(owned, getattr(p, "ds_numel", p.numel()))
 
     def gather_flat_slices(self, local: torch.Tensor, numel: int) -> torch.Tensor:
         """Reassemble a flat tensor from every rank's `rank_slice` part (collective)."""
+        if self.world_size == 1:
+            # No collective at world size 1: one gloo all-gather above torch's parallel grain makes
+            # gloo's threads open OpenMP regions; libgomp then manages more threads than cores and
+            # throttles its spinning: every later step ran 1.6x slower (measured, default run).
+            return local.reshape(-1)[:numel].clone()
         per_rank = -(-numel // self.world_size)
         padded = torch.zeros(per_rank, dtype=local.dtype, device=local.device)
-        padded[: local.numel()] = local
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
-        return torch.cat(parts)[:numel]
+        padded[: local.numel()] = local.reshape(-1)
+        out = torch.empty(per_rank * self.world_size, dtype=local.dtype, device=local.device)
+        dist.all_gather(list(out.view(self.world_size, per_rank).unbind(0)), padded)
+        return out[:numel]
 
     @staticmethod
     def release_memory() -> None:

@@ -76,6 +76,22 @@ class ZeroBackend(Backend):
     def _own_storage(self, p: torch.nn.Parameter) -> None:
         p.data = p.data.clone()
 
+    def _shape(self, p):
+        return getattr(p, "ds_shape", p.shape)
+
+    # At world size 1 the fragments ARE the full tensors: read them without DeepSpeed's full-tensor
+    # getters, whose all-reduce / all-gather would be a gloo collective (see gather_flat_slices).
+    def full_fp32(self, p):
+        if self.world_size == 1:
+            return self.fp32_fragment(p)[2].reshape(self._shape(p)).float().clone()
+        return safe_get_full_fp32_param(p).float()
+
+    def full_optimizer_state(self, p, key):
+        if self.world_size == 1:
+            frag = self.state_fragment(p, key)
+            return None if frag is None else frag.reshape(self._shape(p)).float().clone()
+        return safe_get_full_optimizer_state(p, key)
+
 
 class Zero2Backend(ZeroBackend):
     """ZeRO-2: module copies are replicated; the fp32 master and moments are partitioned."""
@@ -88,21 +104,30 @@ class Zero2Backend(ZeroBackend):
     def local_view(self, p):
         return p.data.view(-1)
 
-    def full_fp32(self, p):
-        return safe_get_full_fp32_param(p).float()
+    def fp32_master_slice(self, p):
+        return self.master_slice_of(p, self.full_fp32(p)).clone()
 
-    def local_fp32_master(self, p):
-        return safe_get_full_fp32_param(p).float().reshape(-1).clone()
+    def write_owned_slice(self, p, values):
+        flat = p.data.view(-1)
+        if self.world_size == 1:
+            flat.copy_(values.reshape(-1))
+            return 0
+        # The replicated bf16 copy is rebuilt from every rank's rounded slice: one all-gather of
+        # the compute dtype per weight and reset, (world-1)/world x numel x 2 bytes received (bf16).
+        owned = values.reshape(-1).to(device=flat.device, dtype=flat.dtype)
+        flat.copy_(self.gather_flat_slices(owned, flat.numel()))
+        return (self.world_size - 1) * owned.numel() * flat.element_size()
 
     def write_trainable(self, p, full_value):
         full_value = full_value.reshape(p.shape).to(p.device)
         p.data.copy_(full_value.to(p.dtype))
         safe_set_full_fp32_param(p, full_value.float())
 
-    def full_optimizer_state(self, p, key):
-        return safe_get_full_optimizer_state(p, key)
-
     def mask_optimizer_state(self, p, key, keep):
+        if self.world_size == 1:
+            frag = self.state_fragment(p, key)
+            frag.mul_(keep.reshape(-1).to(frag))
+            return
         full = safe_get_full_optimizer_state(p, key)
         # Writes only this rank's fragment of the flat partition.
         safe_set_full_optimizer_state(p, full * keep.reshape(full.shape).to(full), key)
@@ -164,20 +189,19 @@ class Zero3Backend(ZeroBackend):
         padded[: end - start] = full_value.reshape(-1)[start:end].float()
         return padded
 
-    def full_fp32(self, p):
-        return safe_get_full_fp32_param(p).float()
-
-    def local_fp32_master(self, p):
+    def fp32_master_slice(self, p):
         start, end = self.local_range(p)
         return safe_get_local_fp32_param(p).float().reshape(-1)[: end - start].clone()
+
+    def write_owned_slice(self, p, values):
+        view = self.local_view(p)  # master_range == local_range: nothing to communicate
+        view.copy_(values.reshape(-1).to(device=view.device, dtype=view.dtype))
+        return 0
 
     def write_trainable(self, p, full_value):
         padded = self._padded_local(p, full_value.to(p.ds_tensor.device))
         p.ds_tensor.data.copy_(padded.to(p.ds_tensor.dtype).view_as(p.ds_tensor))
         safe_set_local_fp32_param(p, padded)
-
-    def full_optimizer_state(self, p, key):
-        return safe_get_full_optimizer_state(p, key)
 
     def mask_optimizer_state(self, p, key, keep):
         local = safe_get_local_optimizer_state(p, key)
