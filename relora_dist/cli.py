@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="alias of --model.init_from: HF model folder to start from (default: none)")
     parser.add_argument("--dry_run", action="store_true",
                         help="validate arguments, config, data, tokenizer and the DeepSpeed batch arithmetic "
-                             "against WORLD_SIZE, print a summary and exit without training (default: off)")
+                             "against WORLD_SIZE, print a summary and the per-rank memory plan of both phases "
+                             "and exit without training (default: off)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     return parser
 
@@ -140,6 +141,33 @@ def _prepare(argv: list[str]) -> tuple[Config, dict, argparse.Namespace]:
     return cfg, template, args
 
 
+def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
+    """--dry_run's memory plan: relora_dist/memory_model.py's per-rank training state of this run's
+    phases at this world size, ZeRO stage and precision, with a warning when the ReLoRA phase would
+    hold more than the full-rank one."""
+    from relora_dist import memory_model as mm
+    from relora_dist.data import DEFAULT_TOKENIZER
+    from relora_dist.ds_config import resolve_precision, zero_stage
+    from relora_dist.tokenizer import load_tokenizer
+    from relora_dist.validation import _validate_model
+
+    vocab = load_tokenizer(cfg.data.tokenizer_dir or DEFAULT_TOKENIZER).vocab_size
+    mc = _validate_model(cfg, vocab)  # the LlamaConfig the run builds: preset + overrides, or init_from's
+    shape = mm.Shape(mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers, mc.vocab_size,
+                     tuple(cfg.relora.targets))
+    r = cfg.relora
+    lines = mm.plan(shape, world, zero_stage(template), compute=resolve_precision(cfg.train.precision), r=r.r,
+                    train_extra=r.train_extra, merge_precision=r.merge_precision,
+                    master_device=r.merge_master_device, phase_stage=str(r.phase_stage), relora=r.enabled,
+                    warm_start=r.warm_start_steps > 0)
+    zero = template.get("zero_optimization", {})
+    if any(isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"
+           for k in ("offload_optimizer", "offload_param")):
+        lines.append("note: ZeRO offload is not modelled: these figures count the offloaded state as on the "
+                     "accelerator")
+    return lines
+
+
 def _rendezvous_error(e: BaseException, timeout_s: float) -> str:
     env = os.environ
     where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
@@ -190,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ok: world size {world}, global batch {t.global_batch_size} = micro batch "
                   f"{t.micro_batch_size} x {world} ranks x {t.global_batch_size // (t.micro_batch_size * world)} "
                   f"accumulation steps; output {cfg.run.output_dir}")
+            print("\n".join(memory_plan(cfg, template, world)))
         return 0
     if "OMP_NUM_THREADS" not in os.environ and world > 1:
         import torch

@@ -1,4 +1,4 @@
-"""Analytic per-rank memory of the training state under DeepSpeed ZeRO-2/3, both phases (issue 5).
+"""Analytic per-rank memory of the training state under DeepSpeed ZeRO-2/3, both phases.
 
 What one rank holds between forward passes, in bytes (activations, communication buckets and
 allocator slack are NOT modelled):
@@ -9,13 +9,23 @@ allocator slack are NOT modelled):
 | gradients of trainable params (partition) | T x b / world | T x b / world |
 | fp32 master of trainable params (a copy even with fp32 compute) | T x 4 / world | T x 4 / world |
 | Adam moments (exp_avg, exp_avg_sq) | T x 8 / world | T x 8 / world |
-| fp32 merge masters of frozen wrapped W (ReLoRA, bf16 compute) | W x 4 (W replicated) | W x 4 / world |
+| fp32 merge masters of frozen wrapped W (ReLoRA, bf16 compute) | W x 4 / world | W x 4 / world |
 
 b = 2 (bf16 compute) or 4 (fp32). N counts the adapters whenever the model is wrapped (this system
 wraps before the first engine, so its warm start holds frozen adapters too); T is the trainable
 count of the phase: all base params in the full-rank phase, adapters (+ embeddings, norms, lm_head
-with relora.train_extra) in the ReLoRA phase. ZeRO-3 pads each tensor to a multiple of the world
-size (modelled per tensor); ZeRO-2 alignment padding is ignored (< world x 16 elements per group).
+and unwrapped linears with relora.train_extra) in the ReLoRA phase. ZeRO-3 pads each tensor to a
+multiple of the world size (modelled per tensor); ZeRO-2 alignment padding is ignored (< world x 16
+elements per group).
+
+Merge masters: each rank keeps fp32 of only its 1/world flat slice of every frozen W (ceil(numel /
+world), the partition ZeRO-3 uses) under both stages; ZeRO-2 rebuilds its replicated bf16 W by an
+all-gather per reset. `shard_merge_masters=False` gives the older ZeRO-2 layout (a full fp32 copy
+on every rank), which older bench JSONs measured. `master_device="cpu"` moves them to host memory:
+they are reported as `host_merge_masters`, outside the accelerator-resident `total` (`total_with_host`
+adds them). With fp32 compute the masters alias the weights (0 bytes); merge_precision=bf16 keeps
+none.
+
 These are exactly the tensors tools/bench.py counts (validated there: `tools/memory_model.py
 validate`), so the model is checked at world 2 and extrapolated to 8 / 64 ranks and large presets.
 
@@ -28,14 +38,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from relora_dist import relora
 from relora_dist.model import PRESETS
 
 PHASES = ("full_rank", "warm_start", "relora")
-CATEGORIES = ("params", "grads", "fp32_master", "optimizer_state", "merge_masters")
+CATEGORIES = ("params", "grads", "fp32_master", "optimizer_state", "merge_masters")  # on the accelerator
+HOST_CATEGORIES = ("host_merge_masters",)
+MASTER_DEVICES = ("device", "cpu")
 GIB = 2**30
+MIB = 2**20
+DEFAULT_TARGETS = tuple(relora.DEFAULT_TARGETS)
+# Targets for the ReLoRA-phase / full-rank ratio at 350m, bf16, r=128, vocab 32k, 8 ranks: the keys
+# are the columns of `options_table`.
+TARGET_CASE = {"preset": "350m", "world": 8, "compute": "bf16", "r": 128, "vocab": 32000, "train_extra": True}
+TARGETS = {"sharded": 0.90, "host": 0.80, "phase_stage_3": 0.65, "zero3": 0.65}
 
 
 @dataclass(frozen=True)
@@ -44,22 +64,35 @@ class Shape:
     intermediate: int
     layers: int
     vocab: int
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # relora.targets: regexes over Linear module names
 
     @classmethod
     def of(cls, preset: str, vocab: int = 32000, layers: int = 0) -> "Shape":
         p = PRESETS[preset]
         return cls(p.hidden_size, p.intermediate_size, layers or p.num_layers, vocab)
 
-    def tensors(self, r: int) -> dict[str, list[tuple[int, str]]]:
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(module name, out_features, in_features) of every nn.Linear, named as in LlamaForCausalLM."""
+        h, i = self.hidden, self.intermediate
+        out = []
+        for layer in range(self.layers):
+            for name, out_f, in_f in [(f"self_attn.{p}_proj", h, h) for p in "qkvo"] + [
+                    ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h), ("mlp.down_proj", h, i)]:
+                out.append((f"model.layers.{layer}.{name}", out_f, in_f))
+        return out + [("lm_head", self.vocab, h)]
+
+    def tensors(self, r: int) -> dict[str, list[int]]:
         """Element counts per tensor, by role: wrapped (frozen in ReLoRA), adapters, extra
-        (embeddings, norms, lm_head: trainable in ReLoRA iff train_extra)."""
-        h, i, L, V = self.hidden, self.intermediate, self.layers, self.vocab
-        wrapped, adapters = [], []
-        for _ in range(L):
-            for out_f, in_f in [(h, h)] * 4 + [(i, h), (i, h), (h, i)]:  # q k v o, gate up, down
+        (embeddings, norms and unwrapped linears such as lm_head: trainable in ReLoRA iff train_extra)."""
+        rx = [re.compile(t) for t in self.targets]
+        wrapped, adapters, extra = [], [], [self.vocab * self.hidden]  # embed_tokens
+        for name, out_f, in_f in self.linears():
+            if any(x.search(name) for x in rx):
                 wrapped.append(out_f * in_f)
                 adapters += [r * in_f, out_f * r]
-        extra = [V * h, V * h] + [h] * (2 * L + 1)  # embed_tokens, lm_head, norms
+            else:
+                extra.append(out_f * in_f)
+        extra += [self.hidden] * (2 * self.layers + 1)  # input/post-attention norms, final norm
         return {"wrapped": wrapped, "adapters": adapters, "extra": extra}
 
     def counts(self, r: int) -> dict[str, int]:
@@ -73,18 +106,33 @@ def _per_rank(sizes: list[int], world: int, sharded: bool) -> float:
     return float(sum(-(-n // world) for n in sizes))
 
 
-def per_rank_bytes(shape: Shape, world: int, stage: int, phase: str, *, compute: str = "bf16", r: int = 128,
-                   train_extra: bool = True, merge_precision: str = "fp32",
-                   shard_merge_masters: bool = False) -> dict[str, float]:
-    """Bytes per rank by category (and 'total') for one configuration. `shard_merge_masters` is a
-    what-if for ZeRO-2 (not implemented by the engine): each rank keeps the fp32 master of only
-    1/world of every frozen W and all-gathers the rounded slices after a merge."""
+def _check(phase: str, stage: int, compute: str, master_device: str) -> None:
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r}: use one of {PHASES}")
     if stage not in (2, 3):
         raise ValueError(f"stage {stage}: use 2 or 3")
     if compute not in ("bf16", "fp32"):
         raise ValueError(f"compute {compute!r}: use bf16 or fp32")
+    if master_device not in MASTER_DEVICES:
+        raise ValueError(f"master_device {master_device!r}: use one of {MASTER_DEVICES}")
+
+
+def merge_master_bytes(shape: Shape, world: int, stage: int, *, compute: str = "bf16", r: int = 128,
+                       merge_precision: str = "fp32", shard_merge_masters: bool = True) -> float:
+    """fp32 merge masters per rank in the ReLoRA phase. Only bf16 compute with fp32 merges keeps
+    them: under fp32 the compute weights are the master, and bf16 merges have none."""
+    if compute != "bf16" or merge_precision != "fp32":
+        return 0.0
+    wrapped = shape.tensors(r)["wrapped"]
+    return _per_rank(wrapped, world, stage == 3 or shard_merge_masters) * 4
+
+
+def per_rank_bytes(shape: Shape, world: int, stage: int, phase: str, *, compute: str = "bf16", r: int = 128,
+                   train_extra: bool = True, merge_precision: str = "fp32", shard_merge_masters: bool = True,
+                   master_device: str = "device") -> dict[str, float]:
+    """Bytes per rank by category, 'total' (accelerator-resident) and 'total_with_host'.
+    `shard_merge_masters=False`: ZeRO-2's former replicated fp32 masters (ZeRO-3 always shards)."""
+    _check(phase, stage, compute, master_device)
     b = 2 if compute == "bf16" else 4
     t = shape.tensors(r)
     sharded = stage == 3
@@ -95,39 +143,64 @@ def per_rank_bytes(shape: Shape, world: int, stage: int, phase: str, *, compute:
         trainable = t["wrapped"] + t["extra"]
     # Trainable partitions: ZeRO-2 flattens a group and splits it evenly; ZeRO-3 splits per tensor.
     part = _per_rank(trainable, world, True) if sharded else sum(trainable) / world
+    masters = 0.0
+    if phase == "relora":
+        masters = merge_master_bytes(shape, world, stage, compute=compute, r=r, merge_precision=merge_precision,
+                                     shard_merge_masters=shard_merge_masters)
+    on_host = master_device == "cpu"
     out = {
         "params": _per_rank(present, world, sharded) * b,
         "grads": part * b,
         "fp32_master": part * 4,  # a separate copy even under fp32 (measured, DeepSpeed 0.19.8)
         "optimizer_state": part * 8,
-        "merge_masters": 0.0,
+        "merge_masters": 0.0 if on_host else masters,
+        "host_merge_masters": masters if on_host else 0.0,
     }
-    if phase == "relora" and compute == "bf16" and merge_precision == "fp32":
-        out["merge_masters"] = (_per_rank(t["wrapped"], world, True) if (sharded or shard_merge_masters)
-                                else float(sum(t["wrapped"]))) * 4
     out["total"] = sum(out[c] for c in CATEGORIES)
+    out["total_with_host"] = out["total"] + out["host_merge_masters"]
     return out
 
 
-def ratio(shape: Shape, world: int, stage: int, *, baseline: str = "full_rank", **kw) -> float:
-    """ReLoRA-phase bytes / `baseline`-phase bytes per rank."""
-    return (per_rank_bytes(shape, world, stage, "relora", **kw)["total"]
+def ratio(shape: Shape, world: int, stage: int, *, baseline: str = "full_rank", relora_stage: int | None = None,
+          **kw) -> float:
+    """Accelerator-resident ReLoRA-phase bytes / `baseline`-phase bytes per rank. `relora_stage=3`
+    with stage 2: the ReLoRA phase runs under ZeRO-3 after a ZeRO-2 warm start (relora.phase_stage=3)."""
+    return (per_rank_bytes(shape, world, relora_stage or stage, "relora", **kw)["total"]
             / per_rank_bytes(shape, world, stage, baseline, **kw)["total"])
+
+
+def zero2_options(shape: Shape, world: int, **kw) -> dict[str, float]:
+    """ReLoRA-phase / full-rank ratios of the ways to run a ZeRO-2 job's ReLoRA phase, and ZeRO-3."""
+    host = dict(kw, master_device="cpu")
+    full2 = per_rank_bytes(shape, world, 2, "full_rank", **kw)["total"]
+    return {
+        "replicated": ratio(shape, world, 2, shard_merge_masters=False, **kw),
+        "sharded": ratio(shape, world, 2, **kw),
+        "host": ratio(shape, world, 2, **host),
+        "host_with_host": per_rank_bytes(shape, world, 2, "relora", **host)["total_with_host"] / full2,
+        "phase_stage_3": ratio(shape, world, 2, relora_stage=3, **kw),
+        "zero3": ratio(shape, world, 3, **kw),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # Tables
 # ------------------------------------------------------------------------------------------------
 
+def _is_target_case(preset: str, world: int, compute: str, r: int, vocab: int, train_extra: bool) -> bool:
+    return dict(preset=preset, world=world, compute=compute, r=r, vocab=vocab, train_extra=train_extra) == TARGET_CASE
+
+
 def table(presets: list[str], worlds: list[int], stages: list[int], *, compute: str, r: int, vocab: int,
           train_extra: bool, merge_precision: str = "fp32") -> str:
     kw = dict(compute=compute, r=r, train_extra=train_extra, merge_precision=merge_precision)
+    masters = ("none (bf16 merges)" if merge_precision != "fp32" else "the fp32 weights themselves"
+               if compute == "fp32" else "fp32, sharded 1/world, on the device")
     lines = [f"Per-rank training state (GiB), {compute} compute, fp32 masters + AdamW, r={r}, vocab {vocab}, "
-             f"train_extra={str(train_extra).lower()}, merge masters {'fp32' if merge_precision == 'fp32' else 'none'}"
-             f" (activations not included)", "",
+             f"train_extra={str(train_extra).lower()}, merge masters: {masters} (activations not included)", "",
              "| preset | params (M) | ReLoRA trainable (M) | ranks | ZeRO | full-rank | warm start | ReLoRA "
-             "| of which merge masters | ReLoRA / full-rank | w/o merge masters | ZeRO-2 masters sharded (what-if) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| of which merge masters | ReLoRA / full-rank | w/o merge masters |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset in presets:
         shape = Shape.of(preset, vocab)
         c = shape.counts(r)
@@ -138,24 +211,51 @@ def table(presets: list[str], worlds: list[int], stages: list[int], *, compute: 
                 full = per_rank_bytes(shape, world, stage, "full_rank", **kw)
                 warm = per_rank_bytes(shape, world, stage, "warm_start", **kw)
                 rel = per_rank_bytes(shape, world, stage, "relora", **kw)
-                what_if = (f"{per_rank_bytes(shape, world, 2, 'relora', shard_merge_masters=True, **kw)['total'] / full['total']:.3f}"
-                           if stage == 2 else "")
-                flag = " (target <= 0.45)" if preset == "350m" and stage == 2 else ""
                 lines.append(
                     f"| {preset} | {base / 1e6:.1f} | {trainable / 1e6:.1f} ({trainable / base:.0%}) | {world} | {stage} "
                     f"| {full['total'] / GIB:.2f} | {warm['total'] / GIB:.2f} | {rel['total'] / GIB:.2f} "
-                    f"| {rel['merge_masters'] / GIB:.2f} | {rel['total'] / full['total']:.3f}{flag} "
-                    f"| {(rel['total'] - rel['merge_masters']) / full['total']:.3f} | {what_if} |")
+                    f"| {rel['merge_masters'] / GIB:.2f} | {rel['total'] / full['total']:.3f} "
+                    f"| {(rel['total'] - rel['merge_masters']) / full['total']:.3f} |")
     return "\n".join(lines)
 
 
-def detail(preset: str, world: int, stage: int, *, compute: str, r: int, vocab: int, train_extra: bool) -> str:
+def _with_target(value: float, key: str, is_target: bool) -> str:
+    if not is_target or key not in TARGETS:
+        return f"{value:.3f}"
+    return f"{value:.3f} (target <= {TARGETS[key]:.2f})"
+
+
+def options_table(presets: list[str], worlds: list[int], *, compute: str, r: int, vocab: int,
+                  train_extra: bool) -> str:
+    """A ZeRO-2 job's ReLoRA phase / its full-rank phase, per way of holding the frozen weights'
+    state, and ZeRO-3 for comparison (accelerator-resident bytes)."""
+    lines = [f"ZeRO-2 ReLoRA phase / full-rank, accelerator-resident, {compute} compute, r={r}, vocab {vocab}, "
+             f"train_extra={str(train_extra).lower()}", "",
+             "| preset | ranks | full-rank ZeRO-2 (GiB) | masters replicated (before) | masters sharded | host masters "
+             "| host masters, host bytes included | phase_stage=3 | ZeRO-3 (both phases) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for preset in presets:
+        shape = Shape.of(preset, vocab)
+        for world in worlds:
+            o = zero2_options(shape, world, compute=compute, r=r, train_extra=train_extra)
+            full = per_rank_bytes(shape, world, 2, "full_rank", compute=compute, r=r)["total"]
+            hit = _is_target_case(preset, world, compute, r, vocab, train_extra)
+            cells = [_with_target(o["replicated"], "replicated", hit), _with_target(o["sharded"], "sharded", hit),
+                     _with_target(o["host"], "host", hit), f"{o['host_with_host']:.3f}",
+                     _with_target(o["phase_stage_3"], "phase_stage_3", hit), _with_target(o["zero3"], "zero3", hit)]
+            lines.append(f"| {preset} | {world} | {full / GIB:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail(preset: str, world: int, stage: int, *, compute: str, r: int, vocab: int, train_extra: bool,
+           master_device: str = "device") -> str:
     shape = Shape.of(preset, vocab)
-    lines = [f"{preset}, {world} ranks, ZeRO-{stage}, {compute}, r={r}, vocab {vocab}: bytes per rank (GiB)",
+    lines = [f"{preset}, {world} ranks, ZeRO-{stage}, {compute}, r={r}, vocab {vocab}, merge masters on "
+             f"{master_device}: bytes per rank (GiB)",
              "| category | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]
-    data = {ph: per_rank_bytes(shape, world, stage, ph, compute=compute, r=r, train_extra=train_extra)
-            for ph in PHASES}
-    for cat in CATEGORIES + ("total",):
+    data = {ph: per_rank_bytes(shape, world, stage, ph, compute=compute, r=r, train_extra=train_extra,
+                               master_device=master_device) for ph in PHASES}
+    for cat in CATEGORIES + ("total",) + HOST_CATEGORIES + ("total_with_host",):
         lines.append(f"| {cat} | " + " | ".join(f"{data[ph][cat] / GIB:.3f}" for ph in PHASES) + " |")
     return "\n".join(lines)
 
@@ -164,30 +264,59 @@ def detail(preset: str, world: int, stage: int, *, compute: str, r: int, vocab: 
 # Validation against tools/bench.py measurements
 # ------------------------------------------------------------------------------------------------
 
-def predict_for_bench(model: dict, world: int, stage: int, phase: str, train_extra: bool) -> dict[str, float]:
-    """Prediction for a bench measurement: the bench's full-rank phase is this system's warm start."""
+def bench_relora_options(config: dict) -> dict:
+    """The ReLoRA settings of a bench run: its resolved `merge_master_device` / `phase_stage` (else its
+    `--override --relora.key=value` entries, else the defaults) and the ZeRO-2 merge-master layout of
+    the engine that ran it (`zero2_merge_masters`; JSONs written before the engine sharded them lack
+    the key and were measured with replicated masters)."""
+    opts = {"merge_precision": "fp32", "master_device": "device", "phase_stage": "same"}
+    names = {"relora.merge_precision": "merge_precision", "relora.merge_master_device": "master_device",
+             "relora.phase_stage": "phase_stage"}
+    for item in config.get("override") or []:
+        key, _, value = item.lstrip("-").partition("=")
+        if key in names:
+            opts[names[key]] = value
+    opts["master_device"] = config.get("merge_master_device", opts["master_device"])
+    opts["phase_stage"] = str(config.get("phase_stage", opts["phase_stage"]))
+    opts["shard_merge_masters"] = config.get("zero2_merge_masters", "replicated") == "sharded"
+    return opts
+
+
+def predict_for_bench(model: dict, world: int, stage: int, phase: str, train_extra: bool,
+                      options: dict | None = None) -> dict[str, float]:
+    """Prediction for a bench measurement: the bench's full-rank phase is this system's warm start.
+    `options` (bench_relora_options; default: the engine's defaults) may name `relora_stage`, the
+    stage the ReLoRA phase ran under (3 for a ZeRO-2 run with relora.phase_stage=3)."""
+    o = dict(options or {})
+    relora_stage = o.pop("relora_stage", None) or stage
+    o.pop("phase_stage", None)
     shape = Shape(model["hidden_size"], model["intermediate_size"], model["num_layers"], model["vocab_size"])
-    return per_rank_bytes(shape, world, stage, "warm_start" if phase == "full_rank" else "relora",
-                          compute=model["precision"], r=model["r"], train_extra=train_extra)
+    if phase == "full_rank":
+        return per_rank_bytes(shape, world, stage, "warm_start", compute=model["precision"], r=model["r"], **o)
+    return per_rank_bytes(shape, world, relora_stage, "relora", compute=model["precision"], r=model["r"],
+                          train_extra=train_extra, **o)
 
 
 def validate(bench: dict) -> list[dict]:
-    """Predicted vs measured per-rank state bytes for every stage and phase in a bench JSON."""
+    """Predicted vs measured per-rank state bytes for every stage and phase in a bench JSON. The
+    bench counts the merge masters wherever they live, so host masters are compared too."""
     rows = []
     world = bench["config"]["world_size"]
+    options = bench_relora_options(bench["config"])
     for stage_key, s in bench["stages"].items():
         stage = int(stage_key)
+        opts = dict(options, relora_stage=s.get("relora_stage") or (3 if options["phase_stage"] == "3" else stage))
         phases = [("full_rank", s["state_bytes_per_rank"]["full_rank"], True),
                   ("relora", s["state_bytes_per_rank"]["relora"], bench["config"].get("train_extra", True))]
         if "train_extra_false" in s:
             phases.append(("relora", s["train_extra_false"]["state_bytes_per_rank"], False))
         for phase, measured, extra in phases:
-            pred = predict_for_bench(s["model"], world, stage, phase, extra)
-            meas_total = sum(measured[c] for c in ("params", "grads", "fp32_master", "optimizer_state",
-                                                   "merge_masters"))
-            row = {"stage": stage, "phase": phase, "train_extra": extra, "predicted": pred["total"],
-                   "measured": meas_total, "ratio": pred["total"] / meas_total,
-                   "error_pct": 100 * (pred["total"] - meas_total) / meas_total,
+            pred = predict_for_bench(s["model"], world, stage, phase, extra, opts)
+            pred = dict(pred, merge_masters=pred["merge_masters"] + pred["host_merge_masters"])
+            meas_total = sum(measured[c] for c in CATEGORIES)
+            row = {"stage": stage, "phase": phase, "train_extra": extra, "predicted": pred["total_with_host"],
+                   "measured": meas_total, "ratio": pred["total_with_host"] / meas_total,
+                   "error_pct": 100 * (pred["total_with_host"] - meas_total) / meas_total,
                    "by_category": {c: (pred[c], measured[c]) for c in CATEGORIES}}
             rows.append(row)
     return rows
@@ -201,12 +330,54 @@ def format_validation(rows: list[dict], bench: dict) -> str:
              "| ZeRO | phase | train_extra | predicted | measured | predicted / measured | error |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['phase']} | {str(r['train_extra']).lower()} | {r['predicted'] / 2**20:.2f} "
-                     f"| {r['measured'] / 2**20:.2f} | {r['ratio']:.4f} | {r['error_pct']:+.2f}% |")
+        lines.append(f"| {r['stage']} | {r['phase']} | {str(r['train_extra']).lower()} | {r['predicted'] / MIB:.2f} "
+                     f"| {r['measured'] / MIB:.2f} | {r['ratio']:.4f} | {r['error_pct']:+.2f}% |")
     worst = max(abs(r["error_pct"]) for r in rows)
     lines.append("")
     lines.append(f"largest error {worst:.2f}%")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory plan of one run (launchers/pretrain.py --dry_run)
+# ------------------------------------------------------------------------------------------------
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
+
+
+def plan(shape: Shape, world: int, stage: int, *, compute: str, r: int, train_extra: bool, merge_precision: str,
+         master_device: str, phase_stage: str, relora: bool, warm_start: bool) -> list[str]:
+    """A few lines: per-rank bytes of each phase this run has, a warning when the ReLoRA phase
+    holds more than the full-rank one, and a hint when ZeRO-3 for the ReLoRA phase would hold less."""
+    kw = dict(compute=compute, r=r, train_extra=train_extra, merge_precision=merge_precision)
+    what = (f"{world} rank{'s' if world > 1 else ''}, ZeRO-{stage}, {compute}, hidden {shape.hidden}, "
+            f"{shape.layers} layers, vocab {shape.vocab}")
+    if not relora:
+        full = per_rank_bytes(shape, world, stage, "full_rank", **kw)["total"]
+        return [f"memory plan per rank (training state, activations not included; {what}): full-rank {fmt_bytes(full)}"]
+    # Without a warm start there is no full-rank phase: compare with plain full-rank training.
+    base_phase = "warm_start" if warm_start else "full_rank"
+    full = per_rank_bytes(shape, world, stage, base_phase, **kw)["total"]
+    rel_stage = 3 if phase_stage == "3" else stage
+    rel = per_rank_bytes(shape, world, rel_stage, "relora", master_device=master_device, **kw)
+    host = rel["host_merge_masters"]
+    host = f" + {fmt_bytes(host)} fp32 merge masters in host memory" if host else ""
+    label = "full-rank warm start" if warm_start else "full-rank training (not run: warm_start_steps=0)"
+    lines = [f"memory plan per rank (training state, activations not included; {what}, r={r}): {label} "
+             f"{fmt_bytes(full)}, ReLoRA phase{' (ZeRO-3)' if rel_stage != stage else ''} {fmt_bytes(rel['total'])}"
+             f"{host}"]
+    if rel["total"] > full:
+        why = ("ZeRO-2 keeps every frozen weight and the adapters replicated" if rel_stage == 2
+               else "the adapters and their optimizer state outweigh what freezing saves")
+        lines.append(f"warning: the ReLoRA phase needs {rel['total'] / full:.2f}x the memory of full-rank training "
+                     f"per rank ({why})")
+    if rel_stage == 2:
+        z3 = per_rank_bytes(shape, world, 3, "relora", master_device=master_device, **kw)["total"]
+        if z3 < rel["total"]:
+            lines.append(f"hint: --relora.phase_stage=3 would hold {fmt_bytes(z3)} per rank in the ReLoRA phase "
+                         f"(frozen weights sharded 1/{world}; costs parameter all-gathers each step)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--train-extra", choices=["true", "false", "both"], default="true")
     p.add_argument("--detail", nargs=3, metavar=("PRESET", "WORLD", "STAGE"), help="breakdown of one config")
+    p.add_argument("--master-device", choices=MASTER_DEVICES, default="device",
+                   help="--detail: where the fp32 merge masters live (relora.merge_master_device; default: device)")
     a = p.parse_args(argv)
     if a.mode == "validate":
         bench = json.loads(Path(a.bench).read_text())
@@ -238,11 +411,14 @@ def main(argv: list[str] | None = None) -> int:
         for extra in extras:
             print(table(a.presets, a.worlds, a.stages, compute=compute, r=a.r, vocab=a.vocab, train_extra=extra))
             print()
+            if 2 in a.stages:
+                print(options_table(a.presets, a.worlds, compute=compute, r=a.r, vocab=a.vocab, train_extra=extra))
+                print()
     if a.detail:
         preset, world, stage = a.detail
         for compute in a.compute:
             print(detail(preset, int(world), int(stage), compute=compute, r=a.r, vocab=a.vocab,
-                         train_extra=a.train_extra != "false"))
+                         train_extra=a.train_extra != "false", master_device=a.master_device))
             print()
     return 0
 

@@ -163,3 +163,12 @@ def relora_checks(cfg, template, info) -> dict:
     t.train_step(t.loader.next_batch())
     out["w_after_more_steps"] = _frozen_weights(t)
     return out
+
+
+def loaded_masters(cfg, template, info) -> dict:
+    """Build a Trainer that resumes a checkpoint; return its full merge masters and compute weights."""
+    t = Trainer(cfg, template, info)
+    return {"masters": _frozen_weights(t),
+            "weights": {n: t.backend.gather_full(m.weight).reshape(-1) for n, m in t.modules.items()},
+            "master_numel": sum(v.numel() for v in t.masters.shards.values()),
+            "wrapped_numels": [m.out_features * m.in_features for m in t.modules.values()]}

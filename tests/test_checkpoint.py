@@ -31,7 +31,9 @@ def _straight_and_resumed(data, tmp, world, stage, precision):
     return straight, pieces, run_dir
 
 
-@pytest.fixture(scope="module", params=[("zero2", "fp32"), ("zero3", "bf16")], ids=lambda p: "-".join(p))
+# zero2-bf16: sharded fp32 merge masters under ZeRO-2; zero3-bf16: ZeRO-3 shards; zero2-fp32: none.
+@pytest.fixture(scope="module", params=[("zero2", "fp32"), ("zero3", "bf16"), ("zero2", "bf16")],
+                ids=lambda p: "-".join(p))
 def resumed(request, tiny_data, tmp_path_factory):
     stage, precision = request.param
     tmp = tmp_path_factory.mktemp(f"resume-{stage}-{precision}")
@@ -90,6 +92,27 @@ def test_resharding_world_size_and_zero_stage(tiny_data, tmp_path, direction):
     torch.testing.assert_close(after[0]["losses"], straight[0]["losses"][9:], rtol=1e-4, atol=1e-4)
     for name, w in straight[0]["state_dict"].items():
         torch.testing.assert_close(after[0]["state_dict"][name], w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("world,stage,extra", [(1, "zero3", {}), (2, "zero2", {"relora.phase_stage": "3"})],
+                         ids=["1rank-zero3", "2ranks-zero2-phase3"])
+def test_sharded_merge_masters_reshard_exactly(resumed, tiny_data, tmp_path, world, stage, extra):
+    """A checkpoint whose fp32 merge masters were written as ZeRO-2 rank slices (or ZeRO-3 shards)
+    loads into another layout: every rank's restored master slice is bitwise its part of the
+    checkpoint's full merge master, and the restored compute weights are that master rounded."""
+    src_stage, precision, _, _, run_dir = resumed
+    if precision != "bf16":
+        pytest.skip("fp32 compute keeps no separate merge masters")
+    ckpt = run_dir / "checkpoints" / "step_00000009"
+    overrides = _overrides(tiny_data, tmp_path / "run", "bf16", **{"checkpoint.resume": str(ckpt), **extra})
+    results = run_world(world, "loaded_masters", overrides, tmp_path / "out", ds_config=f"ds_configs/{stage}.json")
+    reader = ShardReader(ckpt)
+    for name, full in results[0]["masters"].items():
+        expected = reader.full(f"{name}.weight", "merge_master").reshape(-1)
+        assert torch.equal(full, expected), name
+        assert torch.equal(results[0]["weights"][name], expected.bfloat16().float()), name
+    assert all(r["master_numel"] * world <= sum(r["wrapped_numels"]) + world * len(r["wrapped_numels"])
+               for r in results)
 
 
 def _corrupt(path, how):

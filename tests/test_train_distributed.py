@@ -69,12 +69,18 @@ def test_tensorboard_holds_expected_scalars(full_rank_runs):
     assert all(e.value > 0 for e in acc.Scalars("train/grad_norm"))
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_relora_run_two_ranks_match_one_process(tiny_data, tmp_path, stage):
+@pytest.mark.parametrize("stage,phase_stage", [("zero2", "same"), ("zero3", "same"), ("zero2", "3")],
+                         ids=["zero2", "zero3", "zero2-phase3"])
+def test_relora_run_two_ranks_match_one_process(tiny_data, tmp_path, stage, phase_stage):
     """A whole tiny ReLoRA run (4 warm-start steps, 12 ReLoRA steps, 2 resets) on 2 ranks vs 1
-    process of the same global batch: every logged loss within 1e-4, merged weights within 1e-4."""
-    one, _ = _run(1, "relora_run", tiny_data, tmp_path, stage, **RELORA)
-    two, out = _run(2, "relora_run", tiny_data, tmp_path, stage, **RELORA)
+    process of the same global batch: every logged loss within 1e-4, merged weights within 1e-4.
+    zero2-phase3: a ZeRO-2 warm start whose ReLoRA phase runs under ZeRO-3, in both worlds.
+    (Against one plain ZeRO-2 process the losses also agree within 1e-4, but 21 of the 512,000
+    embedding elements differed by up to 6e-3: Adam normalises near-zero gradients, so another
+    reduction order can turn a ~0 update into an LR-sized one.)"""
+    run = {**RELORA, "relora.phase_stage": phase_stage}
+    one, _ = _run(1, "relora_run", tiny_data, tmp_path, stage, **run)
+    two, out = _run(2, "relora_run", tiny_data, tmp_path, stage, **run)
     assert one[0]["restart_index"] == two[0]["restart_index"] == 2
     torch.testing.assert_close(two[0]["lrs"], one[0]["lrs"], rtol=0, atol=0)
     torch.testing.assert_close(two[0]["losses"], one[0]["losses"], rtol=1e-4, atol=1e-4)

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Analytic per-rank memory of the full-rank and ReLoRA phases under ZeRO-2/3.
+"""Analytic per-rank memory of the full-rank and ReLoRA phases under ZeRO-2/3 (and of a ZeRO-2 run's
+ReLoRA phase with host merge masters or under ZeRO-3: relora.merge_master_device, relora.phase_stage).
 
     python tools/memory_model.py                                   # Markdown tables, 8 and 64 ranks
     python tools/memory_model.py --compute bf16 --detail 350m 8 2  # one configuration's breakdown
+    python tools/memory_model.py --compute bf16 --detail 350m 8 2 --master-device cpu   # fp32 merge masters on the host
     python tools/memory_model.py validate --bench benchmarks/bench_tiny.json   # vs measured bytes
 
 The logic is in relora_dist/memory_model.py; docs/benchmarks.md explains it.

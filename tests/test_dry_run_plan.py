@@ -1,0 +1,89 @@
+"""`launchers/pretrain.py --dry_run` prints the memory model's per-rank plan of the run's phases at
+its WORLD_SIZE, ZeRO stage and precision. In-process (cli.main), so each case costs only validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relora_dist import cli
+from relora_dist import memory_model as mm
+from relora_dist.data import DEFAULT_TOKENIZER
+from relora_dist.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+BIG = ["--model.preset=350m", "--relora.r=128", "--train.precision=bf16",  # bf16 is accepted on CPU
+       "--train.global_batch_size=512", "--train.micro_batch_size=8"]
+
+
+@pytest.fixture
+def dry_run(tmp_path, monkeypatch, capsys):
+    def run(world: int, *args: str, rank: str = "0") -> list[str]:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["--dry_run", *args, f"--run.output_dir={tmp_path / 'run'}"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert not (tmp_path / "run").exists()
+        return out
+    return run
+
+
+def _vocab() -> int:
+    return load_tokenizer(DEFAULT_TOKENIZER).vocab_size
+
+
+def test_350m_zero2_bf16_at_64_ranks_warns_and_suggests_phase_stage_3(dry_run):
+    # Without a warm start the reference is plain full-rank training: at 64 ranks ZeRO-2's
+    # replicated bf16 weights and adapters outweigh the (already 1/64) optimizer state it frees.
+    out = dry_run(64, *BIG, "--relora.warm_start_steps=0")
+    assert out[0].startswith("ok: world size 64")
+    plan, warning, hint = out[1:]
+    shape = mm.Shape.of("350m", _vocab())
+    full = mm.per_rank_bytes(shape, 64, 2, "full_rank", compute="bf16", r=128)["total"]
+    rel = mm.per_rank_bytes(shape, 64, 2, "relora", compute="bf16", r=128)["total"]
+    z3 = mm.per_rank_bytes(shape, 64, 3, "relora", compute="bf16", r=128)["total"]
+    assert f"64 ranks, ZeRO-2, bf16, hidden 1024, 24 layers, vocab {_vocab()}, r=128" in plan
+    assert f"full-rank training (not run: warm_start_steps=0) {mm.fmt_bytes(full)}" in plan
+    assert f"ReLoRA phase {mm.fmt_bytes(rel)}" in plan and rel > full
+    assert warning.startswith(f"warning: the ReLoRA phase needs {rel / full:.2f}x the memory of full-rank training")
+    assert hint.startswith(f"hint: --relora.phase_stage=3 would hold {mm.fmt_bytes(z3)} per rank")
+
+
+def test_350m_zero2_bf16_at_2_ranks_does_not_warn(dry_run):
+    out = dry_run(2, *BIG)
+    assert len(out) == 3 and not any(ln.startswith("warning:") for ln in out)
+    shape = mm.Shape.of("350m", _vocab())
+    warm = mm.per_rank_bytes(shape, 2, 2, "warm_start", compute="bf16", r=128)["total"]
+    assert f"full-rank warm start {mm.fmt_bytes(warm)}, ReLoRA phase " in out[1]
+    assert out[2].startswith("hint: --relora.phase_stage=3")
+
+
+def test_phase_stage_3_and_host_masters_are_planned(dry_run):
+    out = dry_run(64, *BIG, "--relora.phase_stage=3", "--relora.merge_master_device=cpu")
+    assert len(out) == 2  # ZeRO-3 ReLoRA phase: nothing to warn about or suggest
+    shape = mm.Shape.of("350m", _vocab())
+    rel = mm.per_rank_bytes(shape, 64, 3, "relora", compute="bf16", r=128, master_device="cpu")
+    assert (f"ReLoRA phase (ZeRO-3) {mm.fmt_bytes(rel['total'])} + {mm.fmt_bytes(rel['host_merge_masters'])} "
+            f"fp32 merge masters in host memory") in out[1]
+
+
+def test_zero3_template_full_rank_only_and_other_ranks(dry_run):
+    out = dry_run(8, *BIG, "--ds_config", str(REPO / "ds_configs" / "zero3.json"))
+    assert len(out) == 2 and "8 ranks, ZeRO-3, bf16" in out[1]
+    full = dry_run(8, *BIG, "--relora.enabled=false")
+    assert len(full) == 2 and "ReLoRA" not in full[1] and "full-rank " in full[1]
+    offload = dry_run(8, *BIG, "--ds_config", str(REPO / "ds_configs" / "zero3_offload.json"))
+    assert offload[-1].startswith("note: ZeRO offload is not modelled")
+    assert dry_run(8, *BIG, rank="1") == []  # only rank 0 prints
+
+
+def test_auto_precision_and_targets_reach_the_plan(dry_run):
+    import torch
+
+    out = dry_run(1, "--relora.targets=self_attn\\.q_proj$")
+    precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    assert f"1 rank, ZeRO-2, {precision}, hidden 128, 2 layers" in out[1]
+    shape = mm.Shape(128, 344, 2, _vocab(), (r"self_attn\.q_proj$",))
+    rel = mm.per_rank_bytes(shape, 1, 2, "relora", compute=precision, r=32)["total"]
+    assert f"ReLoRA phase {mm.fmt_bytes(rel)}" in out[1]
