@@ -4,9 +4,15 @@ For each ZeRO stage, one run of `world` real processes (gloo, DeepSpeed CPU acce
 builds ONE Trainer and measures, in this order and with the same model, batch and engine code:
 
 1. full-rank steps (`Trainer.train_step`): step times, collective bytes, engine tensors, RSS;
-2. `Trainer.switch_to_relora()` (timed);
+2. `Trainer.switch_to_relora()` (timed; with `--override=--relora.phase_stage=3` a ZeRO-2 run
+   continues under ZeRO-3 and `trainer.backend` is the new backend from here on);
 3. ReLoRA steps: the same measurements;
-4. resets (`Trainer.reset()` = `relora_steps.relora_reset`: merge, re-init, prune, each timed);
+4. resets as `Trainer.train` does them: a step, `Trainer.reset()` (= `relora_steps.relora_reset`:
+   merge, re-init, prune, each timed), then `Trainer.rank_stats(measure=effective_rank_every >= 0)`
+   (timed apart);
+4b. ReLoRA steps again after the last reset, measured like 3: `post_reset_step_ratio` (a collective
+   at a reset can leave every later step slower: at world size 1 a gloo all-gather makes libgomp
+   throttle its spinning threads, seen as more voluntary context switches per step);
 5. the merge alone: shard-local (`relora_steps.merge_adapters`) against gather-based merges
    (ZeRO-3: `deepspeed.zero.GatheredParameters(modifier_rank=0)` over each W, and an all-gather of
    each W's fp32 shard, full add, keep own slice), time and bytes moved; run right after a reset,
@@ -30,6 +36,10 @@ How things are counted (documented in docs/benchmarks.md):
   reduce_scatter: the full input; all_gather: the full output). Reductions during
   `engine.backward` + `engine.step` are the gradient bytes; all-gathers/broadcasts are parameter
   traffic (ZeRO-3 forward/backward fetches, ZeRO-2's post-step all-gather), reported apart;
+- all collective bytes per step (`comm_bytes_ratio` = ReLoRA / full rank), split into gradient
+  reductions, parameter gathers and the rest (loss all-reduce, grad-norm scalars);
+- context switches: `getrusage(RUSAGE_SELF)` ru_nvcsw / ru_nivcsw deltas over the measured steps
+  of each phase, per step (whole process: torch's OpenMP threads and gloo's);
 - RSS: `resource.getrusage` ru_maxrss (cumulative over the process, so it can only grow) and the
   phase-local peak VmHWM after resetting it through /proc/self/clear_refs at the phase start.
 """
@@ -55,12 +65,16 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Targets of issue 5 (see docs/benchmarks.md for why each is what it is).
+# Targets (issue 5 and the follow-up on ZeRO-2 merge masters / phase_stage / post-reset steps; see
+# docs/benchmarks.md for why each is what it is). Each is a ratio measured within one run, and each
+# applies only to the configurations named in `judge` (elsewhere its verdict is not_applicable).
 TARGETS = {
-    "step_time_ratio": 0.75,
-    "state_bytes_ratio_350m_zero2": 0.45,
-    "grad_bytes_vs_trainable_pp": 1.0,
-    "reset_over_step": 1.0,
+    "step_time_ratio": 0.75,  # ReLoRA / full-rank median step, presets 20m-60m
+    "state_bytes_ratio_350m": 0.65,  # 350m, bf16, r=128, world 2: ZeRO-2, ZeRO-3, or ZeRO-2 with phase_stage=3
+    "grad_bytes_vs_trainable_pp": 1.0,  # grad_bytes_ratio within this many points of trainable_fraction
+    "reset_over_step": 1.0,  # 350m, bf16, r=128, ZeRO-2 and ZeRO-3
+    "post_reset_step_ratio": 1.05,  # median step after the last reset / before the first; world 1-2, tiny/20m
+    "comm_bytes_ratio_phase_stage3": 1.1,  # ZeRO-3 ReLoRA phase (phase_stage=3) vs ZeRO-2 full rank
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -199,6 +213,10 @@ class CommCounter:
         out["grad_bytes"] = totals.get("reduce_backward", 0.0) + totals.get("reduce_step", 0.0)
         out["param_gather_bytes"] = sum(v for k, v in totals.items() if k.startswith("gather_"))
         out["param_gather_bytes_forward"] = totals.get("gather_forward", 0.0)
+        # Every collective of the step, whatever its region (also the trainer's loss all-reduce and
+        # DeepSpeed's grad-norm / overflow scalars): the denominator of comm_bytes_ratio.
+        out["total_bytes"] = sum(totals.values())
+        out["other_bytes"] = out["total_bytes"] - out["grad_bytes"] - out["param_gather_bytes"]
         return out
 
 
@@ -302,6 +320,12 @@ def engine_tensor_bytes(trainer: Any) -> dict:
         out[cat] += sizes[key]
     out["merge_masters"] = trainer.masters.nbytes() if trainer.masters is not None else 0
     out["state"] = sum(out[c] for c in STATE_CATEGORIES) + out["merge_masters"]
+    # Accelerator-resident state: with relora.merge_master_device=cpu the fp32 merge masters live
+    # in host memory (pinned on GPUs) and do not count against the accelerator. On a CPU-only run
+    # (DeepSpeed's CPU accelerator, as on the benchmark machine) host and "device" are the same
+    # memory, so this figure is only what a GPU run would hold on the device, not a saving here.
+    on_host = trainer.cfg.relora.merge_master_device == "cpu"
+    out["state_accelerator"] = out["state"] - (out["merge_masters"] if on_host else 0)
     return out
 
 
@@ -354,20 +378,25 @@ def gathered_params_merge(trainer: Any) -> None:
 
 
 def allgather_merge(trainer: Any) -> None:
-    """Gather-based merge that keeps fp32: all-gather each W's fp32 shard, add s*B*A to the full
-    W on every rank, write back this rank's slice (master and compute copy)."""
+    """Gather-based merge that keeps fp32: all-gather each W's fp32 master slices, add s*B*A to the
+    full W on every rank, write back this rank's master slice and its part of the compute copy.
+
+    Each rank's fp32 merge master holds `backend.master_range(W)` (ZeRO-3: its own shard, =
+    local_range; ZeRO-2: its `rank_slice` of the replicated W), which `gather_owned` reassembles.
+    Without a separate master (fp32 compute: `alias`; merge_precision=bf16) the same slice of the
+    compute copy is gathered instead."""
     backend, masters = trainer.backend, trainer.masters
     for name, m in trainer.modules.items():
         A, B = backend.full_fp32(m.lora_A), backend.full_fp32(m.lora_B)
-        keep_master = masters is not None and not masters.alias and name in masters.shards
-        local = masters.shards[name] if keep_master else backend.local_view(m.weight)
-        numel = getattr(m.weight, "ds_numel", m.weight.numel())
-        full = backend.gather_flat_slices(local.float(), numel)
-        full += (m.scale * (B @ A)).reshape(-1)
-        start, end = backend.local_range(m.weight)
-        if keep_master:
-            local.copy_(full[start:end])
         target = backend.local_view(m.weight)
+        keep_master = masters is not None and not masters.alias and name in masters.shards
+        owned = masters.shards[name] if keep_master else backend.owned_view(m.weight)
+        full = backend.gather_owned(m.weight, owned.float().to(target.device))
+        full += (m.scale * (B @ A)).reshape(-1).to(full.device)
+        if keep_master:
+            mstart, mend = backend.master_range(m.weight)
+            owned.copy_(full[mstart:mend].to(owned.device))
+        start, end = backend.local_range(m.weight)
         target.copy_(full[start:end].to(target.dtype))
 
 
@@ -394,24 +423,42 @@ def _timed_cpu(fn, counter: CommCounter | None = None, region: str = "other") ->
     return time.perf_counter() - t0, time.process_time() - c0, result
 
 
-def _run_steps(trainer: Any, counter: CommCounter, warmup: int, steps: int) -> dict:
-    """warmup + measured steps (timed, collectives counted), then one untimed step that reads the
-    engine's tensors right after its last backward."""
+def _ctx_switches() -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of this process so far, all threads."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_nvcsw, ru.ru_nivcsw
+
+
+def _run_steps(trainer: Any, counter: CommCounter, warmup: int, steps: int, snapshot: bool = True) -> dict:
+    """warmup + measured steps (timed, collectives counted), then (with `snapshot`) one untimed
+    step that reads the engine's tensors right after its last backward.
+
+    Also the process's context switches over the measured steps (getrusage, every thread of the
+    process: torch's OpenMP pool, gloo's threads): voluntary switches per step are the diagnostic
+    of libgomp's throttled spinning (threads that sleep in futex waits instead of spinning)."""
     times, cpu_times = [], []
     counter.reset()
+    ctx0 = None
     for i in range(warmup + steps):
         batch = trainer.loader.next_batch()
         counter.enabled = i >= warmup
+        if i == warmup:
+            ctx0 = _ctx_switches()
         dt, cpu, _ = _timed_cpu(lambda: trainer.train_step(batch))
         if i >= warmup:
             times.append(dt)
             cpu_times.append(cpu)
+    ctx1 = _ctx_switches()
     counter.enabled = False
     comm = counter.summary(steps)
     snap: dict = {}
-    trainer.train_step(trainer.loader.next_batch(), before_update=lambda: snap.update(engine_tensor_bytes(trainer)))
+    if snapshot:
+        trainer.train_step(trainer.loader.next_batch(),
+                           before_update=lambda: snap.update(engine_tensor_bytes(trainer)))
+    ctx = {"voluntary_per_step": (ctx1[0] - ctx0[0]) / steps if ctx0 else float("nan"),
+           "involuntary_per_step": (ctx1[1] - ctx0[1]) / steps if ctx0 else float("nan")}
     return {"step_times": times, "step_cpu_times": cpu_times, "comm": comm, "state": snap,
-            "loadavg": os.getloadavg()}
+            "ctx_switches": ctx, "loadavg": os.getloadavg()}
 
 
 def _param_counts(trainer: Any) -> dict:
@@ -468,6 +515,11 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     res["model"] = {"hidden_size": mc.hidden_size, "intermediate_size": mc.intermediate_size,
                     "num_layers": mc.num_hidden_layers, "num_heads": mc.num_attention_heads,
                     "vocab_size": mc.vocab_size, "r": cfg.relora.r, "precision": trainer.precision}
+    res["run_config"] = {"world_size": info.world_size, "precision": trainer.precision,
+                         "merge_master_device": cfg.relora.merge_master_device,
+                         "phase_stage": str(cfg.relora.phase_stage),
+                         "effective_rank_every": cfg.relora.effective_rank_every,
+                         "torch_threads": torch.get_num_threads()}
     warmup, n = args["warmup"], args["steps"]
 
     if args.get("z3_bwd_hook_fix") and trainer.backend.stage == 3:
@@ -486,7 +538,10 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     # The W_switch snapshot only serves the effective-rank diagnostic (not called here); it is not
     # training state. Record its size, then drop it so the phase's RSS shows the training state.
     res["snapshot_bytes"] = trainer.masters.snapshot_nbytes()
-    trainer.masters.at_switch = {}
+    # With relora.phase_stage=3 the switch replaced trainer.backend (ZeRO-2 -> ZeRO-3): from here on
+    # every backend call goes through trainer.backend as it is now.
+    res["relora_stage"] = trainer.backend.stage
+    at_switch, trainer.masters.at_switch = trainer.masters.at_switch, {}
     trainer.backend.release_memory()
     track_engine(trainer.engine, counter)
     res["params_relora"] = _param_counts(trainer)
@@ -494,14 +549,29 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     res["relora"] = _run_steps(trainer, counter, warmup, n)
     res["relora"]["rss"] = rss_report(reset_ok)
 
-    # --- resets ---------------------------------------------------------------------------------
+    # --- resets, as Trainer.train does them ------------------------------------------------------
+    # The step at LR 0, then Trainer.reset() and Trainer.rank_stats(measure=effective_rank_every >= 0)
+    # (the effective-rank diagnostic: an all-gather of each W's delta, SVDs on rank 0), which needs
+    # the W_switch snapshot dropped above for the ReLoRA phase's RSS: put it back.
+    trainer.masters.at_switch = at_switch
+    del at_switch
+    measure = cfg.relora.effective_rank_every >= 0
     resets = []
     for _ in range(args["resets"]):
         _timed(lambda: None)
         timings = trainer.reset()
+        t0 = time.perf_counter()
+        trainer.rank_stats(measure=measure)
+        timings["rank_stats"] = time.perf_counter() - t0
         resets.append(timings)
         trainer.train_step(trainer.loader.next_batch())
     res["resets"] = resets
+    res["rank_stats_measured"] = measure
+
+    # --- ReLoRA steps after the last reset: same measure as before the first ----------------------
+    # A collective at a reset can leave the process slower for good (at world 1, gloo threads that
+    # run OpenMP regions make libgomp manage more threads than cores and throttle its spinning).
+    res["relora_post_reset"] = _run_steps(trainer, counter, warmup, n, snapshot=False)
 
     # --- merge alone: shard-local vs gather-based (right after a reset: B = 0, weights unchanged)
     _timed(trainer.reset)
@@ -623,6 +693,11 @@ def expected_flops_ratio(model: dict, seq_len: int, train_extra: bool) -> float:
     return relora / full
 
 
+def _ratio(a: float, b: float) -> float | None:
+    """a / b, or None when b is 0 (e.g. no gradient reduction at world size 1)."""
+    return a / b if b else None
+
+
 def _max_rank(ranks: list[dict], phase: str, key: str) -> float:
     return max(r[phase]["state"][key] for r in ranks)
 
@@ -634,26 +709,42 @@ def _mean_rank_comm(ranks: list[dict], phase: str, key: str) -> float:
 def summarize_stage(ranks: list[dict]) -> dict:
     """Ratios of one stage from its ranks' measurements."""
     r0 = ranks[0]
+    phases = ("full_rank", "relora", "relora_post_reset")
     out: dict[str, Any] = {"model": r0["model"], "params_full_rank": r0["params_full_rank"],
                            "params_relora": r0["params_relora"], "build_s": max(r["build_s"] for r in ranks),
-                           "switch_s": max(r["switch_s"] for r in ranks)}
+                           "switch_s": max(r["switch_s"] for r in ranks),
+                           # ZeRO stage of the ReLoRA phase (3 for a ZeRO-2 run with relora.phase_stage=3)
+                           "relora_stage": r0["relora_stage"], "run_config": r0["run_config"]}
     fr, rl = _step_median(ranks, "full_rank"), _step_median(ranks, "relora")
     out["step_time_full_rank_s"], out["step_time_relora_s"] = fr, rl
     out["step_time_ratio"] = rl / fr
+    # ReLoRA steps after the last reset (Trainer.reset + rank_stats, as in training) against the
+    # ReLoRA steps before the first: 1.0 unless a reset leaves the process slower.
+    pr = _step_median(ranks, "relora_post_reset")
+    out["step_time_post_reset_s"] = pr
+    out["post_reset_step_ratio"] = pr / rl
     cpu = {ph: _median([sum(r[ph]["step_cpu_times"][i] for r in ranks) / len(ranks)
                         for i in range(len(r0[ph]["step_cpu_times"]))]) for ph in ("full_rank", "relora")}
     out["step_cpu_time_full_rank_s"], out["step_cpu_time_relora_s"] = cpu["full_rank"], cpu["relora"]
     out["step_cpu_time_ratio"] = cpu["relora"] / cpu["full_rank"]
-    out["step_time_spread"] = {ph: _spread(ranks, ph) for ph in ("full_rank", "relora")}
+    out["step_time_spread"] = {ph: _spread(ranks, ph) for ph in phases}
     # Raw per-step figures (wall: slowest rank; CPU: mean over ranks) so the JSON can be re-read.
     out["step_times_s"] = {ph: [max(r[ph]["step_times"][i] for r in ranks) for i in range(len(r0[ph]["step_times"]))]
-                           for ph in ("full_rank", "relora")}
+                           for ph in phases}
     out["step_cpu_times_s"] = {ph: [sum(r[ph]["step_cpu_times"][i] for r in ranks) / len(ranks)
-                                    for i in range(len(r0[ph]["step_cpu_times"]))] for ph in ("full_rank", "relora")}
+                                    for i in range(len(r0[ph]["step_cpu_times"]))] for ph in phases}
+    out["post_reset_step_cpu_ratio"] = (_median(out["step_cpu_times_s"]["relora_post_reset"])
+                                        / _median(out["step_cpu_times_s"]["relora"]))
+    # Context switches per measured step (whole process, mean over ranks, and per rank).
+    out["ctx_switches_per_step"] = {
+        ph: {"voluntary": sum(r[ph]["ctx_switches"]["voluntary_per_step"] for r in ranks) / len(ranks),
+             "involuntary": sum(r[ph]["ctx_switches"]["involuntary_per_step"] for r in ranks) / len(ranks),
+             "voluntary_per_rank": [r[ph]["ctx_switches"]["voluntary_per_step"] for r in ranks]}
+        for ph in phases}
     out["step_time_min_ratio"] = min(out["step_times_s"]["relora"]) / min(out["step_times_s"]["full_rank"])
-    out["loadavg_1min"] = {ph: r0[ph]["loadavg"][0] for ph in ("full_rank", "relora")}
+    out["loadavg_1min"] = {ph: r0[ph]["loadavg"][0] for ph in phases}
     out["flops_ratio_expected"] = expected_flops_ratio(r0["model"], r0["seq_len"], r0["train_extra"])
-    cats = list(_CATEGORY_ORDER) + ["merge_masters", "state"]
+    cats = list(_CATEGORY_ORDER) + ["merge_masters", "state", "state_accelerator"]
     out["state_bytes_per_rank"] = {ph: {c: _max_rank(ranks, ph, c) for c in cats}
                                    for ph in ("full_rank", "relora")}
     out["state_bytes_all_ranks"] = {ph: [r[ph]["state"] for r in ranks] for ph in ("full_rank", "relora")}
@@ -661,16 +752,31 @@ def summarize_stage(ranks: list[dict]) -> dict:
     rl_state = out["state_bytes_per_rank"]["relora"]
     out["state_bytes_ratio_without_merge_masters"] = ((rl_state["state"] - rl_state["merge_masters"])
                                                       / out["state_bytes_per_rank"]["full_rank"]["state"])
+    # What stays on the accelerator: without the merge masters when relora.merge_master_device=cpu,
+    # else = state_bytes_ratio (on this CPU-only machine both are the same host memory).
+    out["state_bytes_ratio_accelerator"] = (rl_state["state_accelerator"]
+                                            / out["state_bytes_per_rank"]["full_rank"]["state_accelerator"])
     out["snapshot_bytes_per_rank"] = max(r["snapshot_bytes"] for r in ranks)
     out["rss_per_rank"] = {ph: [r[ph]["rss"] for r in ranks] for ph in ("full_rank", "relora")}
     peaks = {ph: [x["phase_peak_rss_mb"] for x in out["rss_per_rank"][ph]] for ph in ("full_rank", "relora")}
     if all(v is not None for ph in peaks.values() for v in ph):
         out["peak_rss_ratio"] = max(peaks["relora"]) / max(peaks["full_rank"])
     comm = {ph: {k: _mean_rank_comm(ranks, ph, k) for k in
-                 ("grad_bytes", "param_gather_bytes", "param_gather_bytes_forward")} for ph in ("full_rank", "relora")}
+                 ("grad_bytes", "param_gather_bytes", "param_gather_bytes_forward", "other_bytes", "total_bytes")}
+            for ph in phases}
     out["comm_bytes_per_step"] = comm
-    out["comm_per_op"] = {ph: r0[ph]["comm"]["per_op"] for ph in ("full_rank", "relora")}
-    out["grad_bytes_ratio"] = comm["relora"]["grad_bytes"] / comm["full_rank"]["grad_bytes"]
+    out["comm_per_op"] = {ph: r0[ph]["comm"]["per_op"] for ph in phases}
+    out["grad_bytes_ratio"] = _ratio(comm["relora"]["grad_bytes"], comm["full_rank"]["grad_bytes"])
+    # All collective bytes per ReLoRA step / per full-rank step (with relora.phase_stage=3 on a
+    # ZeRO-2 run: a ZeRO-3 ReLoRA phase against ZeRO-2 full rank), and the parts of it.
+    out["comm_bytes_ratio"] = _ratio(comm["relora"]["total_bytes"], comm["full_rank"]["total_bytes"])
+    out["comm_bytes_breakdown"] = {
+        part: {"full_rank": comm["full_rank"][key], "relora": comm["relora"][key],
+               "ratio": _ratio(comm["relora"][key], comm["full_rank"][key]),
+               "share_of_full_rank_total": _ratio(comm["full_rank"][key], comm["full_rank"]["total_bytes"]),
+               "share_of_relora_total": _ratio(comm["relora"][key], comm["relora"]["total_bytes"])}
+        for part, key in (("grad_reductions", "grad_bytes"), ("param_gathers", "param_gather_bytes"),
+                          ("other", "other_bytes"))}
     out["param_gather_bytes_ratio"] = (comm["relora"]["param_gather_bytes"] / comm["full_rank"]["param_gather_bytes"]
                                        if comm["full_rank"]["param_gather_bytes"] else None)
     pf, pr = r0["params_full_rank"], r0["params_relora"]
@@ -679,6 +785,10 @@ def summarize_stage(ranks: list[dict]) -> dict:
     parts = {k: _median([max(r["resets"][i][k] for r in ranks) for i in range(len(r0["resets"]))])
              for k in ("merge", "reinit", "prune", "total")}
     out["reset_s"] = parts
+    out["rank_stats_s"] = _median([max(r["resets"][i].get("rank_stats", 0.0) for r in ranks)
+                                   for i in range(len(r0["resets"]))])
+    out["rank_stats_measured"] = r0["rank_stats_measured"]
+    out["resets_done"] = len(r0["resets"])
     out["reset_over_step"] = parts["total"] / rl
     out["reset_parts_over_step"] = {k: v / rl for k, v in parts.items() if k != "total"}
     out["merge"] = {name: {"time_s": _median([max(r["merge"][name]["times"][i] for r in ranks)
@@ -704,55 +814,121 @@ def summarize_stage(ranks: list[dict]) -> dict:
             "flops_ratio_expected": expected_flops_ratio(r0["model"], r0["seq_len"], False),
             "state_bytes_per_rank": {c: max(r["relora_no_extra"]["state"][c] for r in ranks) for c in cats},
             "state_bytes_ratio": st_ne / out["state_bytes_per_rank"]["full_rank"]["state"],
-            "grad_bytes_per_step": g_ne, "grad_bytes_ratio": g_ne / comm["full_rank"]["grad_bytes"],
+            "grad_bytes_per_step": g_ne, "grad_bytes_ratio": _ratio(g_ne, comm["full_rank"]["grad_bytes"]),
             "trainable_fraction": pn["trainable"] / pf["trainable"],
             "rss_per_rank": [r["relora_no_extra"]["rss"] for r in ranks]}
     return out
 
 
+def _verdict(value: float | None, limit: float, target: str, applicable: bool, reason) -> dict:
+    """value / target / status (met, missed, not_applicable) / reason (measured; when over the limit)."""
+    if value is None:
+        return {"value": None, "target": target, "status": "not_applicable", "reason": reason()}
+    over = value > limit
+    return {"value": value, "target": target,
+            "status": ("missed" if over else "met") if applicable else "not_applicable",
+            "reason": reason() if over else ""}
+
+
 def judge(stage: int, s: dict, preset: str) -> dict:
     """met / missed / not_applicable for each target, with the reason when not met."""
     verdicts: dict[str, dict] = {}
-    v = s["step_time_ratio"]
+    m, rc = s["model"], s["run_config"]
+    world, rstage = rc["world_size"], s["relora_stage"]
+    paper_350m = preset == "350m" and m["precision"] == "bf16" and m["r"] == 128
+    stage_name = f"ZeRO-{stage}" + (" with relora.phase_stage=3" if rstage != stage else "")
+
     applicable = preset in ("20m", "60m")
-    verdicts["step_time_ratio"] = {
-        "value": v, "target": f"<= {TARGETS['step_time_ratio']} (20M-60M presets)",
-        "status": ("met" if v <= TARGETS["step_time_ratio"] else "missed") if applicable else "not_applicable",
-        "reason": "" if v <= TARGETS["step_time_ratio"] else _step_reason(s)}
+    verdicts["step_time_ratio"] = _verdict(
+        s["step_time_ratio"], TARGETS["step_time_ratio"], f"<= {TARGETS['step_time_ratio']} (20M-60M presets)",
+        applicable, lambda: _step_reason(s))
+
     sb = s["state_bytes_ratio"]
-    verdicts["state_bytes_ratio"] = {
-        "value": sb, "target": f"<= {TARGETS['state_bytes_ratio_350m_zero2']} for 350M on ZeRO-2",
-        "status": ("met" if sb <= TARGETS["state_bytes_ratio_350m_zero2"] else "missed")
-        if (preset == "350m" and stage == 2) else "not_applicable",
-        "reason": "" if sb <= TARGETS["state_bytes_ratio_350m_zero2"] else _state_reason(stage, s)}
-    gap = 100 * abs(s["grad_bytes_ratio"] - s["trainable_fraction"])
-    verdicts["grad_bytes_ratio"] = {
-        "value": s["grad_bytes_ratio"], "trainable_fraction": s["trainable_fraction"], "gap_pp": gap,
-        "target": f"within {TARGETS['grad_bytes_vs_trainable_pp']} pp of trainable_fraction",
-        "status": "met" if gap <= TARGETS["grad_bytes_vs_trainable_pp"] else "missed",
-        "reason": "" if gap <= TARGETS["grad_bytes_vs_trainable_pp"] else
-        "extra reductions (grad-norm / overflow scalars, bucket padding) weigh more than 1 pp at this size"}
+    verdicts["state_bytes_ratio"] = _verdict(
+        sb, TARGETS["state_bytes_ratio_350m"],
+        f"<= {TARGETS['state_bytes_ratio_350m']} for 350M, bf16, r=128, world 2 (ZeRO-2, ZeRO-3 or phase_stage=3)",
+        paper_350m and world == 2, lambda: _state_reason(stage, s))
+    verdicts["state_bytes_ratio"]["value_accelerator"] = s["state_bytes_ratio_accelerator"]
+    verdicts["state_bytes_ratio"]["merge_master_device"] = rc["merge_master_device"]
+    verdicts["state_bytes_ratio"]["stage"] = stage_name
+
+    gbr = s["grad_bytes_ratio"]
+    gap = 100 * abs(gbr - s["trainable_fraction"]) if gbr is not None else None
+    verdicts["grad_bytes_ratio"] = _verdict(
+        gap, TARGETS["grad_bytes_vs_trainable_pp"],
+        f"within {TARGETS['grad_bytes_vs_trainable_pp']} pp of trainable_fraction", True,
+        lambda: ("no gradient reduction in the full-rank phase (world size 1)" if gap is None else
+                 "extra reductions (grad-norm / overflow scalars, bucket padding) weigh more than 1 pp at this size"))
+    verdicts["grad_bytes_ratio"].update(value=gbr, trainable_fraction=s["trainable_fraction"], gap_pp=gap)
+
     ro = s["reset_over_step"]
     parts = s["reset_parts_over_step"]
-    reason = "parts/step: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
-    if parts["merge"] > 0.5:
-        reason += ("; the merge computes s*B*A with relora._delta_rows, a fixed-order fp64 loop of r rank-1 "
-                   "updates per W (partition-invariant, ~20x slower than an fp64 GEMM on this CPU)")
-    if parts["prune"] > 0.5:
-        reason += "; the prune gathers each adapter moment in full and takes a k-th value per tensor"
-    verdicts["reset_over_step"] = {
-        "value": ro, "target": f"<= {TARGETS['reset_over_step']}",
-        "status": "met" if ro <= TARGETS["reset_over_step"] else "missed",
-        "reason": "" if ro <= TARGETS["reset_over_step"] else reason}
+
+    def reset_reason() -> str:
+        reason = "parts/step: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+        if parts["merge"] > 0.5:
+            reason += "; the merge (s*B*A on this rank's range of every W, then the cast into the compute copy) dominates"
+        if parts["prune"] > 0.5:
+            reason += "; the prune gathers each adapter moment in full and takes a k-th value per tensor"
+        return reason + f"; the step it is compared with takes {s['step_time_relora_s']:.3f} s"
+
+    verdicts["reset_over_step"] = _verdict(
+        ro, TARGETS["reset_over_step"], f"<= {TARGETS['reset_over_step']} (350M, bf16, r=128, ZeRO-2 and ZeRO-3)",
+        paper_350m, reset_reason)
+
+    verdicts["post_reset_step_ratio"] = _verdict(
+        s["post_reset_step_ratio"], TARGETS["post_reset_step_ratio"],
+        f"<= {TARGETS['post_reset_step_ratio']} (world 1 and 2, tiny and 20m presets)",
+        preset in ("tiny", "20m") and world in (1, 2), lambda: _post_reset_reason(s))
+
+    cb = s["comm_bytes_ratio"]
+
+    def comm_reason() -> str:
+        if cb is None:
+            return "no collective bytes counted in the full-rank phase"
+        parts = s["comm_bytes_breakdown"]
+        mib = 2 ** 20
+        return (f"ZeRO-{rstage} ReLoRA vs ZeRO-{stage} full rank, MiB/step/rank: " + "; ".join(
+            f"{k} {v['full_rank'] / mib:.2f} -> {v['relora'] / mib:.2f}" for k, v in parts.items())
+            + " (ZeRO-3 all-gathers every parameter in forward and again in backward, frozen ones included)")
+
+    verdicts["comm_bytes_ratio"] = _verdict(
+        cb, TARGETS["comm_bytes_ratio_phase_stage3"],
+        f"<= {TARGETS['comm_bytes_ratio_phase_stage3']} (ZeRO-2 run with relora.phase_stage=3)",
+        stage == 2 and rstage == 3, comm_reason)
+
     if "train_extra_false" in s:
-        te = s["train_extra_false"]["step_time_ratio"]
-        verdicts["step_time_ratio_train_extra_false"] = {
-            "value": te, "target": f"<= {TARGETS['step_time_ratio']} (20M-60M presets)",
-            "status": ("met" if te <= TARGETS["step_time_ratio"] else "missed") if applicable else "not_applicable",
-            "reason": "" if te <= TARGETS["step_time_ratio"] else
-            f"matmul FLOPs alone give {s['train_extra_false']['flops_ratio_expected']:.2f}; CPU-time ratio "
-            f"{s['train_extra_false']['step_cpu_time_ratio']:.2f}"}
+        te = s["train_extra_false"]
+        verdicts["step_time_ratio_train_extra_false"] = _verdict(
+            te["step_time_ratio"], TARGETS["step_time_ratio"], f"<= {TARGETS['step_time_ratio']} (20M-60M presets)",
+            applicable, lambda: (f"matmul FLOPs alone give {te['flops_ratio_expected']:.2f}; CPU-time ratio "
+                                 f"{te['step_cpu_time_ratio']:.2f}"))
     return verdicts
+
+
+def _post_reset_reason(s: dict) -> str:
+    rc, cs = s["run_config"], s["ctx_switches_per_step"]
+    pre, post = cs["relora"]["voluntary"], cs["relora_post_reset"]["voluntary"]
+    why = (f"median ReLoRA step {s['step_time_post_reset_s']:.3f} s after {s['resets_done']} "
+           f"resets vs {s['step_time_relora_s']:.3f} s before (CPU-time ratio {s['post_reset_step_cpu_ratio']:.2f}); "
+           f"voluntary context switches per step {pre:.0f} before, {post:.0f} after (involuntary "
+           f"{cs['relora']['involuntary']:.0f} / {cs['relora_post_reset']['involuntary']:.0f}); "
+           f"{rc['torch_threads']} torch threads per rank x {rc['world_size']} ranks on {os.cpu_count()} cores; "
+           f"resets ran Trainer.reset()"
+           + (" + Trainer.rank_stats(measure=True)" if s.get("rank_stats_measured") else "")
+           + f"; step-time spread before {s['step_time_spread']['relora']:.0%}, after "
+           f"{s['step_time_spread']['relora_post_reset']:.0%}; 1-min load average "
+           f"{s['loadavg_1min']['relora_post_reset']:.1f}")
+    throttled = post > 1.5 * max(pre, 1.0)
+    if not throttled and s["post_reset_step_cpu_ratio"] - 1 < 0.5 * (s["post_reset_step_ratio"] - 1):
+        why += ("; CPU time per step grew far less than wall time and voluntary switches did not rise: the extra "
+                "wall time is waiting (other processes on the cores, or ranks waiting for each other), not "
+                "slower compute")
+    if throttled:
+        why += ("; the rise in voluntary switches is the sign of OpenMP threads that sleep instead of spinning "
+                "(libgomp throttles when it manages more threads than cores, e.g. after gloo threads ran OpenMP "
+                "regions in a collective at the reset)")
+    return why
 
 
 def _step_reason(s: dict) -> str:
@@ -767,23 +943,33 @@ def _step_reason(s: dict) -> str:
 
 def _state_reason(stage: int, s: dict) -> str:
     rl = s["state_bytes_per_rank"]["relora"]
+    rstage = s["relora_stage"]
     frac = rl["params"] / rl["state"] if rl["state"] else 0
     why = (f"the frozen compute weights stay resident ({frac:.0%} of the ReLoRA-phase state; "
-           f"{'replicated on every rank under ZeRO-2' if stage == 2 else 'sharded'})")
+           f"{'replicated on every rank under ZeRO-2' if rstage == 2 else 'sharded under ZeRO-3'})")
     if rl["merge_masters"]:
-        why += (f", plus {rl['merge_masters'] / 2**20:.0f} MiB of fp32 merge masters (an fp32 copy of every frozen W"
-                f"{', replicated like W under ZeRO-2' if stage == 2 else ''}; without them the ratio would be "
-                f"{s['state_bytes_ratio_without_merge_masters']:.3f})")
+        why += (f", plus {rl['merge_masters'] / 2**20:.0f} MiB of fp32 merge masters (this rank's range of every "
+                f"frozen W, sharded under ZeRO-2 and ZeRO-3 alike; without them the ratio would be "
+                f"{s['state_bytes_ratio_without_merge_masters']:.3f}"
+                + (", and they sit in host memory with merge_master_device=cpu: accelerator ratio "
+                   f"{s['state_bytes_ratio_accelerator']:.3f}" if s["run_config"]["merge_master_device"] == "cpu"
+                   else "") + ")")
     why += "; ZeRO already shards grads, fp32 masters and Adam moments over the ranks, so freezing W saves less than without sharding"
     why += f"; trainable fraction {s['trainable_fraction']:.1%} (embeddings/lm_head with train_extra)"
     return why
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def format_table(result: dict) -> str:
     lines = []
     for stage, s in result["stages"].items():
         m = s["model"]
-        lines.append(f"ZeRO-{stage} | preset {result['config']['preset']} ({s['params_full_rank']['total'] / 1e6:.1f}M "
+        rstage = s["relora_stage"]
+        lines.append(f"ZeRO-{stage}" + (f" (ReLoRA phase ZeRO-{rstage})" if str(rstage) != stage else "")
+                     + f" | preset {result['config']['preset']} ({s['params_full_rank']['total'] / 1e6:.1f}M "
                      f"params incl. adapters, hidden {m['hidden_size']}, {m['num_layers']} layers, vocab "
                      f"{m['vocab_size']}, r {m['r']}, {m['precision']}) | world {result['config']['world_size']}")
         lines.append(f"| metric | full-rank | ReLoRA | ratio | target | status |")
@@ -806,24 +992,37 @@ def format_table(result: dict) -> str:
         row("matmul FLOPs ratio (analytic)", "", "", f"{s['flops_ratio_expected']:.3f}", "")
         row("state bytes / rank (MiB)", f"{sb['full_rank']['state'] / 2**20:.1f}", f"{sb['relora']['state'] / 2**20:.1f}",
             f"{s['state_bytes_ratio']:.3f}", "state_bytes_ratio")
+        if s["run_config"]["merge_master_device"] == "cpu":
+            row("  on the accelerator (MiB; masters on host)", f"{sb['full_rank']['state_accelerator'] / 2**20:.1f}",
+                f"{sb['relora']['state_accelerator'] / 2**20:.1f}", f"{s['state_bytes_ratio_accelerator']:.3f}", "")
         for c in ("params", "grads", "fp32_master", "optimizer_state", "merge_masters"):
             row(f"  {c} (MiB)", f"{sb['full_rank'][c] / 2**20:.1f}", f"{sb['relora'][c] / 2**20:.1f}", "", "")
         pk = {ph: max((x["phase_peak_rss_mb"] or float('nan')) for x in s["rss_per_rank"][ph]) for ph in ("full_rank", "relora")}
         row("peak RSS / rank, phase (MiB)", f"{pk['full_rank']:.0f}", f"{pk['relora']:.0f}",
             f"{s.get('peak_rss_ratio', float('nan')):.3f}", "")
         row("grad bytes / step / rank (MiB)", f"{cm['full_rank']['grad_bytes'] / 2**20:.2f}",
-            f"{cm['relora']['grad_bytes'] / 2**20:.2f}", f"{s['grad_bytes_ratio']:.4f}", "grad_bytes_ratio")
+            f"{cm['relora']['grad_bytes'] / 2**20:.2f}", _fmt(s['grad_bytes_ratio'], 4), "grad_bytes_ratio")
         row("trainable params", f"{s['params_full_rank']['trainable']:,}", f"{s['params_relora']['trainable']:,}",
             f"{s['trainable_fraction']:.4f}", "")
         row("param gather bytes / step / rank (MiB)", f"{cm['full_rank']['param_gather_bytes'] / 2**20:.2f}",
             f"{cm['relora']['param_gather_bytes'] / 2**20:.2f}",
             f"{s['param_gather_bytes_ratio']:.3f}" if s["param_gather_bytes_ratio"] else "", "")
+        row("all collective bytes / step / rank (MiB)", f"{cm['full_rank']['total_bytes'] / 2**20:.2f}",
+            f"{cm['relora']['total_bytes'] / 2**20:.2f}", _fmt(s["comm_bytes_ratio"]), "comm_bytes_ratio")
+        cs = s["ctx_switches_per_step"]
+        lines.append(f"| ReLoRA step after the last reset (median, s) | | {s['step_time_post_reset_s']:.3f} "
+                     f"(before: {s['step_time_relora_s']:.3f}) | {s['post_reset_step_ratio']:.3f} | "
+                     f"{v['post_reset_step_ratio']['target']} | {v['post_reset_step_ratio']['status']} |")
+        lines.append(f"| voluntary ctx switches / step: full-rank, ReLoRA before / after resets | "
+                     f"{cs['full_rank']['voluntary']:.0f} | {cs['relora']['voluntary']:.0f} / "
+                     f"{cs['relora_post_reset']['voluntary']:.0f} | | | |")
         rs = s["reset_s"]
         row("reset (s): merge / re-init / prune / total", "",
             f"{rs['merge']:.3f} / {rs['reinit']:.3f} / {rs['prune']:.3f} / {rs['total']:.3f}",
             f"{s['reset_over_step']:.3f}", "reset_over_step")
         for name, mg in s["merge"].items():
-            extra = (f" ({mg['time_vs_shard_local']:.2f}x time, {mg['bytes_vs_shard_local']:.1f}x bytes of shard-local)"
+            extra = (f" ({mg['time_vs_shard_local']:.2f}x time, {_fmt(mg['bytes_vs_shard_local'], 1)}x bytes of "
+                     f"shard-local)"
                      if "time_vs_shard_local" in mg else "")
             lines.append(f"| merge {name} | | {mg['time_s']:.4f} s, {mg['bytes_per_rank'] / 2**20:.2f} MiB/rank{extra} | | | |")
         if "train_extra_false" in s:
@@ -844,7 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="20m", help="model preset (relora_dist/model.PRESETS); tiny for a smoke test")
     p.add_argument("--layers", type=int, default=0, help="override the preset's layer count (0 = preset)")
     p.add_argument("--stages", type=int, nargs="+", default=[2, 3], choices=[2, 3])
-    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--world-size", type=int, default=2, help="processes per stage (1 works: one spawned rank)")
     p.add_argument("--steps", type=int, default=8, help="measured steps per phase")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per phase")
     p.add_argument("--resets", type=int, default=3, help="timed resets")
@@ -863,8 +1062,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(see _patch_teardown_drop_bwd_fns); off = the engine as it is")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = cores / world)")
     p.add_argument("--cache-dir", default=str(REPO_ROOT / ".cache" / "data"))
-    p.add_argument("--override", action="append", help="extra --section.key=value config override")
+    p.add_argument("--override", action="append", help="extra config override, written --override=--section.key=value (e.g. --override=--relora.phase_stage=3)")
     return p
+
+
+HEADLINE_KEYS = ("step_time_ratio", "state_bytes_ratio", "state_bytes_ratio_accelerator", "grad_bytes_ratio",
+                 "trainable_fraction", "reset_over_step", "post_reset_step_ratio", "comm_bytes_ratio")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -895,13 +1098,19 @@ def main(argv: list[str] | None = None) -> dict:
         result["stages"][str(stage)] = s
     result["wall_s"] = time.perf_counter() - t0
     result["machine"]["loadavg_end"] = os.getloadavg()
-    # Headline keys (the first stage listed; per-stage values under "stages").
+    # The run's engine settings as the ranks resolved them (overrides included).
     first = result["stages"][str(a.stages[0])]
-    for key in ("step_time_ratio", "state_bytes_ratio", "grad_bytes_ratio", "trainable_fraction", "reset_over_step"):
+    rc = first["run_config"]
+    result["config"].update(
+        world_size=rc["world_size"], precision=rc["precision"], merge_master_device=rc["merge_master_device"],
+        phase_stage=rc["phase_stage"], effective_rank_every=rc["effective_rank_every"],
+        relora_stage={k: s["relora_stage"] for k, s in result["stages"].items()},
+        # ZeRO-2 keeps fp32 merge masters of its rank_slice of each frozen W only (not the whole W).
+        zero2_merge_masters="sharded")
+    # Headline keys (the first stage listed; per-stage values under "stages").
+    for key in HEADLINE_KEYS:
         result[key] = first[key]
-    result["by_stage"] = {k: {key: s[key] for key in ("step_time_ratio", "state_bytes_ratio", "grad_bytes_ratio",
-                                                      "trainable_fraction", "reset_over_step")}
-                          for k, s in result["stages"].items()}
+    result["by_stage"] = {k: {key: s[key] for key in HEADLINE_KEYS} for k, s in result["stages"].items()}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1, sort_keys=False))
     print(format_table(result))

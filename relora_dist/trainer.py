@@ -149,8 +149,9 @@ class Trainer:
         """Tear down the full-rank engine and continue with adapters only (relora_steps.py)."""
         self.state.phase = "relora"
         engine, self.engine = self.engine, None
-        phase_backend = make_backend(relora_phase_ds_config(self.ds_config, self.cfg), self.info.rank,
-                                     self.info.world_size, self.cfg.optimizer.name)
+        phase_ds = relora_phase_ds_config(self.ds_config, self.cfg)
+        phase_backend = self.backend if phase_ds is self.ds_config else make_backend(
+            phase_ds, self.info.rank, self.info.world_size, self.cfg.optimizer.name)
         self.engine, self.masters = steps.switch_to_relora(
             self.backend, engine, self.model, self.cfg, self.modules,
             lambda model: param_groups(model, self.cfg, self.cfg.relora_lr), self.precision == "fp32",
