@@ -49,6 +49,8 @@ __all__ = [
     "lora_delta_rows",
     "flat_slice_delta",
     "prune_mask",
+    "prune_keep",
+    "magnitude_threshold",
     "prune_generator",
     "cumulative_rank",
     "effective_rank",
@@ -355,20 +357,37 @@ def prune_mask(t: Tensor, mode: str, p: float, generator: torch.Generator | None
       least ``ceil(p*n)`` elements are pruned (exactly that many when |t| has no ties); p = 0 prunes
       the minimum (as ``|t| > quantile(|t|, 0)`` does), p = 1 prunes everything.
     """
+    flat = t.reshape(-1)
+    thr = magnitude_threshold(flat, p) if mode == "magnitude" and flat.numel() else None
+    return prune_keep(flat, 0, flat.numel(), mode, p, generator, thr).reshape(t.shape)
+
+
+def magnitude_threshold(full: Tensor, p: float) -> Tensor:
+    """The k-th smallest ``|full|`` (k = max(1, ceil(p * n))) over the WHOLE tensor: magnitude
+    pruning keeps what lies above it."""
+    k = max(1, math.ceil(p * full.numel()))
+    return torch.kthvalue(full.detach().reshape(-1).abs().float(), k).values
+
+
+def prune_keep(fragment: Tensor, start: int, numel: int, mode: str, p: float,
+               generator: torch.Generator | None = None, threshold: Tensor | None = None) -> Tensor:
+    """prune_mask's decision for elements [start, start + len(fragment)) of a flat tensor of
+    ``numel`` elements, made over the WHOLE tensor: the same bits as the matching slice of
+    ``prune_mask(full)``. Magnitude needs the whole tensor's ``threshold``
+    (magnitude_threshold); random draws U over all ``numel`` elements and keeps the fragment's
+    part; so each rank prunes its own shard."""
     if mode not in PRUNE_MODES:
         raise ReLoRAConfigError(f"unknown optimizer prune mode {mode!r}: use one of {list(PRUNE_MODES)}")
     if not (isinstance(p, numbers.Real) and 0.0 <= p <= 1.0):
         raise ReLoRAConfigError(f"prune fraction p={p!r} is invalid: use 0 <= p <= 1 (e.g. 0.9 or 0.99)")
-    if mode == "zero" or t.numel() == 0:
-        return torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+    if mode == "zero" or numel == 0:
+        return torch.zeros(fragment.shape, dtype=torch.bool, device=fragment.device)
     if mode == "random":
-        u = torch.rand(t.shape, generator=generator, dtype=torch.float32)
-        return (u > p).to(t.device)
-    a = t.detach().abs().float()
-    n = a.numel()
-    k = max(1, math.ceil(p * n))
-    thr = torch.kthvalue(a.reshape(-1), k).values
-    return a > thr
+        u = torch.rand(numel, generator=generator, dtype=torch.float32)[start:start + fragment.numel()]
+        return (u > p).to(fragment.device)
+    if threshold is None:
+        raise ReLoRAConfigError("magnitude pruning needs the whole tensor's threshold: pass threshold=")
+    return fragment.detach().abs().float() > threshold.to(fragment.device)
 
 
 # --------------------------------------------------------------------------------------------------

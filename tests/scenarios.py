@@ -93,6 +93,7 @@ def relora_checks(cfg, template, info) -> dict:
 
     # --- switch ---------------------------------------------------------------------------------
     out["loss_before_switch"] = _fixed_loss(t, fixed)
+    out["stage"] = t.backend.stage  # of the warm start
     w_before = {n: t.backend.full_fp32(m.weight).reshape(-1).clone() for n, m in t.modules.items()}
     engine_ref, optimizer_ref = weakref.ref(t.engine), weakref.ref(t.engine.optimizer)
     offload = getattr(t.engine.optimizer, "parameter_offload", None)  # ZeRO-3's hook owner

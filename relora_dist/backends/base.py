@@ -76,8 +76,36 @@ class Backend(ABC):
         """Full fp32 optimizer state `key` of p (collective), None before the first step."""
 
     @abstractmethod
-    def mask_optimizer_state(self, p: torch.nn.Parameter, key: str, keep: torch.Tensor) -> None:
-        """Multiply this rank's shard of optimizer state `key` by the full-shape mask `keep`."""
+    def local_state(self, p: torch.nn.Parameter, key: str) -> tuple[int, torch.Tensor] | None:
+        """(flat start, 1-D fragment) of this rank's part of optimizer state `key` of p, the fragment
+        empty where the rank holds none of p; None while the optimizer has no state yet. No
+        communication."""
+
+    @abstractmethod
+    def mask_local_state(self, p: torch.nn.Parameter, key: str, keep: torch.Tensor) -> None:
+        """Multiply this rank's fragment of optimizer state `key` (as local_state returns it) by the
+        same-length bool mask `keep`. No communication."""
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise max over ranks of a small tensor (none at world size 1)."""
+        if self.world_size == 1:
+            return t
+        out = t.to(self.comm_device)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out.cpu()
+
+    def all_reduce_sum_(self, t: torch.Tensor, dst: int | None = None) -> None:
+        """In-place sum over ranks of a tensor on `comm_device` (none at world size 1); with `dst`
+        only that rank receives the sum (a reduce: half the traffic of an all-reduce)."""
+        if self.world_size == 1:
+            return
+        if dst is None:
+            dist.all_reduce(t)
+        else:
+            dist.reduce(t, dst)
+
+    comm_device = torch.device("cpu")
+    """Where collectives take their tensors (NCCL: the accelerator)."""
 
     @abstractmethod
     def gather_full(self, p: torch.nn.Parameter) -> torch.Tensor:

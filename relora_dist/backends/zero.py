@@ -36,6 +36,12 @@ from relora_dist.backends.base import Backend, rank_slice  # noqa: E402
 class ZeroBackend(Backend):
     """Engine lifecycle shared by both stages."""
 
+    @property
+    def comm_device(self):
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+
     def build_engine(self, model: torch.nn.Module, param_groups: list[dict]) -> Any:
         import deepspeed
 
@@ -123,14 +129,17 @@ class Zero2Backend(ZeroBackend):
         p.data.copy_(full_value.to(p.dtype))
         safe_set_full_fp32_param(p, full_value.float())
 
-    def mask_optimizer_state(self, p, key, keep):
-        if self.world_size == 1:
-            frag = self.state_fragment(p, key)
-            frag.mul_(keep.reshape(-1).to(frag))
-            return
-        full = safe_get_full_optimizer_state(p, key)
-        # Writes only this rank's fragment of the flat partition.
-        safe_set_full_optimizer_state(p, full * keep.reshape(full.shape).to(full), key)
+    def local_state(self, p, key):
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:  # none of p lies in this rank's flat partition
+            return 0, torch.zeros(0)
+        if not mapping.optim_fragment or key not in mapping.optim_fragment:
+            return None
+        return mapping.lp_fragment_address.start, mapping.optim_fragment[key].reshape(-1)
+
+    def mask_local_state(self, p, key, keep):
+        _, frag = self.local_state(p, key)
+        frag.mul_(keep.to(frag))  # a view into the flat Adam state: in place
 
     def gather_full(self, p):
         return p.data.detach().float().clone()
@@ -203,10 +212,15 @@ class Zero3Backend(ZeroBackend):
         p.ds_tensor.data.copy_(padded.to(p.ds_tensor.dtype).view_as(p.ds_tensor))
         safe_set_local_fp32_param(p, padded)
 
-    def mask_optimizer_state(self, p, key, keep):
+    def local_state(self, p, key):
+        frag = self.state_fragment(p, key)
+        return None if frag is None else (self.local_range(p)[0], frag)
+
+    def mask_local_state(self, p, key, keep):
         local = safe_get_local_optimizer_state(p, key)
-        keep_local = self._padded_local(p, keep.to(local.device))
-        safe_set_local_optimizer_state(p, local * keep_local.view_as(local).to(local), key)
+        padded = torch.zeros(local.numel(), dtype=local.dtype, device=local.device)
+        padded[: keep.numel()] = keep.to(padded)
+        safe_set_local_optimizer_state(p, local * padded.view_as(local), key)
 
     def gather_full(self, p):
         return self.gather_flat_slices(self.local_view(p).float(), p.ds_numel).view(p.ds_shape)
