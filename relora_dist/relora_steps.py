@@ -276,12 +276,14 @@ def _magnitude_thresholds(backend: Backend, local: dict, numels: list[int], whol
         for j, (_, frag) in enumerate(local[key]):
             if whole[j] and frag.numel() == numels[j]:
                 thr[j] = magnitude_threshold(frag, ratio)
-        for owner in range(world):
+        mine: list = []
+        for owner in range(world):  # all reduces first, so the ranks then find thresholds in parallel
             idx = [j for j in range(n) if not whole[j] and j % world == owner]
             fulls = _assemble(backend, [(numels[j], *local[key][j]) for j in idx], dst=owner)
             if rank == owner:
-                for j, full in zip(idx, fulls):
-                    thr[j] = magnitude_threshold(full, ratio)
+                mine = list(zip(idx, fulls))
+        for j, full in mine:
+            thr[j] = magnitude_threshold(full, ratio)
         shared = thr.to(backend.comm_device)
         backend.all_reduce_sum_(shared)
         out[key] = shared.cpu()
