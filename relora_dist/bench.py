@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of the two phases of a ReLoRA run (issue 5, `tools/bench.py`).
+"""Side-by-side benchmark of the two phases of a ReLoRA run (`tools/bench.py`).
 
 For each ZeRO stage, one run of `world` real processes (gloo, DeepSpeed CPU accelerator on CPU)
 builds ONE Trainer and measures, in this order and with the same model, batch and engine code:
@@ -65,8 +65,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Targets (issue 5 and the follow-up on ZeRO-2 merge masters / phase_stage / post-reset steps; see
-# docs/benchmarks.md for why each is what it is). Each is a ratio measured within one run, and each
+# Targets (see docs/benchmarks.md for why each is what it is). Each is a ratio measured within one run, and each
 # applies only to the configurations named in `judge` (elsewhere its verdict is not_applicable).
 TARGETS = {
     "step_time_ratio": 0.75,  # ReLoRA / full-rank median step, presets 20m-60m
@@ -1038,7 +1037,7 @@ def format_table(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Benchmark the full-rank and ReLoRA phases side by side (issue 5).")
+    p = argparse.ArgumentParser(description="Benchmark the full-rank and ReLoRA phases side by side.")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--preset", default="20m", help="model preset (relora_dist/model.PRESETS); tiny for a smoke test")
     p.add_argument("--layers", type=int, default=0, help="override the preset's layer count (0 = preset)")

@@ -1,5 +1,6 @@
 """The project's own sharded checkpoint format (DeepSpeed's refuses another world size, and its
-universal checkpoint silently drops frozen weights in the ReLoRA phase: shared/notes).
+universal checkpoint silently drops frozen weights in the ReLoRA phase; both checked on
+DeepSpeed 0.19.8).
 
     <root>/step_00000120/
         manifest.json          global state, every tensor's shape/dtype and which rank holds which

@@ -2,7 +2,7 @@
 
 Works under `deepspeed`, `torchrun`, `torch.multiprocessing.spawn` (tests) and plain `python`:
 DeepSpeed's MPI discovery needs mpi4py when no launcher set RANK/WORLD_SIZE, so a single process
-sets those itself (shared/notes/deepspeed-on-cpu.md, "Launching").
+sets those itself (checked on DeepSpeed 0.19.8).
 """
 
 from __future__ import annotations

@@ -114,8 +114,8 @@ def build_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
                           f"to 2 or 3 (see ds_configs/zero2.json, zero3.json)")
     if stage == 3 and cfg.relora.enabled:
         # Params below the persistence threshold keep a full replica in p.data that the forward
-        # uses, so a shard-local merge into ds_tensor would be silently ignored
-        # (shared/notes/deepspeed-on-cpu.md, "ZeRO-3 trap").
+        # uses, so a shard-local merge into ds_tensor would be silently ignored (checked on
+        # DeepSpeed 0.19.8: stage3_param_persistence_threshold defaults to 1e5 elements).
         _fill(zero, "stage3_param_persistence_threshold", 0,
               "ReLoRA on ZeRO-3 (params under the threshold keep a full replica, so shard-local merges "
               "would be silently bypassed)", "0, or use ds_configs/zero2.json",

@@ -24,7 +24,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Debug model: fast enough for 2-process tests and the 5-minute default run on 2 CPU cores.
     "tiny": Preset(128, 344, 4, 2),
-    # ~20.8M with an 8k vocabulary: the CPU benchmark model of shared/notes/deepspeed-on-cpu.md.
+    # ~20.8M with an 8k vocabulary: the model the CPU benchmarks use.
     "20m": Preset(512, 1376, 8, 4),
     "60m": Preset(512, 1376, 8, 8),
     "130m": Preset(768, 2048, 12, 12),

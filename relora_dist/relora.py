@@ -13,7 +13,7 @@ optimizer-state prune masks and rank diagnostics.  The DeepSpeed-specific merge 
 live elsewhere and call these.
 
 Deliberate differences from the reference implementation (github Guitaricet/relora):
-* A is Kaiming-uniform and B is zero at wrap time.  The reference zeroes BOTH (issue #18), so every
+* A is Kaiming-uniform and B is zero at wrap time.  The reference zeroes BOTH (github.com/Guitaricet/relora/issues/18), so every
   adapter gradient of the first cycle is exactly zero and the first cycle trains no adapter.
 * A is drawn from a generator seeded by a stable hash of (seed, restart_index, module_name) instead of
   relying on every rank having consumed the global RNG identically; every rank and every world size
@@ -116,7 +116,7 @@ class ReLoRALinear(nn.Module):
         self.relora_name = name
         self.adapter_active = False
         w = base.weight
-        # Paper §3 / issue #18: A ~ Kaiming-uniform(a=sqrt(5)), B = 0, so the wrapped model computes
+        # Paper §3; github.com/Guitaricet/relora/issues/18: A ~ Kaiming-uniform(a=sqrt(5)), B = 0, so the wrapped model computes
         # exactly what the unwrapped one did while the gradient w.r.t. B is non-zero on step one.
         a = draw_lora_A((self.r, self.in_features), seed, 0, name)
         self.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype), requires_grad=False)

@@ -152,7 +152,7 @@ def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Conf
     if r.effective_rank_every >= 0:
         masters.at_switch = {n: _merge_target(phase_backend, m, masters, n).float().cpu().clone()
                              for n, m in modules.items()}
-    # Adapter 0: A Kaiming-uniform, B = 0 (the reference's A = B = 0 bug, issue #18, must not exist).
+    # Adapter 0: A Kaiming-uniform, B = 0 (the reference's A = B = 0 bug, github.com/Guitaricet/relora/issues/18, must not exist).
     reinit_adapters(phase_backend, modules, cfg.train.seed, restart_index=0)
     return new_engine, masters
 

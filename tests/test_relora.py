@@ -99,7 +99,7 @@ def test_bias_linear_and_from_linear():
 
 
 def test_first_step_adapter_grads(ids):
-    """Reference bug (issue #18): A = B = 0 at wrap makes every adapter grad exactly 0."""
+    """Reference bug (github.com/Guitaricet/relora/issues/18): A = B = 0 at wrap makes every adapter grad exactly 0."""
     model = tiny_llama()
     wrap_model(model, DEFAULT_TARGETS, R, ALPHA, 0.1)
     set_adapters_active(model, True)

@@ -68,7 +68,7 @@ def test_only_adapters_and_extras_hold_optimizer_state(checks):
 def test_first_relora_steps_train_the_adapters(checks):
     """Step 1 after the switch: dL/dB != 0 for every module. dL/dA = s * B^T(...) is exactly 0
     while B = 0 (standard LoRA init), so A's gradient must be non-zero from step 2 on. The
-    reference's bug (A = B = 0, issue #18) gives zero for both, forever."""
+    reference's bug (A = B = 0, github.com/Guitaricet/relora/issues/18) gives zero for both, forever."""
     _, results = checks
     for r in results:
         for name, (ga, gb) in r["grad_abs_first"].items():

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 behind the backend contract.
 
-Facts this relies on were checked on DeepSpeed 0.19.8 (shared/notes/deepspeed-on-cpu.md):
+Facts this relies on were checked on DeepSpeed 0.19.8 (CPU accelerator, gloo):
 - ZeRO keeps an fp32 master of every trainable param and copies it back at each step, so a write
   to the module copy alone is undone: write both (module copy + `safe_set_*_fp32_param`).
 - `safe_set_full_*` setters break on ZeRO-3 when numel % world != 0; the `safe_set_local_*` ones
