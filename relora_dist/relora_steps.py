@@ -169,7 +169,7 @@ def merge_adapters(backend: Backend, modules: dict[str, ReLoRALinear], masters: 
     compute weights; ZeRO-2 then all-gathers the rounded slices to rebuild its replicated copy.
     Only A and B (fp32 masters, batched into a few all-reduces) and, under ZeRO-2, the
     compute-dtype W travel. Returns the bytes this rank received."""
-    moved = 0
+    moved, finish = 0, None
     for group in _groups(list(modules.items())):
         adapters = _full_fp32_masters(backend, [p for _, m in group for p in (m.lora_A, m.lora_B)])
         if backend.world_size > 1:
@@ -183,8 +183,10 @@ def merge_adapters(backend: Backend, modules: dict[str, ReLoRALinear], masters: 
             # fp32 master: exact fp32 add. No master (fp32 compute: the weights are the master; or
             # merge_precision=bf16: rounds into bf16 like the reference).
             target.add_(delta.to(device=target.device, dtype=target.dtype))
-            moved += backend.write_owned_slice(m.weight, target)
-    return moved
+            if finish is not None:  # the previous W's all-gather ran while this delta was computed
+                moved += finish()
+            finish = backend.write_owned_slice(m.weight, target)
+    return moved + (finish() if finish is not None else 0)
 
 
 def _groups(items: list[tuple[str, ReLoRALinear]]) -> list[list[tuple[str, ReLoRALinear]]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -62,10 +62,12 @@ class Backend(ABC):
         (collective: every rank must call)."""
 
     @abstractmethod
-    def write_owned_slice(self, p: torch.nn.Parameter, values: torch.Tensor) -> int:
+    def write_owned_slice(self, p: torch.nn.Parameter, values: torch.Tensor) -> Callable[[], int]:
         """Set the `master_range(p)` slice of the module copy of a param no optimizer holds, from
-        this rank's `values` (any dtype/device; cast to the compute dtype), and make the module
-        copy whole again where it is replicated (collective). Returns the bytes this rank received."""
+        this rank's `values` (any dtype/device; cast to the compute dtype, read before returning),
+        and start making the module copy whole again where it is replicated (collective). Returns
+        `finish()`, which completes the write and returns the bytes this rank received; callers may
+        compute in between (the next merge overlaps this one's all-gather)."""
 
     @abstractmethod
     def write_trainable(self, p: torch.nn.Parameter, full_value: torch.Tensor) -> None:
@@ -188,17 +190,25 @@ class Backend(ABC):
 
     def gather_flat_slices(self, local: torch.Tensor, numel: int) -> torch.Tensor:
         """Reassemble a flat tensor from every rank's `rank_slice` part (collective)."""
+        out, work = self.gather_flat_slices_async(local, numel)
+        if work is not None:
+            work.wait()
+        return out
+
+    def gather_flat_slices_async(self, local: torch.Tensor, numel: int):
+        """(tensor, work): gather_flat_slices started; the tensor is complete once `work.wait()`
+        returns (work is None when nothing was communicated)."""
         if self.world_size == 1:
             # No collective at world size 1: one gloo all-gather above torch's parallel grain makes
             # gloo's threads open OpenMP regions; libgomp then manages more threads than cores and
             # throttles its spinning: every later step ran 1.6x slower (measured, default run).
-            return local.reshape(-1)[:numel].clone()
+            return local.reshape(-1)[:numel].clone(), None
         per_rank = -(-numel // self.world_size)
         padded = torch.zeros(per_rank, dtype=local.dtype, device=local.device)
         padded[: local.numel()] = local.reshape(-1)
         out = torch.empty(per_rank * self.world_size, dtype=local.dtype, device=local.device)
-        dist.all_gather(list(out.view(self.world_size, per_rank).unbind(0)), padded)
-        return out[:numel]
+        work = dist.all_gather(list(out.view(self.world_size, per_rank).unbind(0)), padded, async_op=True)
+        return out[:numel], work
 
     @staticmethod
     def release_memory() -> None:

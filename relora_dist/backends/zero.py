@@ -117,12 +117,18 @@ class Zero2Backend(ZeroBackend):
         flat = p.data.view(-1)
         if self.world_size == 1:
             flat.copy_(values.reshape(-1))
-            return 0
+            return lambda: 0
         # The replicated bf16 copy is rebuilt from every rank's rounded slice: one all-gather of
         # the compute dtype per weight and reset, (world-1)/world x numel x 2 bytes received (bf16).
         owned = values.reshape(-1).to(device=flat.device, dtype=flat.dtype)
-        flat.copy_(self.gather_flat_slices(owned, flat.numel()))
-        return (self.world_size - 1) * owned.numel() * flat.element_size()
+        full, work = self.gather_flat_slices_async(owned, flat.numel())
+
+        def finish() -> int:
+            work.wait()
+            flat.copy_(full)
+            return (self.world_size - 1) * owned.numel() * flat.element_size()
+
+        return finish
 
     def write_trainable(self, p, full_value):
         full_value = full_value.reshape(p.shape).to(p.device)
@@ -205,7 +211,7 @@ class Zero3Backend(ZeroBackend):
     def write_owned_slice(self, p, values):
         view = self.local_view(p)  # master_range == local_range: nothing to communicate
         view.copy_(values.reshape(-1).to(device=view.device, dtype=view.dtype))
-        return 0
+        return lambda: 0
 
     def write_trainable(self, p, full_value):
         padded = self._padded_local(p, full_value.to(p.ds_tensor.device))
