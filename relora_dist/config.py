@@ -276,6 +276,8 @@ def _coerce(key: str, value: Any, typ: Any, example: Any = None) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}{eg}")
         return float(value)
     if typ is str:
+        if isinstance(value, bool):  # YAML reads true/false (auto|true|false keys) as booleans
+            return "true" if value else "false"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}{eg}")
         return "" if value is None else str(value)
