@@ -133,6 +133,17 @@ class ReLoRAConfig:
     """Prune of the adapters' Adam moments at each reset: zero, random, magnitude, or none."""
     prune_ratio: float = 0.9
     """Fraction of moment entries pruned by random/magnitude reset (paper: 0.99; >0.9 is flat)."""
+    warm_start_schedule: str = "paper"
+    """paper: one warmup + cosine envelope over the whole run (train.max_steps); the switch comes
+    mid-schedule near the peak LR and the ReLoRA phase re-warms up to the same envelope after the
+    switch and after every reset (the reference's cosine_restarts shape). anneal: the warm start is
+    a complete warmup + cosine down to min_lr_ratio, then the jagged cosine over the ReLoRA phase
+    alone."""
+    carry_optimizer_state: str = "auto"
+    """true: at the switch, move the Adam moments and step count of every parameter that stays
+    trainable (embeddings, norms, lm_head with train_extra) into the ReLoRA engine's optimizer;
+    false: start them from zero like the reference's separate warm-start run; auto: true when the
+    run has an AdamW warm start (not with optimizer.name=sgd or relora.warm_start_steps=0)."""
     merge_precision: str = "fp32"
     """fp32: merge into an fp32 master of the frozen weights; bf16: merge straight into bf16
     compute weights like the reference (rounding accumulates over resets)."""
@@ -265,6 +276,8 @@ def _coerce(key: str, value: Any, typ: Any, example: Any = None) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}{eg}")
         return float(value)
     if typ is str:
+        if isinstance(value, bool):  # YAML reads true/false (auto|true|false keys) as booleans
+            return "true" if value else "false"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}{eg}")
         return "" if value is None else str(value)

@@ -28,7 +28,7 @@ from relora_dist.relora import (
     prune_keep,
     set_adapters_active,
 )
-from relora_dist.schedule import is_reset_step, jagged_cosine, warmup_cosine
+from relora_dist.schedule import is_reset_step, jagged_cosine, warmup_cosine, whole_run_jagged
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -83,15 +83,22 @@ def _place(t: torch.Tensor, device: str) -> torch.Tensor:
 
 
 def lr_multiplier(cfg: Config, step: int) -> float:
-    """LR multiplier for global step `step` (0-based): warmup+cosine in the warm start, then the
-    jagged cosine (restart warmup after each reset) over the ReLoRA phase, or plain warmup+cosine
-    for the LoRA baseline (relora.resets=false)."""
+    """LR multiplier for global step `step` (0-based). relora.warm_start_schedule=paper: one
+    warmup+cosine envelope over the whole run, the ReLoRA phase ramping back up to it after the
+    switch and after every reset (schedule.whole_run_jagged). anneal: a complete warmup+cosine
+    inside the warm start, then the jagged cosine over the ReLoRA phase alone, or plain
+    warmup+cosine for the LoRA baseline (relora.resets=false)."""
     r, s = cfg.relora, cfg.schedule
     # Warmups longer than their phase are clamped to it, so a short debug run (--train.max_steps=4)
     # needs no other overrides.
     if not r.enabled:
         total = cfg.train.max_steps
         return warmup_cosine(step, min(s.warmup_steps, total), total, s.min_lr_ratio)
+    if r.warm_start_schedule == "paper":
+        switch = r.warm_start_steps
+        warmup = min(s.warmup_steps, switch) if switch else min(r.first_warmup, cfg.relora_steps)
+        return whole_run_jagged(step, cfg.train.max_steps, warmup, switch, min(r.first_warmup, cfg.relora_steps),
+                                r.restart_warmup, r.cycle_length, s.min_lr_ratio, r.resets)
     if step < r.warm_start_steps:
         return warmup_cosine(step, min(s.warmup_steps, r.warm_start_steps), r.warm_start_steps, s.min_lr_ratio)
     t = step - r.warm_start_steps
@@ -141,12 +148,17 @@ def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Conf
     masters = None
     if engine is not None and not compute_fp32:
         masters = capture_frozen_masters(backend, modules, compute_fp32, r, True)
+    carried = None
+    if engine is not None and r.train_extra and r.carry_optimizer_state != "false" and cfg.optimizer.name == "adamw":
+        carried = capture_extra_moments(backend, engine, model, modules)
     if engine is not None:
         backend.teardown_engine(engine)
         del engine
     freeze_for_relora_phase(model, r.train_extra)
     set_adapters_active(model, True)
     new_engine = phase_backend.build_engine(model, param_groups_fn(model))
+    if carried is not None:
+        restore_extra_moments(phase_backend, new_engine, model, *carried)
     if masters is None:
         masters = capture_frozen_masters(phase_backend, modules, compute_fp32, r, False)
     if r.effective_rank_every >= 0:
@@ -155,6 +167,33 @@ def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Conf
     # Adapter 0: A Kaiming-uniform, B = 0 (the reference's A = B = 0 bug, github.com/Guitaricet/relora/issues/18, must not exist).
     reinit_adapters(phase_backend, modules, cfg.train.seed, restart_index=0)
     return new_engine, masters
+
+
+def capture_extra_moments(backend: Backend, engine, model: torch.nn.Module,
+                          modules: dict[str, ReLoRALinear]) -> tuple[int, dict[str, dict]] | None:
+    """(Adam step, {name: {key: full moment on the CPU}}) of every parameter that stays trainable
+    after the switch (all but the wrapped base weights and the adapters), read from the warm-start
+    engine before it is freed (collective). None before its first step."""
+    backend.link_optimizer_fragments(engine)
+    step = backend.adam_step(engine)
+    if step is None:
+        return None
+    frozen = {id(p) for m in modules.values() for p in (m.weight, m.bias, m.lora_A, m.lora_B) if p is not None}
+    moments = {name: {key: backend.full_optimizer_state(p, key).float().cpu().clone() for key in ADAM_STATE_KEYS}
+               for name, p in model.named_parameters() if id(p) not in frozen and p.requires_grad}
+    return step, moments
+
+
+def restore_extra_moments(backend: Backend, engine, model: torch.nn.Module, step: int,
+                          moments: dict[str, dict]) -> None:
+    """Write carried moments into the ReLoRA engine's optimizer, sharded as it wants them. DeepSpeed
+    keeps one Adam step per flat group, so the adapters (zero moments) share the carried step: their
+    first updates are (1-beta1)/sqrt(1-beta2) = 0.45x a fresh Adam's, inside the first warmup."""
+    backend.init_optimizer_state(engine, step)
+    for name, p in model.named_parameters():
+        if name in moments and p.requires_grad:
+            for key, value in moments[name].items():
+                backend.write_optimizer_state(p, key, value)
 
 
 def _merge_target(backend: Backend, m: ReLoRALinear, masters: FrozenMasters, name: str) -> torch.Tensor:

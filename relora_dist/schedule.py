@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["ScheduleError", "warmup_cosine", "jagged_cosine", "validate_jagged", "is_reset_step"]
+__all__ = ["ScheduleError", "warmup_cosine", "jagged_cosine", "whole_run_jagged", "validate_jagged", "is_reset_step"]
 
 
 class ScheduleError(ValueError):
@@ -115,6 +115,38 @@ def jagged_cosine(t: int, total: int, first_warmup: int, restart_warmup: int, cy
         end_of_warmup = _envelope((n * cycle_length + restart_warmup - first_warmup) / span, m)
         return r / restart_warmup * end_of_warmup
     return _envelope((t - first_warmup) / span, m)
+
+
+def whole_run_jagged(step: int, total_steps: int, warmup: int, switch: int, first_warmup: int,
+                     restart_warmup: int, cycle_length: int, min_lr_ratio: float, resets: bool = True) -> float:
+    """The paper's schedule: ONE linear warmup + cosine envelope over the whole run,
+    env(s) = m + (1-m) * (1 + cos(pi (s - warmup) / (total_steps - warmup))) / 2, that the full-rank
+    warm start (steps < switch) follows as is; the ReLoRA phase (t = step - switch) ramps up to it
+    over its first warmup and, after every reset, over the restart warmup:
+
+    * step < switch: step / warmup below warmup, else env(step)
+    * t < W1: (t / W1) * env(switch + W1)
+    * r = t mod C, n = t // C; if r < Wr and t >= C (resets only): (r / Wr) * env(switch + n*C + Wr)
+    * otherwise: env(step)
+
+    So the warm start ends near the peak LR (the paper warm-starts from a checkpoint taken
+    mid-schedule), not annealed. With switch = 0 and warmup = W1 this is jagged_cosine exactly;
+    the LR is exactly 0 at every reset step."""
+    step = _int("step", step, 0)
+    m = float(min_lr_ratio)
+
+    def env(s: int) -> float:
+        return _envelope((s - warmup) / max(1, total_steps - warmup), m)
+
+    if step < switch:
+        return step / warmup if step < warmup else env(step)
+    t = step - switch
+    if t < first_warmup:
+        return t / first_warmup * env(switch + first_warmup)
+    r, n = t % cycle_length, t // cycle_length
+    if resets and r < restart_warmup and t >= cycle_length:
+        return r / restart_warmup * env(switch + n * cycle_length + restart_warmup)
+    return env(step)
 
 
 def is_reset_step(t: int, cycle_length: int, total: int | None = None) -> bool:

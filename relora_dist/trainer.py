@@ -105,6 +105,9 @@ class Trainer:
             wrap_model(self.model, c.relora.targets, c.relora.r, c.relora.alpha, c.relora.dropout,
                        seed=c.train.seed)
             self.modules = relora_modules(self.model)
+        # The global RNGs (adapter dropout; anything DeepSpeed draws) start from train.seed and the
+        # rank, so the same command gives the same run: torch's own initial seed differs per process.
+        torch.manual_seed(c.train.seed + 1_000_003 * info.rank)
         self.backend = make_backend(self.ds_config, info.rank, info.world_size, c.optimizer.name)
         self.state = TrainState()
         self.masters = None

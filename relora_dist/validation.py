@@ -114,6 +114,17 @@ def _validate_values(cfg: Config) -> None:
     if r.merge_master_device == "cpu" and r.merge_precision == "bf16":
         raise ConfigError("relora.merge_master_device=cpu with relora.merge_precision=bf16: bf16 merges keep "
                           "no fp32 master to place; use merge_precision=fp32 or merge_master_device=device")
+    if r.warm_start_schedule not in ("paper", "anneal"):
+        raise ConfigError(f"relora.warm_start_schedule '{r.warm_start_schedule}' unknown: use paper or anneal")
+    if r.carry_optimizer_state not in ("auto", "true", "false"):
+        raise ConfigError(f"relora.carry_optimizer_state '{r.carry_optimizer_state}' unknown: use auto, true or false")
+    if r.carry_optimizer_state == "true" and o.name != "adamw":
+        raise ConfigError(f"relora.carry_optimizer_state=true with optimizer.name={o.name}: there are no Adam "
+                          f"moments to carry; use optimizer.name=adamw or relora.carry_optimizer_state=false")
+    if r.carry_optimizer_state == "true" and r.warm_start_steps == 0:
+        raise ConfigError("relora.carry_optimizer_state=true with relora.warm_start_steps=0 (e.g. starting from "
+                          "--init_from): this run has no warm-start optimizer state to carry; use "
+                          "relora.carry_optimizer_state=false or auto")
     if r.phase_stage not in ("same", "3"):
         raise ConfigError(f"relora.phase_stage '{r.phase_stage}' unknown: use same or 3")
     if r.r < 1:

@@ -96,6 +96,11 @@ def relora_checks(cfg, template, info) -> dict:
     out["stage"] = t.backend.stage  # of the warm start
     w_before = {n: t.backend.full_fp32(m.weight).reshape(-1).clone() for n, m in t.modules.items()}
     engine_ref, optimizer_ref = weakref.ref(t.engine), weakref.ref(t.engine.optimizer)
+    t.backend.link_optimizer_fragments(t.engine)
+    extras = {n: p for n, p in t.model.named_parameters() if "embed_tokens" in n or n.endswith("norm.weight")}
+    out["extra_moments_pre"] = {n: {k: t.backend.full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
+                                for n, p in extras.items()}
+    out["adam_step_pre"] = t.backend.adam_step(t.engine)
     offload = getattr(t.engine.optimizer, "parameter_offload", None)  # ZeRO-3's hook owner
     offload_ref = weakref.ref(offload) if offload is not None else (lambda: None)
     del offload
@@ -103,6 +108,10 @@ def relora_checks(cfg, template, info) -> dict:
     gc.collect()
     out["engine1_collected"] = engine_ref() is None and optimizer_ref() is None and offload_ref() is None
     out["loss_after_switch"] = _fixed_loss(t, fixed)
+    t.backend.link_optimizer_fragments(t.engine)
+    out["extra_moments_post"] = {n: {k: t.backend.full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
+                                 for n, p in extras.items()}
+    out["adam_step_post"] = t.backend.adam_step(t.engine)
     w_switch = _frozen_weights(t)
     out["rank"], out["relora_stage"], out["phase_stage"] = info.rank, t.backend.stage, cfg.relora.phase_stage
     out["master_numel"] = sum(v.numel() for v in t.masters.shards.values()) if t.masters.kept else 0

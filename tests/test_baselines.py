@@ -50,3 +50,13 @@ def test_sgd_optimizer_runs_relora_without_moment_resets(tiny_data, tmp_path):
                                      "relora.optimizer_reset": "none"})
     assert r["restart_index"] == 2
     assert r["losses"][-3:].mean() < r["losses"][:3].mean()
+
+
+def test_same_command_gives_the_same_run_with_adapter_dropout(tiny_data, tmp_path):
+    """The global RNG (adapter dropout) is seeded from train.seed and the rank: torch's own initial
+    seed differs per process, so without it two runs of one command diverge from the switch on."""
+    a = _run(tiny_data, tmp_path / "a", **{"relora.dropout": 0.1})
+    b = _run(tiny_data, tmp_path / "b", **{"relora.dropout": 0.1})
+    assert torch.equal(a["losses"], b["losses"])
+    assert not torch.equal(a["losses"], _run(tiny_data, tmp_path / "c", **{"relora.dropout": 0.1,
+                                                                         "train.seed": 1})["losses"])

@@ -54,6 +54,20 @@ def test_switch_frees_first_engine_and_keeps_function(checks):
         assert r["switch_weight_maxdiff"] == 0.0
 
 
+def test_switch_carries_the_moments_of_params_that_stay_trainable(checks):
+    """relora.carry_optimizer_state (auto = true with an AdamW warm start): the embeddings' and
+    norms' Adam moments and the step count after the switch equal those before, per parameter,
+    although the second engine shards them its own way (ZeRO-2 -> ZeRO-3 included)."""
+    _, results = checks
+    for r in results:
+        assert r["adam_step_post"] == r["adam_step_pre"] == 3
+        assert len(r["extra_moments_pre"]) >= 3
+        for name, pre in r["extra_moments_pre"].items():
+            for key, value in pre.items():
+                assert torch.count_nonzero(value) > 0, (name, key)
+                assert torch.equal(r["extra_moments_post"][name][key], value), (name, key)
+
+
 def test_only_adapters_and_extras_hold_optimizer_state(checks):
     _, results = checks
     for r in results:

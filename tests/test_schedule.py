@@ -146,3 +146,41 @@ def test_warmup_cosine():
         warmup_cosine(0, 10, 100, -0.1)
     with pytest.raises(ScheduleError):
         warmup_cosine(-1, 10, 100, 0.1)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_whole_run_without_warm_start_is_the_jagged_cosine(cfg):
+    from relora_dist.schedule import whole_run_jagged
+
+    total, w1, wr, c, m = cfg
+    for t in range(total + 5):
+        assert whole_run_jagged(t, total, w1, 0, w1, wr, c, m) == pytest.approx(jagged_cosine(t, total, w1, wr, c, m),
+                                                                                abs=1e-12), t
+
+
+def test_paper_schedule_is_one_envelope_over_the_whole_run():
+    """relora.warm_start_schedule=paper: the warm start is the first part of ONE warmup + cosine
+    over train.max_steps (no anneal at the switch), the ReLoRA phase ramps back up to that envelope
+    after the switch and after each reset, and the LR is 0 exactly at the reset steps; anneal keeps
+    the warm start's own complete cosine."""
+    from relora_dist.config import load_config
+    from relora_dist.relora_steps import lr_multiplier, reset_due
+
+    def cfg(schedule):
+        return load_config(None, ["--train.max_steps=400", "--relora.warm_start_steps=100", "--schedule.warmup_steps=20",
+                                  "--relora.cycle_length=100", "--relora.first_warmup=10", "--relora.restart_warmup=5",
+                                  "--schedule.min_lr_ratio=0.1", f"--relora.warm_start_schedule={schedule}"])
+
+    paper, anneal = cfg("paper"), cfg("anneal")
+    env = [_env(min(max((s - 20) / 380, 0.0), 1.0), 0.1) for s in range(401)]
+    mult = [lr_multiplier(paper, s) for s in range(400)]
+    assert mult[10] == pytest.approx(0.5) and mult[50] == pytest.approx(env[50])
+    assert mult[99] == pytest.approx(env[99]) and mult[99] > 0.85  # the switch comes near the peak
+    assert lr_multiplier(anneal, 99) == pytest.approx(0.1, abs=0.01)  # anneal: at min_lr_ratio there
+    assert mult[100] == 0.0 and mult[105] == pytest.approx(0.5 * env[110])  # first ReLoRA warmup
+    for s in (150, 250, 399):
+        assert mult[s] == pytest.approx(env[s])
+    resets = [s for s in range(400) if reset_due(paper, s)]
+    assert resets == [200, 300] and all(mult[s] == 0.0 for s in resets)
+    assert mult[203] == pytest.approx(3 / 5 * env[205])  # restart warmup up to the envelope
+    assert all(a <= e + 1e-12 for a, e in zip(mult, env))
