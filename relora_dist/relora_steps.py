@@ -23,8 +23,8 @@ from relora_dist.relora import (
     effective_rank,
     flat_slice_delta,
     freeze_for_relora_phase,
-    prune_generator,
     magnitude_threshold,
+    prune_generator,
     prune_keep,
     set_adapters_active,
 )
