@@ -41,7 +41,8 @@ Environment:
   OMP_NUM_THREADS  (default: cores / local processes when WORLD_SIZE > 1) CPU threads per rank
   DS_ACCELERATOR  (default: auto-detected; cpu without CUDA) DeepSpeed's accelerator
 Exit status: 0 done (or stopped by SIGTERM after saving a checkpoint), 2 bad input or an
-unreachable rendezvous (one line 'error: ...' on stderr).
+unreachable rendezvous, 3 training aborted (non-finite values, a lost peer); one line
+'error: ...' on stderr.
 """
 
 
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_rendezvous_error(e, timeout_s)}", file=sys.stderr)
         shutdown_and_exit(2)  # os._exit: no half-initialised store thread keeps the process alive
         return 2
+    from relora_dist.faults import EXIT_ABORTED, RunAborted
+
     code = 0
     try:
         Trainer(cfg, template, info).train()
@@ -243,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             print(f"error: {_one_line(e)}", file=sys.stderr)
         code = 2
+    except RunAborted as e:
+        if info.is_main:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+        code = EXIT_ABORTED
     shutdown_and_exit(code)
     return code
 

@@ -73,6 +73,12 @@ class TrainConfig:
     """Validation budget in tokens per evaluation, split over ranks."""
     seed: int = 0
     """Seed of the model init, the data order, adapter draws and random pruning."""
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient norm is inf/NaN on any rank: stop (exit 3 at once, nothing
+    saved: the newest checkpoint stays the last finite one) or skip (no optimizer update, the step
+    is counted in train/skipped_steps; stops after train.max_skipped_steps such steps in a row)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip: consecutive non-finite steps tolerated before the run stops."""
 
 
 @dataclass

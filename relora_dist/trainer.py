@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from relora_dist import checkpoint as ckpt
 from relora_dist import relora_steps as steps
+from relora_dist import resume
 from relora_dist.backends.zero import make_backend
 from relora_dist.config import Config, ConfigError, dump_config, validate
 from relora_dist.data import (
@@ -29,6 +30,7 @@ from relora_dist.data import (
     eval_batches,
 )
 from relora_dist.dist import DistInfo
+from relora_dist.faults import RunAborted, is_finite
 from relora_dist.ds_config import build_ds_config, relora_phase_ds_config, resolve_precision
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, count_params, flops_per_token, llama_config
@@ -50,6 +52,10 @@ class TrainState:
     """Every evaluation {step, eval_loss, eval_ppl}, including the one before training."""
     stopped: bool = False
     """True when the run stopped early on SIGTERM (after saving a checkpoint)."""
+    skipped_steps: int = 0
+    """Steps whose loss or gradient norm was non-finite, so no update was applied (train.on_nonfinite=skip)."""
+    skipped_in_a_row: int = 0
+    """Consecutive such steps up to now (the run stops past train.max_skipped_steps)."""
 
 
 def _ndim(p: torch.nn.Parameter) -> int:
@@ -111,9 +117,9 @@ class Trainer:
         self.engine = None
         self.output_dir = Path(c.run.output_dir)
         self.checkpoint_root = Path(c.checkpoint.dir) if c.checkpoint.dir else self.output_dir / "checkpoints"
-        ckpt.check_output_dir(c, self.checkpoint_root)
+        resume.check_output_dir(c, self.checkpoint_root)
         if c.checkpoint.overwrite and info.is_main:
-            ckpt.remove_checkpoints(self.checkpoint_root)
+            resume.remove_checkpoints(self.checkpoint_root)
         dist.barrier()
         self.resumed_from = None
         if c.checkpoint.resume and not c.checkpoint.overwrite:
@@ -129,7 +135,7 @@ class Trainer:
             freeze_for_full_rank(self.model) if c.relora.enabled else None
             self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr))
         if manifest is not None:
-            ckpt.load_checkpoint(self, self.resumed_from)
+            resume.load_checkpoint(self, self.resumed_from)
         if info.is_main:
             dump_config(c, self.output_dir / "config.yaml")
         self.log = MetricsLogger(info.is_main, self.output_dir / "tb", c.logging.tensorboard,
@@ -184,7 +190,7 @@ class Trainer:
             lr = self.peak_lr * steps.lr_multiplier(self.cfg, self.state.step)
         self.set_lr(lr)
         self.engine.train()
-        total = torch.zeros((), dtype=torch.float64)
+        total, bad = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
             loss = self.engine(input_ids=batch, labels=batch).loss
@@ -192,15 +198,18 @@ class Trainer:
             if before_update is not None and i == len(micro_batches) - 1:
                 before_update()
             self.engine.step()  # DeepSpeed applies the update at the accumulation boundary
-            total += loss.detach().double().cpu()
+            value = loss.detach().double().cpu()
+            total, bad = total + value, bad + (~torch.isfinite(value)).double()
             del loss
-        mean = total / len(micro_batches)
-        mean = self._all_reduce(mean)
-        grad_norm = self.engine.get_global_grad_norm()
+        # The non-finite count rides on the loss all-reduce: every rank agrees, no extra collective.
+        total = self._all_reduce(torch.stack([total / len(micro_batches), bad]))
+        grad_norm = self.engine.get_global_grad_norm()  # global: the same on every rank
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        loss = float(total[0]) / self.info.world_size
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        return {"loss": float(mean) / self.info.world_size, "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                "nonfinite": bool(total[1] > 0) or not is_finite(loss, grad_norm)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -256,6 +265,7 @@ class Trainer:
                                f"effective rank)")
                 self.log.scalars(st.step, {"mem/frozen_master_mb": master_mb})
             metrics = self.train_step(self.loader.next_batch())
+            self._check_finite(metrics)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             tok_s = self.tokens_per_step / dt
@@ -293,6 +303,30 @@ class Trainer:
         self.log.close()
         return st
 
+    def _check_finite(self, metrics: dict) -> None:
+        """train.on_nonfinite. DeepSpeed already discards the update of a step whose gradients are
+        non-finite (its overflow check runs in fp32 and bf16 too: "OVERFLOW! Skipping step", and
+        the grad norm reads inf), so the model is still the last finite one; a run at
+        --optimizer.lr=1e6 otherwise skipped every step, sat at loss ln(vocab) and saved that."""
+        st, t = self.state, self.cfg.train
+        if not metrics.pop("nonfinite"):
+            st.skipped_in_a_row = 0
+            return
+        st.skipped_steps += 1
+        st.skipped_in_a_row += 1
+        what = f"loss {metrics['loss']:.4g}, grad norm {metrics['grad_norm']:.4g}"
+        newest = ckpt.find_latest(self.checkpoint_root)
+        kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved"
+        if t.on_nonfinite == "stop":
+            raise RunAborted(f"step {st.step}: non-finite training values ({what}); stopped without saving, "
+                             f"{kept}; lower optimizer.lr / relora.lr, or set train.on_nonfinite=skip")
+        if st.skipped_in_a_row > t.max_skipped_steps:
+            raise RunAborted(f"step {st.step}: {st.skipped_in_a_row} non-finite steps in a row ({what}), more "
+                             f"than train.max_skipped_steps={t.max_skipped_steps}; stopped without saving, "
+                             f"{kept}; lower optimizer.lr / relora.lr")
+        self.log.print(f"step {st.step} | non-finite {what}: update skipped ({st.skipped_in_a_row} in a row, "
+                       f"{st.skipped_steps} in all)")
+
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce a small CPU tensor through the accelerator (NCCL takes only device tensors);
         none at world size 1 (see Backend.gather_flat_slices for why collectives cost more there)."""
@@ -327,7 +361,8 @@ class Trainer:
         record["peak_mem_mb"] = float(peaks[self.info.rank])
         st.history.append(record)
         tb = {"train/loss": record["loss"], "train/lr": record["lr"], "train/grad_norm": record["grad_norm"],
-              "train/tokens_seen": record["tokens_seen"], "perf/tokens_per_s": record["tokens_per_s"],
+              "train/tokens_seen": record["tokens_seen"], "train/skipped_steps": st.skipped_steps,
+              "perf/tokens_per_s": record["tokens_per_s"],
               "perf/mfu": record["mfu"], **{f"mem/peak_mb_rank{r}": float(v) for r, v in enumerate(peaks)}}
         if "eval_loss" in record:
             tb.update({"eval/loss": record["eval_loss"], "eval/ppl": record["eval_ppl"]})

@@ -57,6 +57,10 @@ def _validate_values(cfg: Config) -> None:
         raise ConfigError(f"train.precision '{t.precision}' unknown: use fp32, bf16 or auto")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite '{t.on_nonfinite}' unknown: use stop or skip")
+    if t.max_skipped_steps < 1:
+        raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every={t.eval_every} must be >= 0 (0 = only at the end)")
     if cfg.data.seq_len < 2:
@@ -368,7 +372,8 @@ def _validate_relora_modules(cfg: Config, model_config) -> None:
 
 def _validate_checkpoint(cfg: Config) -> None:
     """Checkpoint settings, and never train over another run's checkpoints (losing nothing)."""
-    from relora_dist.checkpoint import CheckpointError, check_output_dir
+    from relora_dist.checkpoint import CheckpointError
+    from relora_dist.resume import check_output_dir
 
     ck = cfg.checkpoint
     if ck.save_every < 0 or ck.keep_last < 0:

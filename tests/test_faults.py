@@ -1,0 +1,67 @@
+"""Faults other than bad input: non-finite training values."""
+
+import math
+
+import pytest
+import torch
+
+from relora_dist.checkpoint import find_latest, list_checkpoints, read_manifest
+from tests.dist_utils import run_world, tiny_overrides
+
+RUN = {"relora.warm_start_steps": 4, "relora.cycle_length": 4, "relora.first_warmup": 1,
+       "relora.restart_warmup": 1, "relora.r": 8, "train.max_steps": 8}
+
+
+@pytest.fixture(scope="module")
+def nonfinite(tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nonfinite")
+    results = run_world(2, "nonfinite_runs", tiny_overrides(tiny_data, tmp / "unused", **RUN), tmp / "out",
+                        base=str(tmp))
+    return tmp, results
+
+
+def test_skip_applies_no_update_and_counts(nonfinite):
+    """NaN loss on rank 1 only at steps 3 and 4: both ranks skip those updates (the weights after
+    step 4 are bitwise those after step 2), count 2 skipped steps, and finish the run."""
+    tmp, results = nonfinite
+    for r in results:
+        assert r["skip_error"] == ""
+        assert r["skipped_steps"] == 2 and r["skip_final_step"] == 8
+        assert math.isnan(r["skip_losses"][2]) and math.isnan(r["skip_losses"][3])
+        assert torch.isfinite(r["skip_losses"][4:]).all()
+        masters = r["skip_masters"]
+        assert torch.equal(masters[3], masters[1]) and torch.equal(masters[2], masters[1])
+        assert not torch.equal(masters[1], masters[0])
+    assert read_manifest(find_latest(tmp / "skip" / "checkpoints"))["skipped_steps"] == 2
+
+
+def test_a_nonfinite_model_is_never_saved(nonfinite):
+    tmp, results = nonfinite
+    assert all("non-finite values (rank 1)" in r["nan_save_error"] for r in results)
+    root = tmp / "skip" / "checkpoints"
+    assert find_latest(root).name == "step_00000008"
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("run,message,kept", [
+    ("stop", "step 5: non-finite training values", 4), ("limit", "step 7: 3 non-finite steps in a row", 6)])
+def test_stop_keeps_the_last_finite_checkpoints(nonfinite, run, message, kept):
+    """on_nonfinite=stop at the first NaN (step 5), skip past max_skipped_steps=2 (step 7): every
+    rank stops with one line naming the newest checkpoint; nothing non-finite is saved, retention
+    deletes nothing (a skipped step leaves the last finite model, which may be saved: step 6)."""
+    tmp, results = nonfinite
+    root = tmp / run / "checkpoints"
+    for r in results:
+        error = r[f"{run}_error"]
+        assert message in error and "\n" not in error
+        assert f"the newest checkpoint is {root / f'step_{kept:08d}'}" in error
+    assert [p.name for p in list_checkpoints(root)] == [f"step_{s:08d}" for s in range(2, kept + 1, 2)]
+    assert find_latest(root).name == f"step_{kept:08d}"
+
+
+def test_reset_without_optimizer_state_prunes_nothing(nonfinite):
+    """Every ReLoRA step skipped up to the first reset: the reset merges and re-draws, and the
+    prune (no Adam state exists yet) is a no-op instead of a crash."""
+    _, results = nonfinite
+    for r in results:
+        assert r["noopt_error"] == "" and r["noopt_restart_index"] == 1 and r["noopt_skipped"] == 6
