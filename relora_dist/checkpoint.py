@@ -36,6 +36,10 @@ LATEST = "latest"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+OLDER = ("resume an older one with --checkpoint.resume=previous (the newest that verifies) or "
+         "--checkpoint.resume={root}/step_N")
+
+
 class CheckpointError(ValueError):
     """A one-line problem with a checkpoint that names the file and the fix."""
 
@@ -270,18 +274,48 @@ def find_latest(root: str | Path) -> Path | None:
 
 
 # --- reading ---------------------------------------------------------------------------------------
+# What a manifest must hold for any reader (trainer, convert, inspect) to use it.
+_REQUIRED = {"global_step": int, "phase": str, "restart_index": int, "tokens_seen": int, "world_size": int,
+             "zero_stage": int, "adapters_active": bool, "relora": dict, "model_config": dict,
+             "data_loader": dict, "tensors": dict, "files": list}
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"holds a JSON {type(manifest).__name__}, not a manifest object"
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    wrong = [k for k, t in _REQUIRED.items() if not isinstance(manifest[k], t)]
+    if wrong:
+        return f"has {', '.join(wrong)} of the wrong type"
+    if not all(isinstance(f, dict) and {"rank", "file", "sha256"} <= f.keys() for f in manifest["files"]):
+        return "has a files entry without rank, file and sha256"
+    if not all(isinstance(t, dict) and isinstance(t.get("shape"), list) for t in manifest["tensors"].values()):
+        return "has a tensors entry without a shape"
+    if not {"r", "alpha", "wrapped_modules"} <= manifest["relora"].keys():
+        return "has a relora entry without r, alpha and wrapped_modules"
+    return None
+
+
 def read_manifest(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path} not found: pass a checkpoint directory (step_*/) or --checkpoint.resume=auto")
+    older = OLDER.format(root=path.parent.parent)
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e.msg}): the checkpoint is corrupt; use an older one")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is not valid JSON ({getattr(e, 'msg', type(e).__name__)}): the checkpoint "
+                              f"is corrupt; {older}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format_version {version!r}, newer than this relora_dist reads "
                               f"({FORMAT_VERSION}); upgrade relora_dist")
+    problem = _manifest_problem(manifest) if isinstance(version, int) or not isinstance(manifest, dict) else \
+        "has no integer format_version"
+    if problem:
+        raise CheckpointError(f"{path} {problem}: not a relora_dist checkpoint manifest, or a damaged one; {older}")
     return manifest
 
 
@@ -295,13 +329,15 @@ class ShardReader:
         for f in self.manifest["files"]:
             path = self.dir / f["file"]
             if not path.is_file():
-                raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; use an older one")
+                raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; {OLDER.format(root=self.dir.parent)}")
             if verify and _sha256(path) != f["sha256"]:
-                raise CheckpointError(f"{path} fails its sha256 check (truncated or corrupted); use an older checkpoint")
+                raise CheckpointError(f"{path} fails its sha256 check (truncated or corrupted); "
+                                      f"{OLDER.format(root=self.dir.parent)}")
             try:
                 self.handles[f["rank"]] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{path} is not a readable safetensors file ({e}); use an older checkpoint")
+                raise CheckpointError(f"{path} is not a readable safetensors file ({_describe(e)}); "
+                                      f"{OLDER.format(root=self.dir.parent)}")
 
     def has(self, name: str, field: str) -> bool:
         return field in self.manifest["tensors"].get(name, {}).get("fields", {})
@@ -321,7 +357,7 @@ class ShardReader:
             pos = end
         if pos != shape.numel():
             raise CheckpointError(f"{self.dir}: field '{field}' of '{name}' covers {pos} of {shape.numel()} "
-                                  f"elements; the checkpoint is incomplete, use an older one")
+                                  f"elements; the checkpoint is incomplete, {OLDER.format(root=self.dir.parent)}")
         return torch.cat(pieces).view(shape)
 
     def rng_state(self, rank: int, key: str = "rng/cpu") -> torch.Tensor | None:

@@ -183,8 +183,12 @@ class CheckpointConfig:
     """Keep the newest K checkpoints (0 = keep all)."""
     resume: str = "auto"
     """'auto' = continue from the latest checkpoint of this same run if there is one (a requeued
-    cluster job just reruns its command); a step_* directory = continue from it; '' = always start
-    a new run (refused if checkpoints exist)."""
+    cluster job just reruns its command); 'previous' = from the newest checkpoint that verifies
+    (every sha256 checked; skips a damaged newest one); a step_* directory = continue from it;
+    '' = always start a new run (refused if checkpoints exist)."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Settings that may differ from the resumed checkpoint's (e.g. optimizer.lr,relora.lr); a resume
+    that changes any other setting which changes the trajectory is refused (see docs/reliability.md)."""
     overwrite: bool = False
     """Start a new run and delete the checkpoints already in checkpoint.dir (refused otherwise)."""
     dir: str = ""

@@ -13,6 +13,7 @@ from relora_dist.checkpoint import (
     ADAM_KEYS,
     LATEST,
     MANIFEST,
+    OLDER,
     CheckpointError,
     ShardReader,
     find_latest,
@@ -88,48 +89,120 @@ def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
     return m
 
 
-# Settings that make a checkpoint another run's when they differ (train.max_steps may change: it
-# extends or shortens the same run).
-RUN_IDENTITY = {"model": None, "data": ("seq_len",), "train": ("global_batch_size", "seed"),
-                "relora": ("enabled", "warm_start_steps", "r", "alpha", "targets", "cycle_length")}
+# Every setting that changes the trajectory of a run (what it computes, not where or how fast):
+# a resume with any of them changed is refused unless checkpoint.allow_changes lists it. Not here:
+# train.max_steps (extends or shortens the run), micro_batch_size, the world size and the ZeRO
+# stage (the same math in another reduction order: resumes within 1e-4), relora.phase_stage and
+# relora.merge_master_device (where state lives), relora.effective_rank_every, eval, logging,
+# checkpoint and output settings. None = every key of the section.
+RUN_IDENTITY = {
+    "model": None,
+    "data": ("sources", "prepared_dir", "tokenizer_dir", "seq_len", "val_fraction"),
+    "train": ("global_batch_size", "seed", "precision", "grad_clip"),
+    "optimizer": None,
+    "schedule": None,
+    "relora": ("enabled", "warm_start_steps", "r", "alpha", "dropout", "targets", "train_extra", "cycle_length",
+               "first_warmup", "restart_warmup", "lr", "resets", "optimizer_reset", "prune_ratio",
+               "merge_precision"),
+}
+# Of those, the ones that change tensor shapes or the set of trained tensors: never allowed.
+STRUCTURAL = ("model.*", "relora.enabled", "relora.r", "relora.targets")
 
 
-def _identity_diff(ours: dict, theirs: dict) -> str | None:
+def is_structural(key: str) -> bool:
+    return key in STRUCTURAL or f"{key.split('.')[0]}.*" in STRUCTURAL
+
+
+def identity_changes(ours: dict, theirs: dict) -> dict[str, tuple]:
+    """{"section.key": (checkpoint's value, this run's value)} for every run-identity setting that
+    differs; a key the checkpoint's config lacks (written by an older version) is not compared."""
+    changes = {}
     for section, keys in RUN_IDENTITY.items():
+        saved = theirs.get(section) or {}
         for key in keys or ours.get(section, {}).keys():
-            a, b = ours.get(section, {}).get(key), theirs.get(section, {}).get(key)
-            if a != b:
-                return f"{section}.{key} {b!r} there vs {a!r} here"
-    return None
+            if key in saved and saved[key] != ours.get(section, {}).get(key):
+                changes[f"{section}.{key}"] = (saved[key], ours[section][key])
+    return changes
+
+
+def saved_config(ckpt_dir: Path) -> dict:
+    """The config.yaml a checkpoint was written with, as a dict (a one-line error if it is damaged)."""
+    import yaml
+
+    path = ckpt_dir / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        data = e
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        why = f"{type(data).__name__}: {' '.join(str(data).split())[:80]}" if isinstance(data, Exception) else \
+            f"not a mapping of sections, got {type(data).__name__}"
+        raise CheckpointError(f"{path} is damaged ({why}); {OLDER.format(root=ckpt_dir.parent)}")
+    return data
+
+
+def verifies(ckpt_dir: Path) -> bool:
+    try:
+        ShardReader(ckpt_dir, verify=True)
+        saved_config(ckpt_dir)
+        return True
+    except CheckpointError:
+        return False
+
+
+def resume_target(cfg, checkpoint_root: str | Path) -> Path | None:
+    """The checkpoint this launch continues from: checkpoint.resume=auto -> `latest`;
+    previous -> the newest that verifies (manifest, every sha256, config); a path -> that path."""
+    ck = cfg.checkpoint
+    if not ck.resume or ck.overwrite:
+        return None
+    if ck.resume == "auto":
+        return find_latest(checkpoint_root)
+    if ck.resume == "previous":
+        for candidate in reversed(list_checkpoints(checkpoint_root)):
+            if verifies(candidate):
+                return candidate
+        raise CheckpointError(f"checkpoint.resume=previous: no checkpoint under {checkpoint_root} verifies; "
+                              f"start over with --checkpoint.overwrite=true or use another --run.output_dir")
+    return Path(ck.resume)
 
 
 def check_output_dir(cfg, checkpoint_root: str | Path) -> None:
     """Refuse to train over another run's checkpoints: with checkpoint.resume='' any existing
-    checkpoint, with 'auto' one whose run-defining settings differ (torchtitan-style auto-resume
-    of the same run is what a preempted cluster job needs). checkpoint.overwrite lifts both."""
-    import yaml
-
+    checkpoint; otherwise one whose run-identity settings differ from this launch's, unless
+    checkpoint.allow_changes lists every changed key (torchtitan-style auto-resume of the same run
+    is what a preempted cluster job needs). checkpoint.overwrite lifts both."""
     from relora_dist.config import to_dict
 
     ck = cfg.checkpoint
-    if ck.resume and ck.resume != "auto":
-        if not (Path(ck.resume) / MANIFEST).is_file():
-            raise CheckpointError(f"checkpoint.resume={ck.resume}: no {MANIFEST} there; pass a step_* directory or auto")
+    if ck.overwrite:
         return
-    latest = find_latest(checkpoint_root)
-    if latest is None or ck.overwrite:
-        return
+    if ck.resume and ck.resume not in ("auto", "previous") and not (Path(ck.resume) / MANIFEST).is_file():
+        raise CheckpointError(f"checkpoint.resume={ck.resume}: no {MANIFEST} there; pass a step_* directory, "
+                              f"auto or previous")
     if not ck.resume:
+        latest = find_latest(checkpoint_root)
+        if latest is not None:
+            raise CheckpointError(
+                f"{checkpoint_root} already holds checkpoints ({latest.name}); pass --checkpoint.resume=auto to "
+                f"continue that run, --checkpoint.overwrite=true to replace it, or another --run.output_dir")
+        return
+    target = resume_target(cfg, checkpoint_root)
+    if target is None:
+        return
+    changes = identity_changes(to_dict(cfg), saved_config(target))
+    listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    structural = [k for k in changes if is_structural(k)]
+    if structural:
         raise CheckpointError(
-            f"{checkpoint_root} already holds checkpoints ({latest.name}); pass --checkpoint.resume=auto to "
-            f"continue that run, --checkpoint.overwrite=true to replace it, or another --run.output_dir")
-    saved = latest / "config.yaml"
-    theirs = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
-    diff = _identity_diff(to_dict(cfg), theirs or {})
-    if diff:
+            f"{target} belongs to another run ({listed}); {', '.join(structural)} cannot change within a run; "
+            f"use another --run.output_dir, or --checkpoint.overwrite=true to replace it")
+    refused = [k for k in changes if k not in ck.allow_changes]
+    if refused:
         raise CheckpointError(
-            f"{latest} belongs to another run ({diff}); use another --run.output_dir, or "
-            f"--checkpoint.overwrite=true to replace it")
+            f"{target} was written with other settings ({listed}); to continue this run with them pass "
+            f"--checkpoint.allow_changes={','.join(refused)}, else use another --run.output_dir (or "
+            f"--checkpoint.overwrite=true to replace it)")
 
 
 def remove_checkpoints(checkpoint_root: str | Path) -> None:

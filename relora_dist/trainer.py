@@ -121,10 +121,7 @@ class Trainer:
         if c.checkpoint.overwrite and info.is_main:
             resume.remove_checkpoints(self.checkpoint_root)
         dist.barrier()
-        self.resumed_from = None
-        if c.checkpoint.resume and not c.checkpoint.overwrite:
-            self.resumed_from = (ckpt.find_latest(self.checkpoint_root) if c.checkpoint.resume == "auto"
-                                 else Path(c.checkpoint.resume))
+        self.resumed_from = resume.resume_target(c, self.checkpoint_root)
         manifest = ckpt.read_manifest(self.resumed_from) if self.resumed_from else None
         self.flops_per_token = flops_per_token(self.model_config, c.data.seq_len)
         self.peak_flops = c.logging.peak_flops or default_peak_flops(self.device, self.precision)
@@ -136,8 +133,9 @@ class Trainer:
             self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr))
         if manifest is not None:
             resume.load_checkpoint(self, self.resumed_from)
-        if info.is_main:
-            dump_config(c, self.output_dir / "config.yaml")
+        if info.is_main:  # each resumed segment's config is kept beside the first one's
+            dump_config(c, self.output_dir / (f"config.{self.resumed_from.name}.yaml" if self.resumed_from
+                                              else "config.yaml"))
         self.log = MetricsLogger(info.is_main, self.output_dir / "tb", c.logging.tensorboard,
                                  c.logging.progress_bar, c.train.max_steps, initial_step=self.state.step)
         if self.resumed_from:

@@ -379,6 +379,17 @@ def _validate_checkpoint(cfg: Config) -> None:
     if ck.save_every < 0 or ck.keep_last < 0:
         raise ConfigError(f"checkpoint.save_every={ck.save_every} and checkpoint.keep_last={ck.keep_last} "
                           f"must be >= 0 (0 = only at the end / keep all)")
+    from relora_dist.config import SECTIONS
+    from relora_dist.resume import is_structural
+
+    for key in ck.allow_changes:
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or name not in vars(getattr(cfg, section)):
+            known = [f"{s}.{k}" for s in SECTIONS for k in vars(getattr(cfg, s))]
+            raise ConfigError(f"checkpoint.allow_changes: unknown key '{key}': {_suggest(key, known)}")
+        if is_structural(key):
+            raise ConfigError(f"checkpoint.allow_changes: {key} changes the model's tensors and cannot change "
+                              f"within a run; drop it (use another run.output_dir for a new run)")
     root = Path(ck.dir) if ck.dir else Path(cfg.run.output_dir) / "checkpoints"
     try:
         check_output_dir(cfg, root)
