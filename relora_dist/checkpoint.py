@@ -254,6 +254,16 @@ def _publish(trainer, tmp: Path, final: Path, root: Path, entries: list[dict], s
         shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_stale_temporaries(root: str | Path) -> list[str]:
+    """Remove what a save killed midway left (`.tmp-step_*` folders, `.latest.tmp`); run at start-up
+    on rank 0, when nothing else writes here. Returns the names removed."""
+    root = Path(root)
+    stale = sorted(p for p in root.glob(".tmp-step_*")) + sorted(root.glob(f".{LATEST}.tmp")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return [p.name for p in stale]
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():

@@ -118,6 +118,10 @@ class Trainer:
         self.output_dir = Path(c.run.output_dir)
         self.checkpoint_root = Path(c.checkpoint.dir) if c.checkpoint.dir else self.output_dir / "checkpoints"
         resume.check_output_dir(c, self.checkpoint_root)
+        stale = ckpt.remove_stale_temporaries(self.checkpoint_root) if info.is_main else []
+        if stale:
+            print(f"note: removed {', '.join(stale)} from {self.checkpoint_root} (left by a save that was killed "
+                  f"midway; the published checkpoints are complete)", flush=True)
         if c.checkpoint.overwrite and info.is_main:
             resume.remove_checkpoints(self.checkpoint_root)
         dist.barrier()

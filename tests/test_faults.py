@@ -32,7 +32,10 @@ def test_skip_applies_no_update_and_counts(nonfinite):
         masters = r["skip_masters"]
         assert torch.equal(masters[3], masters[1]) and torch.equal(masters[2], masters[1])
         assert not torch.equal(masters[1], masters[0])
-    assert read_manifest(find_latest(tmp / "skip" / "checkpoints"))["skipped_steps"] == 2
+    latest = find_latest(tmp / "skip" / "checkpoints")
+    assert read_manifest(latest)["skipped_steps"] == 2
+    for f in ("rank00000.safetensors", "rank00001.safetensors", "manifest.json"):
+        assert (latest / f).stat().st_mode & 0o777 == 0o644, f  # readable by others who convert or inspect
 
 
 def test_a_nonfinite_model_is_never_saved(nonfinite):

@@ -117,3 +117,14 @@ def test_manifest_of_the_wrong_shape(run, content, problem):
     with pytest.raises(CheckpointError, match=problem) as e:
         read_manifest(root / "step_00000004")
     assert "--checkpoint.resume=previous" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_stale_temporaries_are_removed(run):
+    from relora_dist.checkpoint import remove_stale_temporaries
+
+    _, root = run
+    (root / ".tmp-step_00000006").mkdir()
+    (root / ".tmp-step_00000006" / "rank00000.safetensors").write_bytes(b"partial")
+    (root / ".latest.tmp").write_text("step_00000006")
+    assert remove_stale_temporaries(root) == [".tmp-step_00000006", ".latest.tmp"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]
