@@ -18,6 +18,7 @@ from relora_dist.checkpoint import (
     ShardReader,
     find_latest,
     list_checkpoints,
+    read_manifest,
 )
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -190,6 +191,7 @@ def check_output_dir(cfg, checkpoint_root: str | Path) -> None:
     target = resume_target(cfg, checkpoint_root)
     if target is None:
         return
+    read_manifest(target)  # a damaged manifest is a one-line error here, before any work
     changes = identity_changes(to_dict(cfg), saved_config(target))
     listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
     structural = [k for k in changes if is_structural(k)]

@@ -198,6 +198,9 @@ def _validate_data(cfg: Config) -> int:
                 raise ConfigError(
                     f"data.sources file '{src}' not found; pass an existing file (.txt, .jsonl, .jsonl.xz, "
                     f".parquet) or leave data.sources empty for the bundled corpus")
+            if Path(src).stat().st_size == 0:
+                raise ConfigError(f"data.sources file '{src}' is empty (0 bytes); pass a file with text, or drop it "
+                                  f"from data.sources")
             try:
                 _builder_for(src)
             except DataError as e:

@@ -1,42 +1,23 @@
 """Which checkpoint a launch resumes and whether it may: the run identity, checkpoint.allow_changes,
 checkpoint.resume=previous, damaged manifests and configs. Fake checkpoints, no process group."""
 
-import hashlib
-import json
 import re
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from relora_dist.checkpoint import CheckpointError, read_manifest
-from relora_dist.config import ConfigError, dump_config, load_config
+from relora_dist.config import ConfigError, load_config
 from relora_dist.resume import check_output_dir, resume_target
 from relora_dist.validation import _validate_checkpoint
-
-
-def _fake_checkpoint(root, step, cfg):
-    d = root / f"step_{step:08d}"
-    d.mkdir(parents=True)
-    save_file({"w/weight": torch.zeros(4)}, str(d / "rank00000.safetensors"))
-    sha = hashlib.sha256((d / "rank00000.safetensors").read_bytes()).hexdigest()
-    manifest = {"format_version": 1, "global_step": step, "phase": "full_rank", "restart_index": 0,
-                "tokens_seen": 0, "world_size": 1, "zero_stage": 2, "adapters_active": False,
-                "relora": {"r": 8, "alpha": 16, "wrapped_modules": []}, "model_config": {}, "data_loader": {},
-                "tensors": {"w": {"shape": [4], "fields": {"weight": [[0, 0, 4]]}}},
-                "files": [{"rank": 0, "file": "rank00000.safetensors", "sha256": sha}]}
-    (d / "manifest.json").write_text(json.dumps(manifest))
-    dump_config(cfg, d / "config.yaml")
-    (root / "latest").write_text(d.name)
-    return d
+from tests.dist_utils import fake_checkpoint
 
 
 @pytest.fixture
 def run(tmp_path):
     base = [f"--run.output_dir={tmp_path}"]
     root = tmp_path / "checkpoints"
-    _fake_checkpoint(root, 2, load_config(None, base))
-    _fake_checkpoint(root, 4, load_config(None, base))
+    fake_checkpoint(root, 2, load_config(None, base))
+    fake_checkpoint(root, 4, load_config(None, base))
     return base, root
 
 
