@@ -68,3 +68,25 @@ def test_reset_without_optimizer_state_prunes_nothing(nonfinite):
     _, results = nonfinite
     for r in results:
         assert r["noopt_error"] == "" and r["noopt_restart_index"] == 1 and r["noopt_skipped"] == 6
+
+
+def test_a_stale_extension_build_lock_does_not_hang_the_launch(tiny_data, tmp_path):
+    """A launch killed while DeepSpeed JIT-built its CPU shared-memory comm op leaves
+    <TORCH_EXTENSIONS_DIR>/deepspeed_shm_comm/lock behind; the next launch must still start (the
+    op is not built at all, so nothing waits on the lock)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.dist_utils import REPO
+
+    ext = tmp_path / "torch_extensions"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "deepspeed_shm_comm" / "lock").write_text("")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
+    args = tiny_overrides(tiny_data, tmp_path / "run", **{"train.max_steps": 1, "relora.enabled": False})
+    proc = subprocess.run([sys.executable, "launchers/pretrain.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done |" in proc.stdout
+    assert [p.name for p in (ext / "deepspeed_shm_comm").iterdir()] == ["lock"]  # nothing was built
