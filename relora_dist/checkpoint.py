@@ -155,7 +155,7 @@ def save_checkpoint(trainer, root: str | Path, keep_last: int) -> Path:
     """Write this step's checkpoint collectively; publish it atomically; keep the last K. A rank
     that cannot write (disk full, permissions) or holds a non-finite value fails the save on every
     rank at the same point; nothing is published and no older checkpoint is deleted."""
-    from relora_dist.faults import RunAborted
+    from relora_dist.faults import RunAborted, progress
 
     root = Path(root)
     st, info = trainer.state, trainer.info
@@ -186,8 +186,10 @@ def save_checkpoint(trainer, root: str | Path, keep_last: int) -> Path:
     except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error wrapping one
         entry["error"] = _describe(e)
     del tensors
+    progress()  # a long save is progress: the SIGTERM grace period restarts after each stage
     entries: list = [None] * info.world_size
     dist.all_gather_object(entries, entry)
+    progress()
     failure = _failed([e["error"] for e in entries], st.step, root)
     nonfinite = [e["rank"] for e in entries if not e["finite"]]
     if (failure or nonfinite) and info.is_main:

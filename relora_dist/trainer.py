@@ -30,6 +30,7 @@ from relora_dist.data import (
     eval_batches,
 )
 from relora_dist.dist import DistInfo
+from relora_dist import faults
 from relora_dist.faults import RunAborted, is_finite
 from relora_dist.ds_config import build_ds_config, relora_phase_ds_config, resolve_precision
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
@@ -267,6 +268,7 @@ class Trainer:
                                f"effective rank)")
                 self.log.scalars(st.step, {"mem/frozen_master_mb": master_mb})
             metrics = self.train_step(self.loader.next_batch())
+            faults.progress()
             self._check_finite(metrics)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
@@ -347,7 +349,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Cluster preemption sends SIGTERM; ranks agree (MAX all-reduce) so all save together."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self._stop_requested or faults.stop_requested() else 0.0])
         flag = self._all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

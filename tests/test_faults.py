@@ -90,3 +90,90 @@ def test_a_stale_extension_build_lock_does_not_hang_the_launch(tiny_data, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "done |" in proc.stdout
     assert [p.name for p in (ext / "deepspeed_shm_comm").iterdir()] == ["lock"]  # nothing was built
+
+
+# --- a peer that dies or stops -----------------------------------------------------------------------
+def _launch_pair(data, run_dir, timeout_s, grace_s):
+    """Two ranks of a long tiny run as plain processes (RANK/WORLD_SIZE set by hand, so the test
+    can signal each one); returns them once rank 0 has logged step 3."""
+    import os
+    import subprocess
+    import sys
+
+    from relora_dist.dist import free_port
+    from tests.dist_utils import REPO
+
+    args = tiny_overrides(data, run_dir, **{"train.max_steps": 400, "relora.enabled": False, "logging.log_every": 1})
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   RELORA_DIST_TIMEOUT_S=str(timeout_s), RELORA_DIST_GRACE_S=str(grace_s))
+        procs.append(subprocess.Popen([sys.executable, "launchers/pretrain.py", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    for line in procs[0].stdout:
+        if line.startswith("step 3 |"):
+            return procs
+    raise AssertionError(procs[0].stderr.read()[-2000:])
+
+
+def _after(procs, fault, timeout_s=20, grace_s=5):
+    """Apply `fault` to the pair; rank 0's exit code, seconds until it exited, and stderr."""
+    import signal
+    import time
+
+    t0 = time.monotonic()
+    fault(procs)
+    try:
+        _, err = procs[0].communicate(timeout=timeout_s + grace_s + 60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            p.wait()
+    return procs[0].returncode, time.monotonic() - t0, err
+
+
+def _one_error_line(err):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err, err[-3000:]
+    assert sum(ln.startswith("error:") for ln in lines) == 1, err[-3000:]
+    return next(ln for ln in lines if ln.startswith("error:"))
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "sigkill"])
+def test_a_lost_peer_ends_the_survivor_with_one_line(tiny_data, tmp_path, fault):
+    """Rank 1 stopped (SIGSTOP) or killed mid-run: rank 0 exits 3 within RELORA_DIST_TIMEOUT_S
+    (every process group is bounded, DeepSpeed's too) plus the few seconds it takes to name the
+    peer, with one line naming rank 1 instead of gloo's traceback."""
+    import signal
+
+    procs = _launch_pair(tiny_data, tmp_path / "run", timeout_s=15, grace_s=5)
+    sig = signal.SIGSTOP if fault == "sigstop" else signal.SIGKILL
+    code, seconds, err = _after(procs, lambda ps: ps[1].send_signal(sig))
+    line = _one_error_line(err)
+    assert code == 3, err[-3000:]
+    assert "rank 0: lost its peers (rank 1 stopped answering" in line, line
+    assert seconds < 15 + 15, seconds
+
+
+def test_sigterm_while_blocked_on_a_stopped_peer(tiny_data, tmp_path):
+    """Rank 1 stopped, then rank 0 gets SIGTERM while blocked in a collective: it exits 3 after the
+    grace period (5 s), long before the 120 s collective timeout, with one line naming rank 1."""
+    import signal
+    import time
+
+    def fault(ps):
+        ps[1].send_signal(signal.SIGSTOP)
+        time.sleep(2)
+        ps[0].send_signal(signal.SIGTERM)
+
+    procs = _launch_pair(tiny_data, tmp_path / "run", timeout_s=120, grace_s=5)
+    code, seconds, err = _after(procs, fault, timeout_s=120)
+    line = _one_error_line(err)
+    assert code == 3, err[-3000:]
+    assert "SIGTERM, but no step finished" in line and "rank 1 stopped answering" in line, line
+    assert seconds < 2 + 5 + 15, seconds
