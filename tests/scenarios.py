@@ -237,3 +237,31 @@ def nonfinite_runs(cfg, template, info, base: str) -> dict:
         "train.on_nonfinite": "skip", "train.max_skipped_steps": 10, "train.max_steps": 12})
     out["noopt_restart_index"], out["noopt_skipped"] = t.state.restart_index, t.state.skipped_steps
     return out
+
+
+def killed_run(cfg, template, info, where: str, at_step: int, victim: int) -> dict:
+    """A run whose rank `victim` kills itself with SIGKILL at (1-based) step `at_step`: mid-step
+    (after the backward, before the update), mid-reset (after the merge and re-draw, before the
+    prune) or mid-save (shards written, nothing published yet)."""
+    import os
+    import signal
+
+    from relora_dist import checkpoint, relora_steps
+
+    t = Trainer(cfg, template, info)
+
+    def die():
+        if info.rank == victim and t.state.step + (1 if where == "step" else 0) == at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if where == "step":
+        step = t.train_step
+        t.train_step = lambda batch, **kw: step(batch, before_update=die)
+    elif where == "reset":
+        prune = relora_steps.prune_adapter_moments
+        relora_steps.prune_adapter_moments = lambda *a, **kw: (die(), prune(*a, **kw))[1]
+    else:
+        publish = checkpoint._publish
+        checkpoint._publish = lambda *a, **kw: (die(), publish(*a, **kw))[1]
+    t.train()
+    return {}
