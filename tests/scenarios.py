@@ -242,7 +242,7 @@ def nonfinite_runs(cfg, template, info, base: str) -> dict:
 def killed_run(cfg, template, info, where: str, at_step: int, victim: int) -> dict:
     """A run whose rank `victim` kills itself with SIGKILL at (1-based) step `at_step`: mid-step
     (after the backward, before the update), mid-reset (after the merge and re-draw, before the
-    prune) or mid-save (shards written, nothing published yet)."""
+    prune) or mid-save (its shard written, nothing published yet)."""
     import os
     import signal
 
@@ -261,7 +261,7 @@ def killed_run(cfg, template, info, where: str, at_step: int, victim: int) -> di
         prune = relora_steps.prune_adapter_moments
         relora_steps.prune_adapter_moments = lambda *a, **kw: (die(), prune(*a, **kw))[1]
     else:
-        publish = checkpoint._publish
-        checkpoint._publish = lambda *a, **kw: (die(), publish(*a, **kw))[1]
+        write = checkpoint.save_file
+        checkpoint.save_file = lambda *a, **kw: (write(*a, **kw), die())[0]
     t.train()
     return {}
