@@ -27,6 +27,30 @@ def is_finite(*values: float | None) -> bool:
     return all(v is None or math.isfinite(v) for v in values)
 
 
+def on_nonfinite(state, train_cfg, metrics: dict, newest: Callable[[], object]) -> str | None:
+    """train.on_nonfinite after a step: None for a finite step, the console line of a skipped one,
+    or RunAborted. DeepSpeed has already discarded the update of a step whose gradients are
+    non-finite (its overflow check runs in fp32 and bf16 too, "OVERFLOW! Skipping step", and the
+    grad norm reads inf), so the model is still the last finite one; a run at --optimizer.lr=1e6
+    otherwise skipped every step, sat at loss ln(vocab), printed "done" and saved that."""
+    if not metrics.pop("nonfinite"):
+        state.skipped_in_a_row = 0
+        return None
+    state.skipped_steps += 1
+    state.skipped_in_a_row += 1
+    what = f"loss {metrics['loss']:.4g}, grad norm {metrics['grad_norm']:.4g}"
+    kept = f"the newest checkpoint is {newest() or 'none (no checkpoint was saved)'}"
+    if train_cfg.on_nonfinite == "stop":
+        raise RunAborted(f"step {state.step}: non-finite training values ({what}); stopped without saving, "
+                         f"{kept}; lower optimizer.lr / relora.lr, or set train.on_nonfinite=skip")
+    if state.skipped_in_a_row > train_cfg.max_skipped_steps:
+        raise RunAborted(f"step {state.step}: {state.skipped_in_a_row} non-finite steps in a row ({what}), more "
+                         f"than train.max_skipped_steps={train_cfg.max_skipped_steps}; stopped without saving, "
+                         f"{kept}; lower optimizer.lr / relora.lr")
+    return (f"step {state.step} | non-finite {what}: update skipped ({state.skipped_in_a_row} in a row, "
+            f"{state.skipped_steps} in all)")
+
+
 # --- lost peers and preemption while blocked ------------------------------------------------------
 GRACE_ENV = "RELORA_DIST_GRACE_S"
 DEFAULT_GRACE_S = 30.0

@@ -31,7 +31,7 @@ from relora_dist.data import (
 )
 from relora_dist.dist import DistInfo
 from relora_dist import faults
-from relora_dist.faults import RunAborted, is_finite
+from relora_dist.faults import is_finite
 from relora_dist.ds_config import build_ds_config, relora_phase_ds_config, resolve_precision
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, count_params, flops_per_token, llama_config
@@ -308,28 +308,10 @@ class Trainer:
         return st
 
     def _check_finite(self, metrics: dict) -> None:
-        """train.on_nonfinite. DeepSpeed already discards the update of a step whose gradients are
-        non-finite (its overflow check runs in fp32 and bf16 too: "OVERFLOW! Skipping step", and
-        the grad norm reads inf), so the model is still the last finite one; a run at
-        --optimizer.lr=1e6 otherwise skipped every step, sat at loss ln(vocab) and saved that."""
-        st, t = self.state, self.cfg.train
-        if not metrics.pop("nonfinite"):
-            st.skipped_in_a_row = 0
-            return
-        st.skipped_steps += 1
-        st.skipped_in_a_row += 1
-        what = f"loss {metrics['loss']:.4g}, grad norm {metrics['grad_norm']:.4g}"
-        newest = ckpt.find_latest(self.checkpoint_root)
-        kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved"
-        if t.on_nonfinite == "stop":
-            raise RunAborted(f"step {st.step}: non-finite training values ({what}); stopped without saving, "
-                             f"{kept}; lower optimizer.lr / relora.lr, or set train.on_nonfinite=skip")
-        if st.skipped_in_a_row > t.max_skipped_steps:
-            raise RunAborted(f"step {st.step}: {st.skipped_in_a_row} non-finite steps in a row ({what}), more "
-                             f"than train.max_skipped_steps={t.max_skipped_steps}; stopped without saving, "
-                             f"{kept}; lower optimizer.lr / relora.lr")
-        self.log.print(f"step {st.step} | non-finite {what}: update skipped ({st.skipped_in_a_row} in a row, "
-                       f"{st.skipped_steps} in all)")
+        """train.on_nonfinite (faults.on_nonfinite): raises RunAborted, or logs a skipped step."""
+        line = faults.on_nonfinite(self.state, self.cfg.train, metrics, lambda: ckpt.find_latest(self.checkpoint_root))
+        if line:
+            self.log.print(line)
 
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce a small CPU tensor through the accelerator (NCCL takes only device tensors);
