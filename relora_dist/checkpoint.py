@@ -36,6 +36,10 @@ LATEST = "latest"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+OLDER = ("resume an older one with --checkpoint.resume=previous (the newest that verifies) or "
+         "--checkpoint.resume={root}/step_N")
+
+
 class CheckpointError(ValueError):
     """A one-line problem with a checkpoint that names the file and the fix."""
 
@@ -107,64 +111,159 @@ def _tensor_meta(trainer) -> dict[str, dict]:
             for name, p in trainer.model.named_parameters()}
 
 
+def _write_synced(path: Path, text: str) -> None:
+    """Write and fsync a small file (a rename publishes it only after its bytes are on disk)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _agreed(error: str | None) -> list[str | None]:
+    """Every rank's error (None = fine), on every rank: a failure on one rank stops all of them at
+    the same point instead of leaving the others in the next collective."""
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return errors
+
+
+def _failed(errors: list[str | None], step: int, root: Path) -> CheckpointError | None:
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if not bad:
+        return None
+    rank, error = bad[0]
+    newest = find_latest(root)
+    return CheckpointError(f"saving the checkpoint of step {step} failed on rank {rank} ({error}); nothing was "
+                           f"published, the newest checkpoint is still {newest or 'none'}; free space or fix "
+                           f"{root}, then rerun the same command to resume")
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
 def save_checkpoint(trainer, root: str | Path, keep_last: int) -> Path:
-    """Write this step's checkpoint collectively; publish it atomically; keep the last K."""
-    from relora_dist.config import dump_config
+    """Write this step's checkpoint collectively; publish it atomically; keep the last K. A rank
+    that cannot write (disk full, permissions) or holds a non-finite value fails the save on every
+    rank at the same point; nothing is published and no older checkpoint is deleted."""
+    from relora_dist.faults import RunAborted, progress
 
     root = Path(root)
     st, info = trainer.state, trainer.info
     final = root / step_dir_name(st.step)
     tmp = root / f".tmp-{step_dir_name(st.step)}"
+    error = None
     if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = _describe(e)
+    failure = _failed(_agreed(error), st.step, root)
+    if failure:
+        raise failure
     tensors, index = _rank_fragments(trainer)
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
     file = f"rank{info.rank:05d}.safetensors"
-    save_file(tensors, str(tmp / file), metadata={"format_version": str(FORMAT_VERSION), "rank": str(info.rank)})
-    with open(tmp / file, "rb") as f:
-        os.fsync(f.fileno())
-    entry = {"rank": info.rank, "file": file, "sha256": _sha256(tmp / file), "index": index}
+    entry = {"rank": info.rank, "file": file, "index": index, "finite": finite, "error": None}
+    try:
+        if finite:
+            save_file(tensors, str(tmp / file),
+                      metadata={"format_version": str(FORMAT_VERSION), "rank": str(info.rank)})
+            with open(tmp / file, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp / file, 0o644)  # safetensors creates it 0600; a checkpoint is for others to read
+            entry["sha256"] = _sha256(tmp / file)
+    except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error wrapping one
+        entry["error"] = _describe(e)
+    del tensors
+    progress()  # a long save is progress: the SIGTERM grace period restarts after each stage
     entries: list = [None] * info.world_size
     dist.all_gather_object(entries, entry)
+    progress()
+    failure = _failed([e["error"] for e in entries], st.step, root)
+    nonfinite = [e["rank"] for e in entries if not e["finite"]]
+    if (failure or nonfinite) and info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failure:
+        raise failure
+    if nonfinite:
+        raise RunAborted(f"step {st.step}: the model holds non-finite values (rank {nonfinite[0]}); not saved, the "
+                         f"newest checkpoint is still {find_latest(root) or 'none'}; lower optimizer.lr / relora.lr")
     stats = trainer.rank_stats(measure=False)
+    error = None
     if info.is_main:
-        tensors_meta = _tensor_meta(trainer)
-        for e in entries:
-            for name, fields in e["index"].items():
-                for field, (start, end) in fields.items():
-                    tensors_meta[name].setdefault("fields", {}).setdefault(field, []).append([e["rank"], start, end])
-        c = trainer.cfg
-        cum = {n: min(m.r * (st.restart_index + 1), m.out_features, m.in_features)
-               for n, m in trainer.modules.items()} if st.phase == "relora" else {}
-        manifest = {
-            "format_version": FORMAT_VERSION, "global_step": st.step, "phase": st.phase,
-            "restart_index": st.restart_index, "cumulative_rank": {"per_module": cum, "total": sum(cum.values())},
-            "relora": {"r": c.relora.r, "alpha": c.relora.alpha, "targets": c.relora.targets,
-                       "wrapped_modules": sorted(trainer.modules)},
-            "tokens_seen": st.tokens_seen, "data_loader": trainer.loader.state_dict(),
-            "lr_schedule": {"step": st.step, "last_lr": st.history[-1]["lr"] if st.history else 0.0},
-            "adam_step": trainer.backend.adam_step(trainer.engine) if trainer.engine is not None else None,
-            "world_size": info.world_size, "zero_stage": trainer.backend.stage, "precision": trainer.precision,
-            "model_config": trainer.model_config.to_dict(), "adapters_active": st.phase == "relora",
-            "rank_stats": stats, "tensors": tensors_meta,
-            "files": [{"rank": e["rank"], "file": e["file"], "sha256": e["sha256"]} for e in entries],
-        }
-        dump_config(c, tmp / "config.yaml")
-        shutil.copytree(trainer.tokenizer_dir, tmp / "tokenizer")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = root / f".{LATEST}.tmp"
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, root / LATEST)
-        _fsync_dir(root)
-        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        try:
+            _publish(trainer, tmp, final, root, entries, stats, keep_last)
+        except Exception as e:  # noqa: BLE001 - OSError from any of the writes
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = _describe(e)
+    failure = _failed(_agreed(error), st.step, root)
+    if failure:
+        raise failure
     return final
+
+
+def _publish(trainer, tmp: Path, final: Path, root: Path, entries: list[dict], stats: dict, keep_last: int) -> None:
+    """Rank 0: manifest, config and tokenizer into `tmp`, fsync, rename, point `latest`, retention."""
+    from relora_dist.config import dump_config
+
+    st, c = trainer.state, trainer.cfg
+    tensors_meta = _tensor_meta(trainer)
+    for e in entries:
+        for name, fields in e["index"].items():
+            for field, (start, end) in fields.items():
+                tensors_meta[name].setdefault("fields", {}).setdefault(field, []).append([e["rank"], start, end])
+    cum = {n: min(m.r * (st.restart_index + 1), m.out_features, m.in_features)
+           for n, m in trainer.modules.items()} if st.phase == "relora" else {}
+    manifest = {
+        "format_version": FORMAT_VERSION, "global_step": st.step, "phase": st.phase,
+        "restart_index": st.restart_index, "cumulative_rank": {"per_module": cum, "total": sum(cum.values())},
+        "relora": {"r": c.relora.r, "alpha": c.relora.alpha, "targets": c.relora.targets,
+                   "wrapped_modules": sorted(trainer.modules)},
+        "tokens_seen": st.tokens_seen, "skipped_steps": st.skipped_steps, "data_loader": trainer.loader.state_dict(),
+        "lr_schedule": {"step": st.step, "last_lr": st.history[-1]["lr"] if st.history else 0.0},
+        "adam_step": trainer.backend.adam_step(trainer.engine) if trainer.engine is not None else None,
+        "world_size": trainer.info.world_size, "zero_stage": trainer.backend.stage, "precision": trainer.precision,
+        "model_config": trainer.model_config.to_dict(), "adapters_active": st.phase == "relora",
+        "rank_stats": stats, "tensors": tensors_meta,
+        "files": [{"rank": e["rank"], "file": e["file"], "sha256": e["sha256"]} for e in entries],
+    }
+    dump_config(c, tmp / "config.yaml")
+    shutil.copytree(trainer.tokenizer_dir, tmp / "tokenizer")
+    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
+    _fsync_tree(tmp)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / f".{LATEST}.tmp"
+    _write_synced(latest_tmp, final.name)
+    os.replace(latest_tmp, root / LATEST)
+    _fsync_dir(root)
+    # Every published checkpoint is finite (a non-finite model is never saved), so keeping the
+    # newest K always keeps the newest finite one.
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(root: str | Path) -> list[str]:
+    """Remove what a save killed midway left (`.tmp-step_*` folders, `.latest.tmp`); run at start-up
+    on rank 0, when nothing else writes here. Returns the names removed."""
+    root = Path(root)
+    stale = sorted(p for p in root.glob(".tmp-step_*")) + sorted(root.glob(f".{LATEST}.tmp")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return [p.name for p in stale]
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -187,18 +286,48 @@ def find_latest(root: str | Path) -> Path | None:
 
 
 # --- reading ---------------------------------------------------------------------------------------
+# What a manifest must hold for any reader (trainer, convert, inspect) to use it.
+_REQUIRED = {"global_step": int, "phase": str, "restart_index": int, "tokens_seen": int, "world_size": int,
+             "zero_stage": int, "adapters_active": bool, "relora": dict, "model_config": dict,
+             "data_loader": dict, "tensors": dict, "files": list}
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"holds a JSON {type(manifest).__name__}, not a manifest object"
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    wrong = [k for k, t in _REQUIRED.items() if not isinstance(manifest[k], t)]
+    if wrong:
+        return f"has {', '.join(wrong)} of the wrong type"
+    if not all(isinstance(f, dict) and {"rank", "file", "sha256"} <= f.keys() for f in manifest["files"]):
+        return "has a files entry without rank, file and sha256"
+    if not all(isinstance(t, dict) and isinstance(t.get("shape"), list) for t in manifest["tensors"].values()):
+        return "has a tensors entry without a shape"
+    if not {"r", "alpha", "wrapped_modules"} <= manifest["relora"].keys():
+        return "has a relora entry without r, alpha and wrapped_modules"
+    return None
+
+
 def read_manifest(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path} not found: pass a checkpoint directory (step_*/) or --checkpoint.resume=auto")
+    older = OLDER.format(root=path.parent.parent)
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e.msg}): the checkpoint is corrupt; use an older one")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is not valid JSON ({getattr(e, 'msg', type(e).__name__)}): the checkpoint "
+                              f"is corrupt; {older}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format_version {version!r}, newer than this relora_dist reads "
                               f"({FORMAT_VERSION}); upgrade relora_dist")
+    problem = _manifest_problem(manifest) if isinstance(version, int) or not isinstance(manifest, dict) else \
+        "has no integer format_version"
+    if problem:
+        raise CheckpointError(f"{path} {problem}: not a relora_dist checkpoint manifest, or a damaged one; {older}")
     return manifest
 
 
@@ -212,13 +341,15 @@ class ShardReader:
         for f in self.manifest["files"]:
             path = self.dir / f["file"]
             if not path.is_file():
-                raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; use an older one")
+                raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; {OLDER.format(root=self.dir.parent)}")
             if verify and _sha256(path) != f["sha256"]:
-                raise CheckpointError(f"{path} fails its sha256 check (truncated or corrupted); use an older checkpoint")
+                raise CheckpointError(f"{path} fails its sha256 check (truncated or corrupted); "
+                                      f"{OLDER.format(root=self.dir.parent)}")
             try:
                 self.handles[f["rank"]] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{path} is not a readable safetensors file ({e}); use an older checkpoint")
+                raise CheckpointError(f"{path} is not a readable safetensors file ({_describe(e)}); "
+                                      f"{OLDER.format(root=self.dir.parent)}")
 
     def has(self, name: str, field: str) -> bool:
         return field in self.manifest["tensors"].get(name, {}).get("fields", {})
@@ -238,7 +369,7 @@ class ShardReader:
             pos = end
         if pos != shape.numel():
             raise CheckpointError(f"{self.dir}: field '{field}' of '{name}' covers {pos} of {shape.numel()} "
-                                  f"elements; the checkpoint is incomplete, use an older one")
+                                  f"elements; the checkpoint is incomplete, {OLDER.format(root=self.dir.parent)}")
         return torch.cat(pieces).view(shape)
 
     def rng_state(self, rank: int, key: str = "rng/cpu") -> torch.Tensor | None:
@@ -271,123 +402,3 @@ def consolidated_state_dict(reader: ShardReader, merge_adapters: bool = True) ->
 def _first(reader: ShardReader, name: str) -> torch.Tensor:
     field = "master" if reader.has(name, "master") else "weight"
     return reader.full(name, field).float()
-
-
-# --- resuming --------------------------------------------------------------------------------------
-MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def check_compatible(manifest: dict, trainer, ckpt_dir: Path) -> None:
-    """Refuse a checkpoint of another model or adapter layout (before anything is written)."""
-    ours = trainer.model_config.to_dict()
-    for key in MODEL_KEYS:
-        if manifest["model_config"].get(key) != ours.get(key):
-            raise CheckpointError(
-                f"{ckpt_dir / MANIFEST}: model {key}={manifest['model_config'].get(key)} but this run has "
-                f"{ours.get(key)}; resume with the checkpoint's config ({ckpt_dir / 'config.yaml'}) or use a new output_dir")
-    if manifest["phase"] == "relora":
-        theirs = manifest["relora"]
-        if theirs["r"] != trainer.cfg.relora.r or theirs["wrapped_modules"] != sorted(trainer.modules):
-            raise CheckpointError(
-                f"{ckpt_dir / MANIFEST}: adapters r={theirs['r']} over {len(theirs['wrapped_modules'])} modules but "
-                f"this run has r={trainer.cfg.relora.r} over {len(trainer.modules)}; keep relora.r and relora.targets")
-
-
-def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
-    """Restore params, fp32 masters, merge masters, Adam moments and step, data position, RNG and
-    counters into a Trainer built for the checkpoint's phase, at any world size and ZeRO stage.
-    Every rank reads the full tensors it needs from all files and keeps only its own shard."""
-    ckpt_dir = Path(ckpt_dir)
-    reader = ShardReader(ckpt_dir)
-    m = reader.manifest
-    check_compatible(m, trainer, ckpt_dir)
-    backend, engine, masters = trainer.backend, trainer.engine, trainer.masters
-    frozen_fields = ("merge_master", "weight", "master")
-    for name, p in trainer.model.named_parameters():
-        if p.requires_grad and engine is not None:
-            field = "master" if reader.has(name, "master") else "merge_master" if reader.has(name, "merge_master") else "weight"
-            backend.write_trainable(p, reader.full(name, field).float())
-        else:
-            field = next(f for f in frozen_fields if reader.has(name, f) or f == "master")
-            backend.write_frozen(p, reader.full(name, field))
-    if masters is not None:
-        for module, mod in trainer.modules.items():
-            name = f"{module}.weight"
-            # Fields hold full tensors whatever layout wrote them (replicated or sharded masters, any
-            # world size): each rank copies out its own slice, in place (keeps pinned host memory).
-            if masters.kept:
-                field = "merge_master" if reader.has(name, "merge_master") else "weight"
-                masters.shards[module].copy_(backend.master_slice_of(mod.weight, reader.full(name, field).float()))
-            if reader.has(name, "w_switch") and masters.at_switch:
-                masters.at_switch[module] = backend.master_slice_of(
-                    mod.weight, reader.full(name, "w_switch").float()).clone()
-    if engine is not None and m.get("adam_step") is not None:
-        backend.init_optimizer_state(engine, int(m["adam_step"]))
-        for name, p in trainer.model.named_parameters():
-            if p.requires_grad:
-                for key in ADAM_KEYS:
-                    if reader.has(name, key):
-                        backend.write_optimizer_state(p, key, reader.full(name, key))
-    trainer.loader.load_state_dict(m["data_loader"])
-    st = trainer.state
-    st.step, st.tokens_seen, st.restart_index, st.phase = (
-        m["global_step"], m["tokens_seen"], m["restart_index"], m["phase"])
-    rng = reader.rng_state(trainer.info.rank)
-    if rng is not None:
-        torch.set_rng_state(rng)
-    cuda_rng = reader.rng_state(trainer.info.rank, "rng/cuda")
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_rng)
-    return m
-
-
-# Settings that make a checkpoint another run's when they differ (train.max_steps may change: it
-# extends or shortens the same run).
-RUN_IDENTITY = {"model": None, "data": ("seq_len",), "train": ("global_batch_size", "seed"),
-                "relora": ("enabled", "warm_start_steps", "r", "alpha", "targets", "cycle_length")}
-
-
-def _identity_diff(ours: dict, theirs: dict) -> str | None:
-    for section, keys in RUN_IDENTITY.items():
-        for key in keys or ours.get(section, {}).keys():
-            a, b = ours.get(section, {}).get(key), theirs.get(section, {}).get(key)
-            if a != b:
-                return f"{section}.{key} {b!r} there vs {a!r} here"
-    return None
-
-
-def check_output_dir(cfg, checkpoint_root: str | Path) -> None:
-    """Refuse to train over another run's checkpoints: with checkpoint.resume='' any existing
-    checkpoint, with 'auto' one whose run-defining settings differ (torchtitan-style auto-resume
-    of the same run is what a preempted cluster job needs). checkpoint.overwrite lifts both."""
-    import yaml
-
-    from relora_dist.config import to_dict
-
-    ck = cfg.checkpoint
-    if ck.resume and ck.resume != "auto":
-        if not (Path(ck.resume) / MANIFEST).is_file():
-            raise CheckpointError(f"checkpoint.resume={ck.resume}: no {MANIFEST} there; pass a step_* directory or auto")
-        return
-    latest = find_latest(checkpoint_root)
-    if latest is None or ck.overwrite:
-        return
-    if not ck.resume:
-        raise CheckpointError(
-            f"{checkpoint_root} already holds checkpoints ({latest.name}); pass --checkpoint.resume=auto to "
-            f"continue that run, --checkpoint.overwrite=true to replace it, or another --run.output_dir")
-    saved = latest / "config.yaml"
-    theirs = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
-    diff = _identity_diff(to_dict(cfg), theirs or {})
-    if diff:
-        raise CheckpointError(
-            f"{latest} belongs to another run ({diff}); use another --run.output_dir, or "
-            f"--checkpoint.overwrite=true to replace it")
-
-
-def remove_checkpoints(checkpoint_root: str | Path) -> None:
-    """checkpoint.overwrite: a new run replaces the old checkpoints (rank 0 only)."""
-    root = Path(checkpoint_root)
-    for path in list_checkpoints(root):
-        shutil.rmtree(path, ignore_errors=True)
-    (root / LATEST).unlink(missing_ok=True)

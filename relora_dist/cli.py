@@ -17,6 +17,7 @@ import os
 import sys
 
 from relora_dist.config import Config, ConfigError, help_text, load_config
+from relora_dist.faults import DEFAULT_GRACE_S, GRACE_ENV
 
 PRETRAIN_DOC = """\
 Pretrain with a full-rank ZeRO-2/3 warm start followed by ReLoRA phases.
@@ -35,13 +36,18 @@ ENV_HELP = f"""\
 Environment:
   {TIMEOUT_ENV}  (default: {DEFAULT_TIMEOUT_S:g})
       seconds a rank waits for its peers: joining the process group (a rendezvous that
-      can't be reached fails with a one-line error after this long) and any later collective
+      can't be reached fails with a one-line error after this long) and any later collective,
+      in every process group (a peer that stopped answering: exit 3, one line naming it)
+  {GRACE_ENV}  (default: {DEFAULT_GRACE_S:g})
+      after SIGTERM, seconds without a finished step (or save stage) before a rank that is
+      blocked waiting for its peers exits 3 with one line instead of saving
   WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT  (default: set by deepspeed/torchrun;
       unset = one process on 127.0.0.1) the batch arithmetic is checked against WORLD_SIZE
   OMP_NUM_THREADS  (default: cores / local processes when WORLD_SIZE > 1) CPU threads per rank
   DS_ACCELERATOR  (default: auto-detected; cpu without CUDA) DeepSpeed's accelerator
 Exit status: 0 done (or stopped by SIGTERM after saving a checkpoint), 2 bad input or an
-unreachable rendezvous (one line 'error: ...' on stderr).
+unreachable rendezvous, 3 training aborted (non-finite values, a lost peer); one line
+'error: ...' on stderr.
 """
 
 
@@ -107,16 +113,19 @@ def _world_size() -> int:
 
 def rendezvous_timeout() -> float:
     """`RELORA_DIST_TIMEOUT_S` (default 300): how long a rank waits for its peers."""
-    raw = os.environ.get(TIMEOUT_ENV, "")
+    return _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+
+
+def _seconds(env: str, default: float) -> float:
+    raw = os.environ.get(env, "")
     if not raw.strip():
-        return DEFAULT_TIMEOUT_S
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds; unset it for "
-                          f"the default {DEFAULT_TIMEOUT_S:g}")
+        raise ConfigError(f"{env}={raw!r} must be a positive number of seconds; unset it for the default {default:g}")
     return value
 
 
@@ -206,7 +215,7 @@ def wait_for_master(timeout_s: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, template, args = _prepare(sys.argv[1:] if argv is None else argv)
-        timeout_s = rendezvous_timeout()
+        timeout_s, grace_s = rendezvous_timeout(), _seconds(GRACE_ENV, DEFAULT_GRACE_S)
     except ValueError as e:  # ConfigError, DataError, ScheduleError, ReLoRAConfigError, ...
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -227,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     from relora_dist.dist import init_distributed, shutdown_and_exit
+    from relora_dist.faults import EXIT_ABORTED, RunAborted, is_peer_failure, peer_failure_line, start_watchdog
     from relora_dist.trainer import Trainer
 
+    watchdog = start_watchdog(int(os.environ.get("RANK", "0")), world, grace_s, lambda: _newest(cfg))
     try:
         wait_for_master(timeout_s)
         info = init_distributed(timeout_s=timeout_s)
@@ -236,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_rendezvous_error(e, timeout_s)}", file=sys.stderr)
         shutdown_and_exit(2)  # os._exit: no half-initialised store thread keeps the process alive
         return 2
+    watchdog.start_heartbeat()
     code = 0
     try:
         Trainer(cfg, template, info).train()
@@ -243,8 +255,28 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             print(f"error: {_one_line(e)}", file=sys.stderr)
         code = 2
+    except RunAborted as e:
+        if info.is_main:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+        code = EXIT_ABORTED
+    except Exception as e:
+        if not (world > 1 and is_peer_failure(e)):
+            raise
+        # A peer died or stopped: no barrier (it would wait for the lost peer), one line per survivor.
+        print(f"error: {peer_failure_line(e, info.rank, timeout_s, _newest(cfg))}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_ABORTED)
     shutdown_and_exit(code)
     return code
+
+
+def _newest(cfg: Config) -> str:
+    from pathlib import Path
+
+    from relora_dist.checkpoint import find_latest
+
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.output_dir) / "checkpoints"
+    return str(find_latest(root) or "none")
 
 
 def _exit(code: int | None) -> None:

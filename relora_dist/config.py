@@ -73,6 +73,12 @@ class TrainConfig:
     """Validation budget in tokens per evaluation, split over ranks."""
     seed: int = 0
     """Seed of the model init, the data order, adapter draws and random pruning."""
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient norm is inf/NaN on any rank: stop (exit 3 at once, nothing
+    saved: the newest checkpoint stays the last finite one) or skip (no optimizer update, the step
+    is counted in train/skipped_steps; stops after train.max_skipped_steps such steps in a row)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip: consecutive non-finite steps tolerated before the run stops."""
 
 
 @dataclass
@@ -188,8 +194,12 @@ class CheckpointConfig:
     """Keep the newest K checkpoints (0 = keep all)."""
     resume: str = "auto"
     """'auto' = continue from the latest checkpoint of this same run if there is one (a requeued
-    cluster job just reruns its command); a step_* directory = continue from it; '' = always start
-    a new run (refused if checkpoints exist)."""
+    cluster job just reruns its command); 'previous' = from the newest checkpoint that verifies
+    (every sha256 checked; skips a damaged newest one); a step_* directory = continue from it;
+    '' = always start a new run (refused if checkpoints exist)."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Settings that may differ from the resumed checkpoint's (e.g. optimizer.lr,relora.lr); a resume
+    that changes any other setting which changes the trajectory is refused (see docs/reliability.md)."""
     overwrite: bool = False
     """Start a new run and delete the checkpoints already in checkpoint.dir (refused otherwise)."""
     dir: str = ""

@@ -44,8 +44,42 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*|.*reduce_scatter_tensor.*")
 
 
+def skip_cpu_shm_comm_build() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-builds its shared-memory comm op at start-up
+    (50-100 s on a first launch, measured on 2 cores) under a file lock in
+    $TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/lock that records no owner: a launch killed during the
+    build leaves the lock, and every later launch waits on it forever with no output. The op serves
+    only DeepSpeed's inference all-reduce, which training never calls (checked on DeepSpeed 0.19.8),
+    so it is not built at all: no lock is taken or waited on."""
+    import importlib
+
+    # by module name: the attribute deepspeed.comm.torch is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def bound_every_group(timeout_s: float) -> None:
+    """`init_process_group(timeout=...)` bounds only the world group; DeepSpeed creates its
+    data-parallel groups with `new_group(ranks)`, which falls back to torch's 30-minute gloo
+    default. Every group created afterwards gets `timeout_s` unless its creator passes one."""
+    import datetime
+
+    dist = torch.distributed
+    if getattr(dist.new_group, "_relora_bounded", None) == timeout_s:
+        return
+    original = getattr(dist.new_group, "_relora_original", dist.new_group)
+
+    def new_group(*args, **kwargs):
+        if kwargs.get("timeout") is None and len(args) < 2:
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        return original(*args, **kwargs)
+
+    new_group._relora_bounded, new_group._relora_original = timeout_s, original
+    dist.new_group = new_group
+
+
 def init_distributed(timeout_s: float = 300.0) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA)."""
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); every process
+    group, DeepSpeed's included, times out after `timeout_s`."""
     import datetime
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -55,6 +89,9 @@ def init_distributed(timeout_s: float = 300.0) -> DistInfo:
     quiet_libraries()
     import deepspeed
 
+    if not torch.cuda.is_available():
+        skip_cpu_shm_comm_build()
+    bound_every_group(timeout_s)
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from relora_dist import checkpoint as ckpt
 from relora_dist import relora_steps as steps
+from relora_dist import resume
 from relora_dist.backends.zero import make_backend
 from relora_dist.config import Config, ConfigError, dump_config, validate
 from relora_dist.data import (
@@ -29,6 +30,8 @@ from relora_dist.data import (
     eval_batches,
 )
 from relora_dist.dist import DistInfo
+from relora_dist import faults
+from relora_dist.faults import is_finite
 from relora_dist.ds_config import build_ds_config, relora_phase_ds_config, resolve_precision
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, count_params, flops_per_token, llama_config
@@ -50,6 +53,10 @@ class TrainState:
     """Every evaluation {step, eval_loss, eval_ppl}, including the one before training."""
     stopped: bool = False
     """True when the run stopped early on SIGTERM (after saving a checkpoint)."""
+    skipped_steps: int = 0
+    """Steps whose loss or gradient norm was non-finite, so no update was applied (train.on_nonfinite=skip)."""
+    skipped_in_a_row: int = 0
+    """Consecutive such steps up to now (the run stops past train.max_skipped_steps)."""
 
 
 def _ndim(p: torch.nn.Parameter) -> int:
@@ -114,14 +121,15 @@ class Trainer:
         self.engine = None
         self.output_dir = Path(c.run.output_dir)
         self.checkpoint_root = Path(c.checkpoint.dir) if c.checkpoint.dir else self.output_dir / "checkpoints"
-        ckpt.check_output_dir(c, self.checkpoint_root)
+        resume.check_output_dir(c, self.checkpoint_root)
+        stale = ckpt.remove_stale_temporaries(self.checkpoint_root) if info.is_main else []
+        if stale:
+            print(f"note: removed {', '.join(stale)} from {self.checkpoint_root} (left by a save that was killed "
+                  f"midway; the published checkpoints are complete)", flush=True)
         if c.checkpoint.overwrite and info.is_main:
-            ckpt.remove_checkpoints(self.checkpoint_root)
+            resume.remove_checkpoints(self.checkpoint_root)
         dist.barrier()
-        self.resumed_from = None
-        if c.checkpoint.resume and not c.checkpoint.overwrite:
-            self.resumed_from = (ckpt.find_latest(self.checkpoint_root) if c.checkpoint.resume == "auto"
-                                 else Path(c.checkpoint.resume))
+        self.resumed_from = resume.resume_target(c, self.checkpoint_root)
         manifest = ckpt.read_manifest(self.resumed_from) if self.resumed_from else None
         self.flops_per_token = flops_per_token(self.model_config, c.data.seq_len)
         self.peak_flops = c.logging.peak_flops or default_peak_flops(self.device, self.precision)
@@ -132,9 +140,10 @@ class Trainer:
             freeze_for_full_rank(self.model) if c.relora.enabled else None
             self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr))
         if manifest is not None:
-            ckpt.load_checkpoint(self, self.resumed_from)
-        if info.is_main:
-            dump_config(c, self.output_dir / "config.yaml")
+            resume.load_checkpoint(self, self.resumed_from)
+        if info.is_main:  # each resumed segment's config is kept beside the first one's
+            dump_config(c, self.output_dir / (f"config.{self.resumed_from.name}.yaml" if self.resumed_from
+                                              else "config.yaml"))
         self.log = MetricsLogger(info.is_main, self.output_dir / "tb", c.logging.tensorboard,
                                  c.logging.progress_bar, c.train.max_steps, initial_step=self.state.step)
         if self.resumed_from:
@@ -187,7 +196,7 @@ class Trainer:
             lr = self.peak_lr * steps.lr_multiplier(self.cfg, self.state.step)
         self.set_lr(lr)
         self.engine.train()
-        total = torch.zeros((), dtype=torch.float64)
+        total, bad = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
             loss = self.engine(input_ids=batch, labels=batch).loss
@@ -195,15 +204,18 @@ class Trainer:
             if before_update is not None and i == len(micro_batches) - 1:
                 before_update()
             self.engine.step()  # DeepSpeed applies the update at the accumulation boundary
-            total += loss.detach().double().cpu()
+            value = loss.detach().double().cpu()
+            total, bad = total + value, bad + (~torch.isfinite(value)).double()
             del loss
-        mean = total / len(micro_batches)
-        mean = self._all_reduce(mean)
-        grad_norm = self.engine.get_global_grad_norm()
+        # The non-finite count rides on the loss all-reduce: every rank agrees, no extra collective.
+        total = self._all_reduce(torch.stack([total / len(micro_batches), bad]))
+        grad_norm = self.engine.get_global_grad_norm()  # global: the same on every rank
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        loss = float(total[0]) / self.info.world_size
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        return {"loss": float(mean) / self.info.world_size, "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                "nonfinite": bool(total[1] > 0) or not is_finite(loss, grad_norm)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -259,6 +271,8 @@ class Trainer:
                                f"effective rank)")
                 self.log.scalars(st.step, {"mem/frozen_master_mb": master_mb})
             metrics = self.train_step(self.loader.next_batch())
+            faults.progress()
+            self._check_finite(metrics)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             tok_s = self.tokens_per_step / dt
@@ -296,6 +310,12 @@ class Trainer:
         self.log.close()
         return st
 
+    def _check_finite(self, metrics: dict) -> None:
+        """train.on_nonfinite (faults.on_nonfinite): raises RunAborted, or logs a skipped step."""
+        line = faults.on_nonfinite(self.state, self.cfg.train, metrics, lambda: ckpt.find_latest(self.checkpoint_root))
+        if line:
+            self.log.print(line)
+
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce a small CPU tensor through the accelerator (NCCL takes only device tensors);
         none at world size 1 (see Backend.gather_flat_slices for why collectives cost more there)."""
@@ -314,7 +334,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Cluster preemption sends SIGTERM; ranks agree (MAX all-reduce) so all save together."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self._stop_requested or faults.stop_requested() else 0.0])
         flag = self._all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -330,7 +350,8 @@ class Trainer:
         record["peak_mem_mb"] = float(peaks[self.info.rank])
         st.history.append(record)
         tb = {"train/loss": record["loss"], "train/lr": record["lr"], "train/grad_norm": record["grad_norm"],
-              "train/tokens_seen": record["tokens_seen"], "perf/tokens_per_s": record["tokens_per_s"],
+              "train/tokens_seen": record["tokens_seen"], "train/skipped_steps": st.skipped_steps,
+              "perf/tokens_per_s": record["tokens_per_s"],
               "perf/mfu": record["mfu"], **{f"mem/peak_mb_rank{r}": float(v) for r, v in enumerate(peaks)}}
         if "eval_loss" in record:
             tb.update({"eval/loss": record["eval_loss"], "eval/ppl": record["eval_ppl"]})

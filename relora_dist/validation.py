@@ -57,6 +57,10 @@ def _validate_values(cfg: Config) -> None:
         raise ConfigError(f"train.precision '{t.precision}' unknown: use fp32, bf16 or auto")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite '{t.on_nonfinite}' unknown: use stop or skip")
+    if t.max_skipped_steps < 1:
+        raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every={t.eval_every} must be >= 0 (0 = only at the end)")
     if cfg.data.seq_len < 2:
@@ -205,6 +209,9 @@ def _validate_data(cfg: Config) -> int:
                 raise ConfigError(
                     f"data.sources file '{src}' not found; pass an existing file (.txt, .jsonl, .jsonl.xz, "
                     f".parquet) or leave data.sources empty for the bundled corpus")
+            if Path(src).stat().st_size == 0:
+                raise ConfigError(f"data.sources file '{src}' is empty (0 bytes); pass a file with text, or drop it "
+                                  f"from data.sources")
             try:
                 _builder_for(src)
             except DataError as e:
@@ -379,12 +386,24 @@ def _validate_relora_modules(cfg: Config, model_config) -> None:
 
 def _validate_checkpoint(cfg: Config) -> None:
     """Checkpoint settings, and never train over another run's checkpoints (losing nothing)."""
-    from relora_dist.checkpoint import CheckpointError, check_output_dir
+    from relora_dist.checkpoint import CheckpointError
+    from relora_dist.resume import check_output_dir
 
     ck = cfg.checkpoint
     if ck.save_every < 0 or ck.keep_last < 0:
         raise ConfigError(f"checkpoint.save_every={ck.save_every} and checkpoint.keep_last={ck.keep_last} "
                           f"must be >= 0 (0 = only at the end / keep all)")
+    from relora_dist.config import SECTIONS
+    from relora_dist.resume import is_structural
+
+    for key in ck.allow_changes:
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or name not in vars(getattr(cfg, section)):
+            known = [f"{s}.{k}" for s in SECTIONS for k in vars(getattr(cfg, s))]
+            raise ConfigError(f"checkpoint.allow_changes: unknown key '{key}': {_suggest(key, known)}")
+        if is_structural(key):
+            raise ConfigError(f"checkpoint.allow_changes: {key} changes the model's tensors and cannot change "
+                              f"within a run; drop it (use another run.output_dir for a new run)")
     root = Path(ck.dir) if ck.dir else Path(cfg.run.output_dir) / "checkpoints"
     try:
         check_output_dir(cfg, root)

@@ -60,3 +60,28 @@ def tiny_overrides(data_dir: Path, out_dir: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"--{k}={v}" for k, v in base.items()]
+
+
+def fake_checkpoint(root: Path, step: int, cfg) -> Path:
+    """A minimal well-formed checkpoint (one 4-element tensor) written with `cfg`, for the tests
+    of what happens before any tensor is loaded."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    from relora_dist.config import dump_config
+
+    d = root / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    save_file({"w/weight": torch.zeros(4)}, str(d / "rank00000.safetensors"))
+    sha = hashlib.sha256((d / "rank00000.safetensors").read_bytes()).hexdigest()
+    manifest = {"format_version": 1, "global_step": step, "phase": "full_rank", "restart_index": 0,
+                "tokens_seen": 0, "world_size": 1, "zero_stage": 2, "adapters_active": False,
+                "relora": {"r": 8, "alpha": 16, "wrapped_modules": []}, "model_config": {}, "data_loader": {},
+                "tensors": {"w": {"shape": [4], "fields": {"weight": [[0, 0, 4]]}}},
+                "files": [{"rank": 0, "file": "rank00000.safetensors", "sha256": sha}]}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    dump_config(cfg, d / "config.yaml")
+    (root / "latest").write_text(d.name)
+    return d

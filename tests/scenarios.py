@@ -182,3 +182,95 @@ def loaded_masters(cfg, template, info) -> dict:
             "weights": {n: t.backend.gather_full(m.weight).reshape(-1) for n, m in t.modules.items()},
             "master_numel": sum(v.numel() for v in t.masters.shards.values()),
             "wrapped_numels": [m.out_features * m.in_features for m in t.modules.values()]}
+
+
+def _poisoned_trainer(cfg, template, info, poison_steps: set, poison_rank: int) -> tuple[Trainer, list]:
+    """A Trainer whose loss is NaN on `poison_rank` during the given (1-based) steps, and the
+    first trainable weight's fp32 master after every step."""
+    t = Trainer(cfg, template, info)
+    t.model.lm_head.register_forward_hook(
+        lambda mod, inp, out: out * float("nan") if info.rank == poison_rank and t.state.step + 1 in poison_steps
+        else None)
+    masters: list = []
+    step = t.train_step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        p = next(p for p in t.model.parameters() if p.requires_grad)
+        masters.append(t.backend.full_fp32(p).clone())
+        return out
+
+    t.train_step = recording_step
+    return t, masters
+
+
+def nonfinite_runs(cfg, template, info, base: str) -> dict:
+    """Three runs with injected NaN losses on rank 1 (skip and recover, stop, too many skips) and
+    a save of a model holding a NaN."""
+    from relora_dist.config import load_config
+    from relora_dist.faults import RunAborted
+
+    def run(name, steps, **extra):
+        c = load_config(None, [f"--{k}={v}" for k, v in {**extra, "run.output_dir": f"{base}/{name}"}.items()])
+        for section in ("model", "data", "train", "optimizer", "schedule", "relora", "logging", "run"):
+            for key, value in vars(getattr(c, section)).items():
+                if key not in {k.split(".")[1] for k in extra if k.startswith(section + ".")} | {"output_dir"}:
+                    setattr(getattr(c, section), key, getattr(getattr(cfg, section), key))
+        t, masters = _poisoned_trainer(c, template, info, steps, 1)
+        try:
+            t.train()
+            error = ""
+        except RunAborted as e:
+            error = str(e)
+        return t, masters, error
+
+    out = {}
+    t, masters, out["skip_error"] = run("skip", {3, 4}, **{"train.on_nonfinite": "skip", "train.max_skipped_steps": 2})
+    out["skip_losses"] = torch.tensor([h["loss"] for h in t.state.history], dtype=torch.float64)
+    out["skip_masters"] = torch.stack(masters)
+    out["skipped_steps"], out["skip_final_step"] = t.state.skipped_steps, t.state.step
+    with torch.no_grad():  # a NaN in a frozen weight on rank 1 only: the save is refused on every rank
+        frozen = next(p for p in t.model.parameters() if not p.requires_grad)
+        if info.rank == 1:
+            frozen.data.fill_(float("nan"))
+    try:
+        t.save_checkpoint()
+        out["nan_save_error"] = ""
+    except RunAborted as e:
+        out["nan_save_error"] = str(e)
+    _, _, out["stop_error"] = run("stop", {5}, **{"checkpoint.save_every": 2})
+    _, _, out["limit_error"] = run("limit", {5, 6, 7}, **{"train.on_nonfinite": "skip", "train.max_skipped_steps": 2,
+                                                          "checkpoint.save_every": 2})
+    # every ReLoRA step skipped up to the first reset (after step 9): no Adam state to prune yet
+    t, _, out["noopt_error"] = run("noopt", set(range(5, 11)), **{
+        "train.on_nonfinite": "skip", "train.max_skipped_steps": 10, "train.max_steps": 12})
+    out["noopt_restart_index"], out["noopt_skipped"] = t.state.restart_index, t.state.skipped_steps
+    return out
+
+
+def killed_run(cfg, template, info, where: str, at_step: int, victim: int) -> dict:
+    """A run whose rank `victim` kills itself with SIGKILL at (1-based) step `at_step`: mid-step
+    (after the backward, before the update), mid-reset (after the merge and re-draw, before the
+    prune) or mid-save (its shard written, nothing published yet)."""
+    import os
+    import signal
+
+    from relora_dist import checkpoint, relora_steps
+
+    t = Trainer(cfg, template, info)
+
+    def die():
+        if info.rank == victim and t.state.step + (1 if where == "step" else 0) == at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if where == "step":
+        step = t.train_step
+        t.train_step = lambda batch, **kw: step(batch, before_update=die)
+    elif where == "reset":
+        prune = relora_steps.prune_adapter_moments
+        relora_steps.prune_adapter_moments = lambda *a, **kw: (die(), prune(*a, **kw))[1]
+    else:
+        write = checkpoint.save_file
+        checkpoint.save_file = lambda *a, **kw: (write(*a, **kw), die())[0]
+    t.train()
+    return {}

@@ -39,11 +39,15 @@ def convert(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
         raise CheckpointError(f"{out_dir} is not empty: pass an empty or new directory, or --overwrite")
     reader = ShardReader(ckpt_dir)
     state_dict = consolidated_state_dict(reader, merge_adapters=True)
-    config = LlamaConfig(**reader.manifest["model_config"])
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
     torch_dtype = getattr(torch, DTYPES[dtype])
-    model.load_state_dict({k: v.to(torch_dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    try:
+        config = LlamaConfig(**reader.manifest["model_config"])
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        model.load_state_dict({k: v.to(torch_dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    except (TypeError, ValueError, RuntimeError) as e:  # the manifest's model_config does not fit its tensors
+        raise CheckpointError(f"{ckpt_dir / MANIFEST}: model_config does not describe the saved tensors "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); the checkpoint is damaged") from None
     model.config.torch_dtype = torch_dtype
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     for f in (ckpt_dir / "tokenizer").iterdir():

@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from relora_dist.checkpoint import MANIFEST, CheckpointError, ShardReader, find_latest, read_manifest
+from relora_dist.checkpoint import MANIFEST, OLDER, CheckpointError, ShardReader, find_latest, read_manifest
 
 
 def summary(ckpt_dir: Path, verify: bool) -> str:
@@ -22,10 +22,14 @@ def summary(ckpt_dir: Path, verify: bool) -> str:
             raise CheckpointError(f"{ckpt_dir} holds no {MANIFEST} and no checkpoints: pass a step_* directory")
         ckpt_dir = latest
     m = ShardReader(ckpt_dir).manifest if verify else read_manifest(ckpt_dir)
+    missing = [f["file"] for f in m["files"] if not (ckpt_dir / f["file"]).is_file()]
+    if missing:
+        raise CheckpointError(f"{ckpt_dir / missing[0]} is missing ({len(missing)} of {len(m['files'])} shards): "
+                              f"the checkpoint is incomplete; {OLDER.format(root=ckpt_dir.parent)}")
     numel = sum(math.prod(t["shape"]) for t in m["tensors"].values())
-    trainable = sum(math.prod(t["shape"]) for t in m["tensors"].values() if t["trainable"])
+    trainable = sum(math.prod(t["shape"]) for t in m["tensors"].values() if t.get("trainable"))
     size = sum((ckpt_dir / f["file"]).stat().st_size for f in m["files"])
-    cum = m["cumulative_rank"]
+    cum = m.get("cumulative_rank") or {"total": 0, "per_module": {}}
     lines = [
         f"checkpoint     {ckpt_dir}",
         f"format         v{m['format_version']}",
@@ -35,7 +39,7 @@ def summary(ckpt_dir: Path, verify: bool) -> str:
         f"cumulative rank total {cum['total']} over {len(cum['per_module'])} modules"
         + (f" (per module {min(cum['per_module'].values())}..{max(cum['per_module'].values())})" if cum["per_module"] else ""),
         f"relora         r={m['relora']['r']} alpha={m['relora']['alpha']} targets={m['relora']['targets']}",
-        f"saved on       world size {m['world_size']}, ZeRO-{m['zero_stage']}, {m['precision']}",
+        f"saved on       world size {m['world_size']}, ZeRO-{m['zero_stage']}, {m.get('precision', '?')}",
         f"params         {numel:,} ({trainable:,} trainable)",
         f"files          {len(m['files'])} shards, {size / 2**20:.1f} MiB" + (", sha256 verified" if verify else ""),
         f"data loader    {m['data_loader']}",

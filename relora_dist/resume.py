@@ -1,0 +1,215 @@
+"""Resuming a run from the project's sharded checkpoints (checkpoint.py): which checkpoint, whether
+it belongs to this run (the run identity), and loading it into a Trainer at any world size and ZeRO
+stage. Loading reads safetensors and JSON only: nothing is unpickled."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from relora_dist.checkpoint import (
+    ADAM_KEYS,
+    LATEST,
+    MANIFEST,
+    OLDER,
+    CheckpointError,
+    ShardReader,
+    find_latest,
+    list_checkpoints,
+    read_manifest,
+)
+
+# --- loading ---------------------------------------------------------------------------------------
+MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def check_compatible(manifest: dict, trainer, ckpt_dir: Path) -> None:
+    """Refuse a checkpoint of another model or adapter layout (before anything is written)."""
+    ours = trainer.model_config.to_dict()
+    for key in MODEL_KEYS:
+        if manifest["model_config"].get(key) != ours.get(key):
+            raise CheckpointError(
+                f"{ckpt_dir / MANIFEST}: model {key}={manifest['model_config'].get(key)} but this run has "
+                f"{ours.get(key)}; resume with the checkpoint's config ({ckpt_dir / 'config.yaml'}) or use a new output_dir")
+    if manifest["phase"] == "relora":
+        theirs = manifest["relora"]
+        if theirs["r"] != trainer.cfg.relora.r or theirs["wrapped_modules"] != sorted(trainer.modules):
+            raise CheckpointError(
+                f"{ckpt_dir / MANIFEST}: adapters r={theirs['r']} over {len(theirs['wrapped_modules'])} modules but "
+                f"this run has r={trainer.cfg.relora.r} over {len(trainer.modules)}; keep relora.r and relora.targets")
+
+
+def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
+    """Restore params, fp32 masters, merge masters, Adam moments and step, data position, RNG and
+    counters into a Trainer built for the checkpoint's phase, at any world size and ZeRO stage.
+    Every rank reads the full tensors it needs from all files and keeps only its own shard."""
+    ckpt_dir = Path(ckpt_dir)
+    reader = ShardReader(ckpt_dir)
+    m = reader.manifest
+    check_compatible(m, trainer, ckpt_dir)
+    backend, engine, masters = trainer.backend, trainer.engine, trainer.masters
+    frozen_fields = ("merge_master", "weight", "master")
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad and engine is not None:
+            field = "master" if reader.has(name, "master") else "merge_master" if reader.has(name, "merge_master") else "weight"
+            backend.write_trainable(p, reader.full(name, field).float())
+        else:
+            field = next(f for f in frozen_fields if reader.has(name, f) or f == "master")
+            backend.write_frozen(p, reader.full(name, field))
+    if masters is not None:
+        for module, mod in trainer.modules.items():
+            name = f"{module}.weight"
+            # Fields hold full tensors whatever layout wrote them (replicated or sharded masters, any
+            # world size): each rank copies out its own slice, in place (keeps pinned host memory).
+            if masters.kept:
+                field = "merge_master" if reader.has(name, "merge_master") else "weight"
+                masters.shards[module].copy_(backend.master_slice_of(mod.weight, reader.full(name, field).float()))
+            if reader.has(name, "w_switch") and masters.at_switch:
+                masters.at_switch[module] = backend.master_slice_of(
+                    mod.weight, reader.full(name, "w_switch").float()).clone()
+    if engine is not None and m.get("adam_step") is not None:
+        backend.init_optimizer_state(engine, int(m["adam_step"]))
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad:
+                for key in ADAM_KEYS:
+                    if reader.has(name, key):
+                        backend.write_optimizer_state(p, key, reader.full(name, key))
+    trainer.loader.load_state_dict(m["data_loader"])
+    st = trainer.state
+    st.step, st.tokens_seen, st.restart_index, st.phase = (
+        m["global_step"], m["tokens_seen"], m["restart_index"], m["phase"])
+    st.skipped_steps = int(m.get("skipped_steps", 0))
+    rng = reader.rng_state(trainer.info.rank)
+    if rng is not None:
+        torch.set_rng_state(rng)
+    cuda_rng = reader.rng_state(trainer.info.rank, "rng/cuda")
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
+    return m
+
+
+# Every setting that changes the trajectory of a run (what it computes, not where or how fast):
+# a resume with any of them changed is refused unless checkpoint.allow_changes lists it. Not here:
+# train.max_steps (extends or shortens the run), micro_batch_size, the world size and the ZeRO
+# stage (the same math in another reduction order: resumes within 1e-4), relora.phase_stage and
+# relora.merge_master_device (where state lives), relora.effective_rank_every, eval, logging,
+# checkpoint and output settings. None = every key of the section.
+RUN_IDENTITY = {
+    "model": None,
+    "data": ("sources", "prepared_dir", "tokenizer_dir", "seq_len", "val_fraction"),
+    "train": ("global_batch_size", "seed", "precision", "grad_clip"),
+    "optimizer": None,
+    "schedule": None,
+    "relora": ("enabled", "warm_start_steps", "r", "alpha", "dropout", "targets", "train_extra", "cycle_length",
+               "first_warmup", "restart_warmup", "lr", "resets", "optimizer_reset", "prune_ratio",
+               "merge_precision"),
+}
+# Of those, the ones that change tensor shapes or the set of trained tensors: never allowed.
+STRUCTURAL = ("model.*", "relora.enabled", "relora.r", "relora.targets")
+
+
+def is_structural(key: str) -> bool:
+    return key in STRUCTURAL or f"{key.split('.')[0]}.*" in STRUCTURAL
+
+
+def identity_changes(ours: dict, theirs: dict) -> dict[str, tuple]:
+    """{"section.key": (checkpoint's value, this run's value)} for every run-identity setting that
+    differs; a key the checkpoint's config lacks (written by an older version) is not compared."""
+    changes = {}
+    for section, keys in RUN_IDENTITY.items():
+        saved = theirs.get(section) or {}
+        for key in keys or ours.get(section, {}).keys():
+            if key in saved and saved[key] != ours.get(section, {}).get(key):
+                changes[f"{section}.{key}"] = (saved[key], ours[section][key])
+    return changes
+
+
+def saved_config(ckpt_dir: Path) -> dict:
+    """The config.yaml a checkpoint was written with, as a dict (a one-line error if it is damaged)."""
+    import yaml
+
+    path = ckpt_dir / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        data = e
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        why = f"{type(data).__name__}: {' '.join(str(data).split())[:80]}" if isinstance(data, Exception) else \
+            f"not a mapping of sections, got {type(data).__name__}"
+        raise CheckpointError(f"{path} is damaged ({why}); {OLDER.format(root=ckpt_dir.parent)}")
+    return data
+
+
+def verifies(ckpt_dir: Path) -> bool:
+    try:
+        ShardReader(ckpt_dir, verify=True)
+        saved_config(ckpt_dir)
+        return True
+    except CheckpointError:
+        return False
+
+
+def resume_target(cfg, checkpoint_root: str | Path) -> Path | None:
+    """The checkpoint this launch continues from: checkpoint.resume=auto -> `latest`;
+    previous -> the newest that verifies (manifest, every sha256, config); a path -> that path."""
+    ck = cfg.checkpoint
+    if not ck.resume or ck.overwrite:
+        return None
+    if ck.resume == "auto":
+        return find_latest(checkpoint_root)
+    if ck.resume == "previous":
+        for candidate in reversed(list_checkpoints(checkpoint_root)):
+            if verifies(candidate):
+                return candidate
+        raise CheckpointError(f"checkpoint.resume=previous: no checkpoint under {checkpoint_root} verifies; "
+                              f"start over with --checkpoint.overwrite=true or use another --run.output_dir")
+    return Path(ck.resume)
+
+
+def check_output_dir(cfg, checkpoint_root: str | Path) -> None:
+    """Refuse to train over another run's checkpoints: with checkpoint.resume='' any existing
+    checkpoint; otherwise one whose run-identity settings differ from this launch's, unless
+    checkpoint.allow_changes lists every changed key (torchtitan-style auto-resume of the same run
+    is what a preempted cluster job needs). checkpoint.overwrite lifts both."""
+    from relora_dist.config import to_dict
+
+    ck = cfg.checkpoint
+    if ck.overwrite:
+        return
+    if ck.resume and ck.resume not in ("auto", "previous") and not (Path(ck.resume) / MANIFEST).is_file():
+        raise CheckpointError(f"checkpoint.resume={ck.resume}: no {MANIFEST} there; pass a step_* directory, "
+                              f"auto or previous")
+    if not ck.resume:
+        latest = find_latest(checkpoint_root)
+        if latest is not None:
+            raise CheckpointError(
+                f"{checkpoint_root} already holds checkpoints ({latest.name}); pass --checkpoint.resume=auto to "
+                f"continue that run, --checkpoint.overwrite=true to replace it, or another --run.output_dir")
+        return
+    target = resume_target(cfg, checkpoint_root)
+    if target is None:
+        return
+    read_manifest(target)  # a damaged manifest is a one-line error here, before any work
+    changes = identity_changes(to_dict(cfg), saved_config(target))
+    listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    structural = [k for k in changes if is_structural(k)]
+    if structural:
+        raise CheckpointError(
+            f"{target} belongs to another run ({listed}); {', '.join(structural)} cannot change within a run; "
+            f"use another --run.output_dir, or --checkpoint.overwrite=true to replace it")
+    refused = [k for k in changes if k not in ck.allow_changes]
+    if refused:
+        raise CheckpointError(
+            f"{target} was written with other settings ({listed}); to continue this run with them pass "
+            f"--checkpoint.allow_changes={','.join(refused)}, else use another --run.output_dir (or "
+            f"--checkpoint.overwrite=true to replace it)")
+
+
+def remove_checkpoints(checkpoint_root: str | Path) -> None:
+    """checkpoint.overwrite: a new run replaces the old checkpoints (rank 0 only)."""
+    root = Path(checkpoint_root)
+    for path in list_checkpoints(root):
+        shutil.rmtree(path, ignore_errors=True)
+    (root / LATEST).unlink(missing_ok=True)
