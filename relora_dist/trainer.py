@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from relora_dist import checkpoint as ckpt
+from relora_dist import faults
 from relora_dist import relora_steps as steps
 from relora_dist import resume
 from relora_dist.backends.zero import make_backend
@@ -30,9 +31,8 @@ from relora_dist.data import (
     eval_batches,
 )
 from relora_dist.dist import DistInfo
-from relora_dist import faults
-from relora_dist.faults import is_finite
 from relora_dist.ds_config import build_ds_config, relora_phase_ds_config, resolve_precision
+from relora_dist.faults import is_finite
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, count_params, flops_per_token, llama_config
 from relora_dist.relora import freeze_for_full_rank, relora_modules, wrap_model
