@@ -62,11 +62,9 @@ class FrozenMasters:
         """Whether separate fp32 masters exist (bf16 compute with fp32 merges)."""
         return bool(self.shards) and not self.alias
 
-    def nbytes(self, device: str | None = None) -> int:
-        """Bytes of the fp32 merge masters on this rank (0 when they alias the compute weights);
-        with `device` ("cpu", "cuda", ...) only those on that device type."""
-        return 0 if self.alias else sum(t.numel() * t.element_size() for t in self.shards.values()
-                                        if device is None or t.device.type == device)
+    def nbytes(self) -> int:
+        """Bytes of the fp32 merge masters on this rank (0 when they alias the compute weights)."""
+        return 0 if self.alias else sum(t.numel() * t.element_size() for t in self.shards.values())
 
     def snapshot_nbytes(self) -> int:
         """Bytes of the W_switch snapshot kept for the effective-rank diagnostic (effective_rank_every=-1 drops it)."""
