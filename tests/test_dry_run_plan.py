@@ -87,3 +87,18 @@ def test_auto_precision_and_targets_reach_the_plan(dry_run):
     shape = mm.Shape(128, 344, 2, _vocab(), (r"self_attn\.q_proj$",))
     rel = mm.per_rank_bytes(shape, 1, 2, "relora", compute=precision, r=32)["total"]
     assert f"ReLoRA phase {mm.fmt_bytes(rel)}" in out[1]
+
+
+@pytest.mark.parametrize("name,tokens", [("60m", 1.23e9), ("130m", 2.62e9), ("350m", 6.88e9)])
+def test_paper_recipes_validate_at_8_ranks_with_the_stated_tokens(dry_run, name, tokens):
+    # The recipes name C4 data prepared elsewhere; validate everything else with the bundled data.
+    cfg = REPO / "configs" / f"{name}_paper.yaml"
+    out = dry_run(8, "--config", str(cfg), "--data.prepared_dir=", "--data.tokenizer_dir=")
+    assert out[0].startswith("ok: world size 8"), out
+    from relora_dist.config import load_config
+
+    c = load_config(str(cfg))
+    assert c.relora.r == 128 and c.relora.prune_ratio == 0.99 and c.relora.optimizer_reset == "magnitude"
+    assert c.data.prepared_dir == "data/c4-512" and c.data.seq_len == 512
+    assert c.train.max_steps * c.train.global_batch_size * c.data.seq_len == pytest.approx(tokens, rel=0.005)
+    assert (c.train.max_steps - c.relora.warm_start_steps) % c.relora.cycle_length == 0
