@@ -145,6 +145,11 @@ class ReLoRAConfig:
     switch and after every reset (the reference's cosine_restarts shape). anneal: the warm start is
     a complete warmup + cosine down to min_lr_ratio, then the jagged cosine over the ReLoRA phase
     alone."""
+    lr_restarts: str = "auto"
+    """auto: the LR restarts from 0 after every reset (the jagged cosine) and only then; true: the
+    same jagged LR also when relora.resets=false (the LoRA baseline with ReLoRA's LR, which
+    separates what the LR restarts cost from what the merges and pruning cost); false: no restart
+    warmup after resets (the paper's ablation: training diverges)."""
     carry_optimizer_state: str = "auto"
     """true: at the switch, move the Adam moments and step count of every parameter that stays
     trainable (embeddings, norms, lm_head with train_extra) into the ReLoRA engine's optimizer;

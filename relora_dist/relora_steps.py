@@ -87,6 +87,7 @@ def lr_multiplier(cfg: Config, step: int) -> float:
     inside the warm start, then the jagged cosine over the ReLoRA phase alone, or plain
     warmup+cosine for the LoRA baseline (relora.resets=false)."""
     r, s = cfg.relora, cfg.schedule
+    restarts = r.resets if r.lr_restarts == "auto" else r.lr_restarts == "true"
     # Warmups longer than their phase are clamped to it, so a short debug run (--train.max_steps=4)
     # needs no other overrides.
     if not r.enabled:
@@ -96,11 +97,11 @@ def lr_multiplier(cfg: Config, step: int) -> float:
         switch = r.warm_start_steps
         warmup = min(s.warmup_steps, switch) if switch else min(r.first_warmup, cfg.relora_steps)
         return whole_run_jagged(step, cfg.train.max_steps, warmup, switch, min(r.first_warmup, cfg.relora_steps),
-                                r.restart_warmup, r.cycle_length, s.min_lr_ratio, r.resets)
+                                r.restart_warmup, r.cycle_length, s.min_lr_ratio, restarts)
     if step < r.warm_start_steps:
         return warmup_cosine(step, min(s.warmup_steps, r.warm_start_steps), r.warm_start_steps, s.min_lr_ratio)
     t = step - r.warm_start_steps
-    if not r.resets:
+    if not restarts:
         return warmup_cosine(t, min(r.first_warmup, cfg.relora_steps), cfg.relora_steps, s.min_lr_ratio)
     return jagged_cosine(t, cfg.relora_steps, r.first_warmup, r.restart_warmup, r.cycle_length, s.min_lr_ratio)
 

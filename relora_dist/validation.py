@@ -120,6 +120,8 @@ def _validate_values(cfg: Config) -> None:
                           "no fp32 master to place; use merge_precision=fp32 or merge_master_device=device")
     if r.warm_start_schedule not in ("paper", "anneal"):
         raise ConfigError(f"relora.warm_start_schedule '{r.warm_start_schedule}' unknown: use paper or anneal")
+    if r.lr_restarts not in ("auto", "true", "false"):
+        raise ConfigError(f"relora.lr_restarts '{r.lr_restarts}' unknown: use auto, true or false")
     if r.carry_optimizer_state not in ("auto", "true", "false"):
         raise ConfigError(f"relora.carry_optimizer_state '{r.carry_optimizer_state}' unknown: use auto, true or false")
     if r.carry_optimizer_state == "true" and o.name != "adamw":

@@ -184,3 +184,26 @@ def test_paper_schedule_is_one_envelope_over_the_whole_run():
     assert resets == [200, 300] and all(mult[s] == 0.0 for s in resets)
     assert mult[203] == pytest.approx(3 / 5 * env[205])  # restart warmup up to the envelope
     assert all(a <= e + 1e-12 for a, e in zip(mult, env))
+
+
+@pytest.mark.parametrize("schedule", ["paper", "anneal"])
+def test_lr_restarts_true_gives_the_lora_baseline_the_jagged_lr(schedule):
+    """relora.lr_restarts=true with resets=false: the LoRA baseline follows ReLoRA's LR exactly
+    (restarts to 0 at each cycle boundary) without merging; auto follows relora.resets; false with
+    resets keeps the LR on the envelope through the resets."""
+    from relora_dist.config import load_config
+    from relora_dist.relora_steps import lr_multiplier, reset_due
+
+    def cfg(*extra):
+        return load_config(None, ["--train.max_steps=400", "--relora.warm_start_steps=100", "--schedule.warmup_steps=20",
+                                  "--relora.cycle_length=100", "--relora.first_warmup=10", "--relora.restart_warmup=5",
+                                  f"--relora.warm_start_schedule={schedule}", *extra])
+
+    relora, lora = cfg(), cfg("--relora.resets=false")
+    lora_jagged = cfg("--relora.resets=false", "--relora.lr_restarts=true")
+    no_restarts = cfg("--relora.lr_restarts=false")
+    steps = range(400)
+    assert [lr_multiplier(lora_jagged, s) for s in steps] == [lr_multiplier(relora, s) for s in steps]
+    assert not any(reset_due(lora_jagged, s) for s in steps)
+    assert [lr_multiplier(no_restarts, s) for s in steps] == [lr_multiplier(lora, s) for s in steps]
+    assert lr_multiplier(relora, 200) == 0.0 and lr_multiplier(lora, 200) > 0.3

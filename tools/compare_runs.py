@@ -32,6 +32,7 @@ def load_run(run_dir: Path) -> dict:
         "tokens": [tokens.get(s, 0.0) for s, _ in loss], "loss": [v for _, v in loss],
         "eval_ppl": series("eval/ppl"), "resets": [s for s, _ in series("relora/reset_total_s")],
         "tokens_by_step": tokens, "switch": [s for s, _ in series("mem/frozen_master_mb")],
+        "loss_steps": [s for s, _ in loss], "effective_rank": series("relora/effective_rank_mean"),
     }
 
 
