@@ -599,7 +599,7 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
         trainer.backend.release_memory()
         freeze_for_relora_phase(trainer.model, False)
         trainer.engine = trainer.backend.build_engine(trainer.model,
-                                                      param_groups(trainer.model, cfg, cfg.relora_lr))
+                                                      param_groups(trainer.model, cfg, cfg.relora_lr, trainer.backend.shape))
         track_engine(trainer.engine, counter)
         res["params_relora_no_extra"] = _param_counts(trainer)
         reset_ok = reset_peak_rss()

@@ -105,8 +105,8 @@ def _rank_fragments(trainer) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _tensor_meta(trainer) -> dict[str, dict]:
-    return {name: {"shape": list(getattr(p, "ds_shape", p.shape)),
-                   "dtype": str(getattr(p, "ds_tensor", p).dtype).replace("torch.", ""),
+    backend = trainer.backend
+    return {name: {"shape": list(backend.shape(p)), "dtype": str(backend.storage_dtype(p)).replace("torch.", ""),
                    "trainable": bool(p.requires_grad)}
             for name, p in trainer.model.named_parameters()}
 
@@ -233,7 +233,7 @@ def _publish(trainer, tmp: Path, final: Path, root: Path, entries: list[dict], s
         "tokens_seen": st.tokens_seen, "skipped_steps": st.skipped_steps, "data_loader": trainer.loader.state_dict(),
         "lr_schedule": {"step": st.step, "last_lr": st.history[-1]["lr"] if st.history else 0.0},
         "adam_step": trainer.backend.adam_step(trainer.engine) if trainer.engine is not None else None,
-        "world_size": trainer.info.world_size, "zero_stage": trainer.backend.stage, "precision": trainer.precision,
+        "world_size": trainer.info.world_size, **trainer.backend.describe(), "precision": trainer.precision,
         "model_config": trainer.model_config.to_dict(), "adapters_active": st.phase == "relora",
         "rank_stats": stats, "tensors": tensors_meta,
         "files": [{"rank": e["rank"], "file": e["file"], "sha256": e["sha256"]} for e in entries],

@@ -22,9 +22,9 @@ def full_state_dict(trainer) -> dict[str, torch.Tensor]:
             continue
         module_name = name.rsplit(".", 1)[0]
         if engine is not None and p.requires_grad:
-            sd[name] = backend.full_fp32(p).reshape(getattr(p, "ds_shape", p.shape)).cpu()
+            sd[name] = backend.full_fp32(p).reshape(backend.shape(p)).cpu()
         elif masters is not None and masters.kept and module_name in masters.shards and name.endswith("weight"):
-            shape = getattr(p, "ds_shape", p.shape)
+            shape = backend.shape(p)
             sd[name] = backend.gather_owned(p, masters.shards[module_name].to(p.device)).view(shape).cpu()
         else:
             sd[name] = backend.gather_full(p).cpu()

@@ -246,7 +246,7 @@ def _full_fp32_masters(backend: Backend, params: list[torch.nn.Parameter]) -> li
     items = []
     for p in params:
         start, _, frag = backend.fp32_fragment(p)
-        items.append((int(getattr(p, "ds_numel", p.numel())), start, frag if frag is not None else torch.zeros(0)))
+        items.append((backend.numel(p), start, frag if frag is not None else torch.zeros(0)))
     return _assemble(backend, items)
 
 
@@ -278,7 +278,7 @@ def prune_adapter_moments(backend: Backend, modules: dict[str, ReLoRALinear], mo
         return
     params = [(f"{m.relora_name or name}.{pname}", p) for name, m in modules.items()
               for pname, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B))]
-    numels = [int(getattr(p, "ds_numel", p.numel())) for _, p in params]
+    numels = [backend.numel(p) for _, p in params]
     local = {key: [backend.local_state(p, key) for _, p in params] for key in ADAM_STATE_KEYS}
     # One small collective: does any rank lack optimizer state (no step since the engine was
     # built: nothing to prune), and which tensors does some rank hold whole.

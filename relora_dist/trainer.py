@@ -34,7 +34,7 @@ from relora_dist.dist import DistInfo
 from relora_dist.ds_config import build_ds_config, relora_phase_ds_config, resolve_precision
 from relora_dist.faults import is_finite
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
-from relora_dist.model import build_model, count_params, flops_per_token, llama_config
+from relora_dist.model import build_model, flops_per_token, llama_config
 from relora_dist.relora import freeze_for_full_rank, relora_modules, wrap_model
 from relora_dist.tokenizer import load_tokenizer
 
@@ -59,16 +59,13 @@ class TrainState:
     """Consecutive such steps up to now (the run stops past train.max_skipped_steps)."""
 
 
-def _ndim(p: torch.nn.Parameter) -> int:
-    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
-
-
-def param_groups(model: torch.nn.Module, cfg: Config, lr: float) -> list[dict]:
-    """Trainable params in two AdamW groups: decoupled decay on matrices, none on norms/biases."""
+def param_groups(model: torch.nn.Module, cfg: Config, lr: float, shape=lambda p: p.shape) -> list[dict]:
+    """Trainable params in two AdamW groups: decoupled decay on matrices, none on norms/biases.
+    `shape` gives a param's whole shape (Backend.shape: a sharded param's own shape is its shard's)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if _ndim(p) >= 2 else no_decay).append(p)
+            (decay if len(shape(p)) >= 2 else no_decay).append(p)
     o = cfg.optimizer
     common = dict(lr=lr) if o.name == "sgd" else dict(lr=lr, betas=(o.beta1, o.beta2), eps=o.eps)
     groups = [dict(params=decay, weight_decay=o.weight_decay, **common),
@@ -138,7 +135,7 @@ class Trainer:
             self.switch_to_relora()
         else:
             freeze_for_full_rank(self.model) if c.relora.enabled else None
-            self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr))
+            self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr, self.backend.shape))
         if manifest is not None:
             resume.load_checkpoint(self, self.resumed_from)
         if info.is_main:  # each resumed segment's config is kept beside the first one's
@@ -149,7 +146,7 @@ class Trainer:
         if self.resumed_from:
             self.log.print(f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.phase}, "
                            f"restart index {self.state.restart_index}, world size {manifest['world_size']} -> "
-                           f"{info.world_size}, ZeRO-{manifest['zero_stage']} -> ZeRO-{self.backend.stage})")
+                           f"{info.world_size}, {manifest.get('backend', 'zero%d' % manifest['zero_stage'])} -> {self.backend.name})")
         self._stop_requested = False
 
     # --- phases -----------------------------------------------------------------------------------
@@ -166,7 +163,7 @@ class Trainer:
             phase_ds, self.info.rank, self.info.world_size, self.cfg.optimizer.name)
         self.engine, self.masters = steps.switch_to_relora(
             self.backend, engine, self.model, self.cfg, self.modules,
-            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr), self.precision == "fp32",
+            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr, self.backend.shape), self.precision == "fp32",
             phase_backend)
         self.backend = phase_backend
         del engine
@@ -236,9 +233,7 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def trainable_params(self) -> int:
-        return count_params(self.model, trainable_only=True) if not hasattr(
-            next(self.model.parameters()), "ds_numel") else sum(
-            p.ds_numel for p in self.model.parameters() if p.requires_grad)
+        return sum(self.backend.numel(p) for p in self.model.parameters() if p.requires_grad)
 
     # --- the loop ---------------------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> TrainState:
@@ -339,7 +334,7 @@ class Trainer:
         return bool(flag.item())
 
     def total_params(self) -> int:
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        return sum(self.backend.numel(p) for p in self.model.parameters())
 
     def _log_record(self, record: dict) -> None:
         c, st = self.cfg, self.state

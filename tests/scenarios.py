@@ -11,7 +11,6 @@ import weakref
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_grad
 
 from relora_dist.trainer import Trainer
 
@@ -46,15 +45,11 @@ def _module_copies(t: Trainer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _optimizer_param_ids(t: Trainer) -> set[int]:
-    opt = t.engine.optimizer
-    groups = opt.bit16_groups if t.backend.stage == 2 else opt.fp16_groups
-    return {id(p) for g in groups for p in g}
+    return {id(p) for p in t.backend.optimizer_params(t.engine)}
 
 
 def _optimizer_state_numel(t: Trainer) -> int:
-    opt = t.engine.optimizer
-    flats = opt.single_partition_of_fp32_groups if t.backend.stage == 2 else opt.fp32_partitioned_groups_flat
-    return sum(int(f.numel()) for f in flats)
+    return t.backend.optimizer_state_numel(t.engine)
 
 
 def full_rank_run(cfg, template, info) -> dict:
@@ -93,7 +88,7 @@ def relora_checks(cfg, template, info) -> dict:
 
     # --- switch ---------------------------------------------------------------------------------
     out["loss_before_switch"] = _fixed_loss(t, fixed)
-    out["stage"] = t.backend.stage  # of the warm start
+    out["stage"] = int(t.backend.name[-1])  # of the warm start (zero2 / zero3)
     w_before = {n: t.backend.full_fp32(m.weight).reshape(-1).clone() for n, m in t.modules.items()}
     engine_ref, optimizer_ref = weakref.ref(t.engine), weakref.ref(t.engine.optimizer)
     t.backend.link_optimizer_fragments(t.engine)
@@ -113,7 +108,7 @@ def relora_checks(cfg, template, info) -> dict:
                                  for n, p in extras.items()}
     out["adam_step_post"] = t.backend.adam_step(t.engine)
     w_switch = _frozen_weights(t)
-    out["rank"], out["relora_stage"], out["phase_stage"] = info.rank, t.backend.stage, cfg.relora.phase_stage
+    out["rank"], out["relora_stage"], out["phase_stage"] = info.rank, int(t.backend.name[-1]), cfg.relora.phase_stage
     out["master_numel"] = sum(v.numel() for v in t.masters.shards.values()) if t.masters.kept else 0
     out["wrapped_numels"] = [m.out_features * m.in_features for m in t.modules.values()]
     out["switch_weight_maxdiff"] = max(float((w_switch[n] - w_before[n]).abs().max()) for n in w_before)
@@ -121,16 +116,15 @@ def relora_checks(cfg, template, info) -> dict:
     held = _optimizer_param_ids(t)
     out["optimizer_params"] = sorted(names[i] for i in held)
     out["trainable_params"] = sorted(n for n, p in t.model.named_parameters() if p.requires_grad)
-    out["trainable_numel"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                 for p in t.model.parameters() if p.requires_grad)
+    out["trainable_numel"] = sum(t.backend.numel(p) for p in t.model.parameters() if p.requires_grad)
     out["optimizer_state_numel"] = _optimizer_state_numel(t)
 
     # --- first ReLoRA steps: gradients of A and B -----------------------------------------------
     grads: list[dict] = []
 
     def probe():
-        grads.append({n: (float(safe_get_full_grad(m.lora_A).abs().sum()),
-                          float(safe_get_full_grad(m.lora_B).abs().sum())) for n, m in t.modules.items()})
+        grads.append({n: (float(t.backend.full_grad(m.lora_A).abs().sum()),
+                          float(t.backend.full_grad(m.lora_B).abs().sum())) for n, m in t.modules.items()})
 
     t.train_step(t.loader.next_batch(), before_update=probe)
     t.train_step(t.loader.next_batch(), before_update=probe)

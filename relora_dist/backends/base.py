@@ -26,7 +26,8 @@ def rank_slice(numel: int, rank: int, world_size: int) -> tuple[int, int]:
 class Backend(ABC):
     """Build/tear down engines and read/write sharded params and optimizer state."""
 
-    stage: int
+    name: str
+    """The engine as the checkpoint manifest and logs name it (zero2, zero3)."""
 
     def __init__(self, ds_config: dict, rank: int, world_size: int, optimizer_name: str = "adamw"):
         self.ds_config = ds_config
@@ -42,6 +43,31 @@ class Backend(ABC):
     @abstractmethod
     def teardown_engine(self, engine: Any) -> None:
         """Free the engine, its optimizer state and every hook it left on the module."""
+
+    def describe(self) -> dict:
+        """What the checkpoint manifest records about the engine that wrote it."""
+        return {"backend": self.name}
+
+    @abstractmethod
+    def optimizer_params(self, engine: Any) -> list[torch.nn.Parameter]:
+        """The module params the engine's optimizer updates (its view of the param groups)."""
+
+    @abstractmethod
+    def optimizer_state_numel(self, engine: Any) -> int:
+        """Elements of optimizer master state this rank holds (per Adam key, i.e. the fp32 masters)."""
+
+    # --- shapes of (possibly sharded) params ------------------------------------------------------
+    def numel(self, p: torch.nn.Parameter) -> int:
+        """Elements of the whole param, however it is sharded."""
+        return p.numel()
+
+    def shape(self, p: torch.nn.Parameter) -> torch.Size:
+        """Shape of the whole param, however it is sharded."""
+        return p.shape
+
+    def storage_dtype(self, p: torch.nn.Parameter) -> torch.dtype:
+        """dtype of the tensor the forward computes with (the shard's, when sharded)."""
+        return p.dtype
 
     # --- shards of params -------------------------------------------------------------------------
     @abstractmethod
@@ -112,6 +138,10 @@ class Backend(ABC):
     @abstractmethod
     def gather_full(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The whole module copy of p in fp32 (collective). For evaluation, tests and export."""
+
+    @abstractmethod
+    def full_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """The whole gradient of a trainable param after backward, before the step (collective)."""
 
     # --- checkpoint fragments (no communication) --------------------------------------------------
     @abstractmethod

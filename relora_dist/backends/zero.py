@@ -21,6 +21,7 @@ quiet_libraries()  # before DeepSpeed's first import
 
 from deepspeed.utils import (  # noqa: E402
     safe_get_full_fp32_param,
+    safe_get_full_grad,
     safe_get_full_optimizer_state,
     safe_get_local_fp32_param,
     safe_get_local_optimizer_state,
@@ -35,6 +36,11 @@ from relora_dist.backends.base import Backend, rank_slice  # noqa: E402
 
 class ZeroBackend(Backend):
     """Engine lifecycle shared by both stages."""
+
+    stage: int
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "zero_stage": self.stage}
 
     @property
     def comm_device(self):
@@ -85,6 +91,18 @@ class ZeroBackend(Backend):
     def _shape(self, p):
         return getattr(p, "ds_shape", p.shape)
 
+    def full_grad(self, p):
+        return safe_get_full_grad(p)
+
+    def numel(self, p):
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    def shape(self, p):
+        return self._shape(p)
+
+    def storage_dtype(self, p):
+        return getattr(p, "ds_tensor", p).dtype
+
     # At world size 1 the fragments ARE the full tensors: read them without DeepSpeed's full-tensor
     # getters, whose all-reduce / all-gather would be a gloo collective (see gather_flat_slices).
     def full_fp32(self, p):
@@ -103,6 +121,13 @@ class Zero2Backend(ZeroBackend):
     """ZeRO-2: module copies are replicated; the fp32 master and moments are partitioned."""
 
     stage = 2
+    name = "zero2"
+
+    def optimizer_params(self, engine):
+        return [p for g in engine.optimizer.bit16_groups for p in g]
+
+    def optimizer_state_numel(self, engine):
+        return sum(int(f.numel()) for f in engine.optimizer.single_partition_of_fp32_groups)
 
     def local_range(self, p):
         return 0, p.numel()
@@ -190,6 +215,13 @@ class Zero3Backend(ZeroBackend):
     """ZeRO-3: params, fp32 masters and moments are all partitioned; every write is shard-local."""
 
     stage = 3
+    name = "zero3"
+
+    def optimizer_params(self, engine):
+        return [p for g in engine.optimizer.fp16_groups for p in g]
+
+    def optimizer_state_numel(self, engine):
+        return sum(int(f.numel()) for f in engine.optimizer.fp32_partitioned_groups_flat)
 
     def local_range(self, p):
         return rank_slice(p.ds_numel, self.rank, self.world_size)

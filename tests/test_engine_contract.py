@@ -1,0 +1,39 @@
+"""The engine contract: outside relora_dist/backends/ nothing names a DeepSpeed internal, so a
+second engine needs no edits to the trainer, the ReLoRA steps, checkpoints, export or the tests'
+scenarios. A grep, because the failure it prevents is a name, not a behaviour."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Attributes DeepSpeed hangs on params and optimizers, its full-tensor helpers, and the ZeRO stage.
+INTERNALS = re.compile(r"\b(ds_numel|ds_shape|ds_tensor|ds_id|ds_status|bit16_groups|fp16_groups|"
+                       r"single_partition_of_fp32_groups|fp32_partitioned_groups_flat|safe_get_full_\w+|"
+                       r"safe_set_\w+|GatheredParameters|zero\.Init)\b|optimizer\.optimizer\b|backend\.stage\b")
+# The benchmark harness walks every tensor an engine holds to count bytes by kind (its walker is
+# engine-specific by nature); the DeepSpeed JSON builder is the ZeRO backends' input.
+ALLOWED = ("relora_dist/backends/", "relora_dist/bench.py", "relora_dist/ds_config.py",
+           "tests/test_engine_contract.py")
+
+
+def test_no_deepspeed_internals_outside_backends():
+    hits = []
+    for path in sorted(REPO.glob("**/*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith(ALLOWED) or not rel.startswith(("relora_dist/", "tests/", "tools/", "launchers/")):
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if INTERNALS.search(line):
+                hits.append(f"{rel}:{i}: {line.strip()}")
+    assert not hits, "DeepSpeed internals outside relora_dist/backends/ (add a Backend method):\n" + "\n".join(hits)
+
+
+def test_the_grep_finds_what_it_forbids():
+    for line in ("n = p.ds_numel", "opt = engine.optimizer.optimizer", "if trainer.backend.stage == 3:",
+                 "from deepspeed.utils import safe_get_full_grad", "with deepspeed.zero.GatheredParameters([w]):"):
+        assert INTERNALS.search(line), line
+    for line in ("backend.numel(p)", "backend.name", "self.optimizer_name", "zero_stage(template)"):
+        assert not INTERNALS.search(line), line
