@@ -180,31 +180,19 @@ class Backend(ABC):
         """The flat range of a module copy this rank writes into a checkpoint: its own shard, or
         for replicated tensors its `rank_slice`, so each element is written exactly once."""
         start, end = self.local_range(p)
-        numel = getattr(p, "ds_numel", p.numel())
+        numel = self.numel(p)
         if end - start == numel and self.world_size > 1:
             return rank_slice(numel, self.rank, self.world_size)
         return start, end
 
+    @abstractmethod
     def adam_step(self, engine: Any) -> int | None:
         """Adam's step counter (shared by every flat group), None before the first step."""
-        state = engine.optimizer.optimizer.state
-        for flat in self.optimizer_flats(engine):
-            if "step" in state.get(flat, {}):
-                return int(state[flat]["step"])
-        return None
 
+    @abstractmethod
     def init_optimizer_state(self, engine: Any, step: int) -> None:
-        """Create Adam's lazily-built state for every flat partition (zero moments, the saved step
-        counter) so resume can overwrite the moments. Built directly rather than by a dummy step:
-        ZeRO-3 swaps sub-group params into the inner optimizer only inside its own step."""
-        inner = engine.optimizer.optimizer
-        if not isinstance(inner, torch.optim.AdamW):
-            raise TypeError(f"resuming optimizer state supports AdamW, not {type(inner).__name__}")
-        for flat in self.optimizer_flats(engine):
-            inner.state[flat] = {"step": torch.tensor(float(step)),
-                                 "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
-                                 "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format)}
-        self.link_optimizer_fragments(engine)
+        """Create Adam's lazily-built state (zero moments, the saved step counter) so that resume
+        can overwrite the moments."""
 
     def link_optimizer_fragments(self, engine: Any) -> None:
         """Make per-param views of the optimizer state valid (ZeRO-2 needs it; see there)."""
@@ -216,7 +204,7 @@ class Backend(ABC):
 
     def gather_owned(self, p: torch.nn.Parameter, owned: torch.Tensor) -> torch.Tensor:
         """Full flat tensor from every rank's `master_range(p)` slice (collective)."""
-        return self.gather_flat_slices(owned, getattr(p, "ds_numel", p.numel()))
+        return self.gather_flat_slices(owned, self.numel(p))
 
     def gather_flat_slices(self, local: torch.Tensor, numel: int) -> torch.Tensor:
         """Reassemble a flat tensor from every rank's `rank_slice` part (collective)."""

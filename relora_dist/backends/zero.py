@@ -85,6 +85,27 @@ class ZeroBackend(Backend):
         engine.optimizer = None
         self.release_memory()
 
+    def adam_step(self, engine: Any) -> int | None:
+        """Adam's step counter (shared by every flat group), None before the first step."""
+        state = engine.optimizer.optimizer.state
+        for flat in self.optimizer_flats(engine):
+            if "step" in state.get(flat, {}):
+                return int(state[flat]["step"])
+        return None
+
+    def init_optimizer_state(self, engine: Any, step: int) -> None:
+        """Create Adam's lazily-built state for every flat partition (zero moments, the saved step
+        counter) so resume can overwrite the moments. Built directly rather than by a dummy step:
+        ZeRO-3 swaps sub-group params into the inner optimizer only inside its own step."""
+        inner = engine.optimizer.optimizer
+        if not isinstance(inner, torch.optim.AdamW):
+            raise TypeError(f"resuming optimizer state supports AdamW, not {type(inner).__name__}")
+        for flat in self.optimizer_flats(engine):
+            inner.state[flat] = {"step": torch.tensor(float(step)),
+                                 "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                                 "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format)}
+        self.link_optimizer_fragments(engine)
+
     def _own_storage(self, p: torch.nn.Parameter) -> None:
         p.data = p.data.clone()
 
