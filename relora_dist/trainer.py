@@ -181,8 +181,7 @@ class Trainer:
 
     # --- steps ------------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        self.backend.set_lr(self.engine, lr)
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float | None = None,
                    before_update=None) -> dict[str, float]:
@@ -192,22 +191,11 @@ class Trainer:
         if lr is None:
             lr = self.peak_lr * steps.lr_multiplier(self.cfg, self.state.step)
         self.set_lr(lr)
-        self.engine.train()
-        total, bad = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        for i, batch in enumerate(micro_batches):
-            batch = batch.to(self.device)
-            loss = self.engine(input_ids=batch, labels=batch).loss
-            self.engine.backward(loss)
-            if before_update is not None and i == len(micro_batches) - 1:
-                before_update()
-            self.engine.step()  # DeepSpeed applies the update at the accumulation boundary
-            value = loss.detach().double().cpu()
-            total, bad = total + value, bad + (~torch.isfinite(value)).double()
-            del loss
+        losses, grad_norm = self.backend.train_step(self.engine, [b.to(self.device) for b in micro_batches],
+                                                    before_update)
+        values = torch.stack([v.double().cpu() for v in losses])
         # The non-finite count rides on the loss all-reduce: every rank agrees, no extra collective.
-        total = self._all_reduce(torch.stack([total / len(micro_batches), bad]))
-        grad_norm = self.engine.get_global_grad_norm()  # global: the same on every rank
-        grad_norm = float(grad_norm) if grad_norm is not None else None
+        total = self._all_reduce(torch.stack([values.mean(), (~torch.isfinite(values)).double().sum()]))
         loss = float(total[0]) / self.info.world_size
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
@@ -217,13 +205,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         c = self.cfg
-        self.engine.eval()
+        self.backend.set_train(self.engine, False)
         max_blocks = max(1, c.train.eval_tokens // c.data.seq_len)
         sums = torch.zeros(2, dtype=torch.float64)
         for batch in eval_batches(self.val_blocks, c.train.micro_batch_size, self.info.rank,
                                   self.info.world_size, max_blocks):
             batch = batch.to(self.device)
-            loss = self.engine(input_ids=batch, labels=batch).loss
+            loss = self.backend.forward_loss(self.engine, batch)
             sums += torch.tensor([float(loss) * batch.shape[0], batch.shape[0]], dtype=torch.float64)
         sums = self._all_reduce(sums)
         if sums[1] == 0:

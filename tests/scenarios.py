@@ -18,7 +18,7 @@ from relora_dist.trainer import Trainer
 def _fixed_loss(t: Trainer, batch: torch.Tensor) -> float:
     with torch.no_grad():
         t.engine.eval()
-        loss = t.engine(input_ids=batch, labels=batch).loss.detach().double()
+        loss = t.backend.forward_loss(t.engine, batch).detach().double()
     dist.all_reduce(loss)
     return float(loss) / t.info.world_size
 

@@ -56,6 +56,27 @@ class Backend(ABC):
     def optimizer_state_numel(self, engine: Any) -> int:
         """Elements of optimizer master state this rank holds (per Adam key, i.e. the fp32 masters)."""
 
+    # --- one training step ------------------------------------------------------------------------
+    @abstractmethod
+    def set_lr(self, engine: Any, lr: float) -> None:
+        """Set the learning rate of every param group."""
+
+    @abstractmethod
+    def set_train(self, engine: Any, train: bool) -> None:
+        """Train or eval mode of the wrapped module (dropout)."""
+
+    @abstractmethod
+    def forward_loss(self, engine: Any, batch: torch.Tensor) -> torch.Tensor:
+        """The causal-LM loss of one micro-batch (labels = inputs)."""
+
+    @abstractmethod
+    def train_step(self, engine: Any, micro_batches: list[torch.Tensor],
+                   before_update: Callable[[], None] | None = None) -> tuple[list[torch.Tensor], float | None]:
+        """One optimizer step: forward + backward over the micro-batches (gradient accumulation),
+        clipping and the update, all inside. Returns the detached loss of each micro-batch and the
+        global grad norm (the same on every rank; None when the engine skipped the step).
+        `before_update()` runs after the last backward, before the update."""
+
     # --- shapes of (possibly sharded) params ------------------------------------------------------
     def numel(self, p: torch.nn.Parameter) -> int:
         """Elements of the whole param, however it is sharded."""

@@ -42,6 +42,30 @@ class ZeroBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "zero_stage": self.stage}
 
+    def set_lr(self, engine, lr):
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def set_train(self, engine, train):
+        engine.train(train)
+
+    def forward_loss(self, engine, batch):
+        return engine(input_ids=batch, labels=batch).loss
+
+    def train_step(self, engine, micro_batches, before_update=None):
+        engine.train()
+        losses = []
+        for i, batch in enumerate(micro_batches):
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss)
+            if before_update is not None and i == len(micro_batches) - 1:
+                before_update()
+            engine.step()  # DeepSpeed applies the update (and clipping) at the accumulation boundary
+            losses.append(loss.detach())
+            del loss
+        grad_norm = engine.get_global_grad_norm()  # global: the same on every rank
+        return losses, float(grad_norm) if grad_norm is not None else None
+
     @property
     def comm_device(self):
         from deepspeed.accelerator import get_accelerator
