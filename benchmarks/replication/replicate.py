@@ -73,7 +73,8 @@ SUITES: dict[str, dict] = {
         **{f"relora_r{r}": with_(RELORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
         **{f"lora_r{r}": with_(LORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
         "relora_r8_cycle25": with_(RELORA, relora__cycle_length=25, relora__restart_warmup=5),
-        "relora_r8_cycle100": with_(RELORA, relora__cycle_length=100)}},
+        "relora_r8_cycle100": with_(RELORA, relora__cycle_length=100),
+        "relora_r8_cycle150": with_(RELORA, relora__cycle_length=150)}},
     "ablations": {"seeds": [0], "rows": {
         "relora": RELORA,
         "lora": LORA,
