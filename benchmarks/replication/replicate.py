@@ -104,7 +104,8 @@ def train(name: str, args: list[str], seed: int, runs_dir: Path, tok: Path) -> d
     out = runs_dir / f"{name}-s{seed}-{run_key(args, seed)}"
     done = out / "replicate_run.json"
     if done.exists():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        return {**record, **summarize(load_run(out), args)}
     cmd = [sys.executable, str(ROOT / "launchers/pretrain.py"), *MODEL, *COMMON, *args,
            f"--data.tokenizer_dir={tok}", f"--train.seed={seed}", f"--run.output_dir={out}"]
     print(f"== {name} seed {seed}: {out}", flush=True)
@@ -116,25 +117,37 @@ def train(name: str, args: list[str], seed: int, runs_dir: Path, tok: Path) -> d
     if proc.returncode:
         raise SystemExit(f"error: {name} seed {seed} failed (rc {proc.returncode}); see {out / 'train.log'}")
     trainable = [int(x.replace(",", "")) for x in re.findall(r"trainable params ([\d,]+)", proc.stdout)]
-    record = summarize(load_run(out))
-    record.update({"seed": seed, "wall_s": round(wall, 1), "trainable_params_last": trainable[-1] if trainable else None,
-                   "dir": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out)})
+    record = {"seed": seed, "wall_s": round(wall, 1), "trainable_params_last": trainable[-1] if trainable else None,
+              "dir": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out)}
     done.write_text(json.dumps(record, indent=1))
+    record.update(summarize(load_run(out), args))
     print(f"   eval ppl {record['eval_ppl']:.2f} in {wall:.0f} s", flush=True)
     return record
 
 
-def summarize(r: dict) -> dict:
-    """Final eval ppl, and what each reset costs: mean train loss over the 5 steps before the reset
-    against the 5 steps around 20 steps after it (per-step losses are noisy at 2k tokens a step)."""
+def _arg(args: list[str], key: str, default: int) -> int:
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{key}=")]
+    return int(values[-1]) if values else default
+
+
+def summarize(r: dict, args: list[str]) -> dict:
+    """Final eval ppl, and what the loss does across each cycle boundary of the row's ReLoRA
+    schedule (a reset in ReLoRA rows; the same steps in rows without resets, which is the
+    baseline a reset's cost is read against): mean train loss over the 5 steps before the
+    boundary against the 5 steps around 20 steps after it (one step's loss is noisy at 2k tokens)."""
     loss_by_step = dict(zip(r["loss_steps"], r["loss"]))
+
     def mean_loss(lo, hi):
         vals = [loss_by_step[s] for s in range(lo, hi) if s in loss_by_step]
         return sum(vals) / len(vals) if vals else float("nan")
-    resets = [{"step": s, "loss_before": mean_loss(s - 5, s), "loss_after_20": mean_loss(s + 18, s + 23)}
-              for s in r["resets"]]
+
+    warm, cycle = _arg(args, "relora.warm_start_steps", 100), _arg(args, "relora.cycle_length", 50)
+    # the reset after the step at phase index k*cycle is logged with the next step's number
+    bounds = range(max(warm, 1) + cycle + 1, STEPS - 20, cycle)
+    changes = [{"step": s, "loss_before": mean_loss(s - 5, s), "loss_after_20": mean_loss(s + 18, s + 23)}
+               for s in bounds]
     return {"eval_ppl": r["eval_ppl"][-1][1], "eval_curve": r["eval_ppl"], "tokens": int(r["tokens"][-1]),
-            "resets": len(r["resets"]), "reset_cost": resets, "effective_rank": r.get("effective_rank"),
+            "resets": len(r["resets"]), "reset_cost": changes, "effective_rank": r.get("effective_rank"),
             "loss_curve": [(int(r["tokens"][i + 9]), sum(r["loss"][i:i + 10]) / 10)
                            for i in range(0, len(r["loss"]) - 9, 10)]}
 
@@ -143,7 +156,7 @@ def report(suite: str, results: dict, out: Path, ref: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ref_mean = statistics.mean(x["eval_ppl"] for x in results[ref])
     lines = [f"| row | eval ppl mean | spread (min-max) | per seed | vs {ref} | tokens | resets | "
-             "loss change 20 steps after a reset | effective rank of W - W_switch |",
+             "loss change 20 steps after a cycle boundary | effective rank of W - W_switch |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, recs in results.items():
         ppl = [x["eval_ppl"] for x in recs]
