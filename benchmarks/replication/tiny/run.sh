@@ -4,7 +4,7 @@
 # (~0.9 epoch of the 0.91M-token training split). Model: the tiny preset (hidden 128,
 # intermediate 344, 4 heads) with 4 layers and the bundled 8k vocabulary; ~12 minutes in all.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
 OUT=${OUT:-runs/replication}
 COMMON=(--model.preset=tiny --model.num_layers=4
         --data.seq_len=128 --train.max_steps=400 --train.global_batch_size=16 --train.micro_batch_size=16
@@ -21,5 +21,5 @@ run relora_no_warm "${RELORA[@]}" --relora.warm_start_steps=0
 # control: full-rank training of a smaller model with about ReLoRA's trainable-parameter count
 # (ReLoRA trains 2.21M: adapters 0.16M + embeddings/head 2.05M + norms; 1 layer gives 2.25M)
 run control        --relora.enabled=false --model.num_layers=1
-python tools/compare_runs.py --out benchmarks/replication --runs full_rank="$OUT/full_rank" \
+python tools/compare_runs.py --out benchmarks/replication/tiny --runs full_rank="$OUT/full_rank" \
   relora="$OUT/relora" lora="$OUT/lora" relora_no_warm="$OUT/relora_no_warm" control="$OUT/control"
