@@ -210,9 +210,9 @@ def test_bundled_names_and_relative_paths(tmp_path, monkeypatch):
 # --- Dockerfile, CI ------------------------------------------------------------------------------------
 
 def _installs(text: str) -> list[tuple[bool, frozenset[str]]]:
-    """Each `pip install [-e] .[extras]` of this package: (editable, extras)."""
+    """Each `pip install [-e] .[extras]` (or `./[extras]`) of this package: (editable, extras)."""
     found = []
-    for m in re.finditer(r"pip install\b[^\n]*?(-e\s+)?[\"']?\.(?:\[([\w,\s-]*)\])?[\"']?(?=\s|$|&|;)", text):
+    for m in re.finditer(r"pip install\b[^\n]*?(-e\s+)?[\"']?\./?(?:\[([\w,\s-]*)\])?[\"']?(?=\s|$|&|;)", text):
         extras = frozenset(e.strip() for e in (m.group(2) or "").split(",") if e.strip())
         found.append((bool(m.group(1)), extras))
     return found
