@@ -32,10 +32,10 @@ def bundled(folder: str, suffix: str) -> dict[str, str]:
 
 
 def resolve(given: str, folder: str, suffix: str) -> str:
-    """``given`` itself when it is a file or names a directory (relative to the working directory);
-    else a bare bundled name (``zero3`` or ``zero3.json``, ``60m_paper``) becomes the bundled file's
-    path. Anything else comes back unchanged, for the caller's not-found error."""
-    if os.path.exists(given) or os.path.dirname(given):
+    """``given`` itself when that file exists or it has a folder part (both relative to the working
+    directory); else a bare bundled name (``zero3`` or ``zero3.json``, ``60m_paper``) becomes the
+    bundled file's path. Anything else comes back unchanged, for the caller's not-found error."""
+    if os.path.isfile(given) or os.path.dirname(given):
         return given
     name = given[: -len(suffix)] if given.endswith(suffix) else given
     return bundled(folder, suffix).get(name, given)
