@@ -7,8 +7,8 @@
 #
 #   docker run --gpus all --ipc=host -v "$PWD/runs:/opt/relora_dist/runs" relora_dist --train.max_steps=20
 #
-# The entry point is `relora-pretrain` (one process); for several GPUs start the launcher with
-# torchrun or deepspeed instead:
+# The entry point is `relora-pretrain` (one process, the installed package); for several GPUs start
+# the launcher with torchrun or deepspeed instead:
 #   docker run --gpus all --ipc=host --entrypoint torchrun relora_dist --nproc_per_node 8 launchers/pretrain.py
 ARG BASE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel
 FROM ${BASE}
@@ -71,12 +71,18 @@ RUN groupadd --gid "${GID}" relora \
     && chown "${UID}:${GID}" /opt/relora_dist
 WORKDIR /opt/relora_dist
 
-# The package, installed the way README and .ci/run install it (editable, with the test extra so
-# `python -m pytest` can check an image); dependencies first, for layer caching.
+# The package, installed the way README and .ci/run install it: pip builds its wheel and installs
+# that (not editable: the bundled corpus, tokenizer, presets and DeepSpeed templates are package
+# data, so relora-pretrain runs from any directory), with the test extra so `python -m pytest` can
+# check an image; dependencies first, for layer caching. "./[test]" is pip's ".[test]" written as a
+# path, which hadolint's DL3013 (pin versions) recognizes as local. The check runs isolated (-I: the
+# working directory is not on sys.path), so it imports the installed copy and finds its bundled files.
 COPY --chown=${UID}:${GID} pyproject.toml README.md ./
 COPY --chown=${UID}:${GID} relora_dist/ relora_dist/
-RUN python -m pip install --no-cache-dir -e ".[test]" \
-    && python -c "import deepspeed, relora_dist.cli"
+RUN python -m pip install --no-cache-dir "./[test]" \
+    && rm -rf build relora_dist.egg-info \
+    && python -I -c "import os, deepspeed, relora_dist.cli, relora_dist.resources as r; assert os.path.isfile(r.CORPUS)"
+# The checkout beside it: launchers/pretrain.py for torchrun/deepspeed, tools/, tests/.
 COPY --chown=${UID}:${GID} . .
 
 USER ${UID}:${GID}

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from relora_dist import resources
 from relora_dist.config import Config, ConfigError, help_text, load_config
 from relora_dist.faults import DEFAULT_GRACE_S, GRACE_ENV
 
@@ -63,10 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=PRETRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=ENV_HELP + "\nConfig keys (override any with --section.key=value; shown with their default):\n"
         + help_text())
+    presets = ", ".join(resources.bundled("configs", ".yaml"))
+    templates = ", ".join(resources.bundled("ds_configs", ".json"))
     parser.add_argument("--config", default=None,
-                        help="YAML preset (see configs/) (default: none = the built-in defaults listed below)")
+                        help=f"YAML preset: a path, or a bundled preset's name ({presets}) "
+                             "(default: none = the built-in defaults listed below)")
     parser.add_argument("--ds_config", default=None,
-                        help="DeepSpeed JSON template (default: ds_configs/zero2.json)")
+                        help=f"DeepSpeed JSON template: a path, or a bundled template's name ({templates}) "
+                             "(default: the bundled zero2, = ds_configs/zero2.json in a checkout)")
     parser.add_argument("--init_from", default=None,
                         help="alias of --model.init_from: HF model folder to start from (default: none)")
     parser.add_argument("--dry_run", action="store_true",

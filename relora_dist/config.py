@@ -315,12 +315,16 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `section.key=value` overrides (values parsed as YAML scalars)."""
+    """Defaults <- YAML file (a path, or a bundled preset's name such as `60m_paper`) <- `section.key=value`
+    overrides (values parsed as YAML scalars)."""
     cfg = Config()
     if path:
-        p = Path(path)
+        from relora_dist import resources
+
+        p = Path(resources.resolve(path, "configs", ".yaml"))  # a file, or a bundled preset's name
         if not p.is_file():
-            raise ConfigError(f"config file '{path}' not found; pass an existing YAML (see configs/)")
+            raise ConfigError(f"config file '{path}' not found; pass an existing YAML or a bundled preset's "
+                              f"name: {', '.join(resources.bundled('configs', '.yaml'))}")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

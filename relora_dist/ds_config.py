@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
+from relora_dist import resources
 from relora_dist.config import Config, ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
+DEFAULT_DS_CONFIG = Path(resources.DS_CONFIG)
 
 
 def resolve_precision(precision: str) -> str:
@@ -25,10 +25,13 @@ def resolve_precision(precision: str) -> str:
 
 
 def load_ds_template(path: str | Path | None) -> dict[str, Any]:
-    path = Path(path) if path else DEFAULT_DS_CONFIG
+    """The JSON template at ``path`` (relative to the working directory), a bundled template's name
+    (``zero3``), or the bundled ``zero2`` when None."""
+    path = Path(resources.resolve(str(path), "ds_configs", ".json")) if path else DEFAULT_DS_CONFIG
     if not path.is_file():
-        raise ConfigError(f"--ds_config '{path}' not found; pass an existing file such as ds_configs/zero2.json "
-                          f"or ds_configs/zero3.json")
+        names = ", ".join(resources.bundled("ds_configs", ".json"))
+        raise ConfigError(f"--ds_config '{path}' not found; pass an existing file (in a checkout: "
+                          f"ds_configs/zero3.json) or a bundled template's name: {names}")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -163,7 +163,7 @@ def train_tokenizer(inputs: list[str], out_dir: str, vocab_size: int = 8000,
     """
     import sentencepiece as spm
 
-    from relora_dist.data import load_documents  # lazy: data.py imports this module
+    from relora_dist.data import load_documents  # lazy: relora_dist.data imports this module
 
     docs = load_documents(inputs, text_field=text_field, txt_split=txt_split)  # column "text"
     buf = io.BytesIO()

@@ -9,7 +9,7 @@ import pydoc_data.topics
 import pytest
 import torch
 
-import relora_dist.data as data
+import relora_dist.data.prepare as prepare  # where ensure_prepared looks up prepare_dataset
 from relora_dist.data import (DEFAULT_CORPUS, DEFAULT_TOKENIZER, BlockLoader, DataError,
                               PackedBlocks, check_tokenizer_matches, ensure_prepared,
                               eval_batches, load_documents, prepare_dataset, read_meta)
@@ -41,7 +41,7 @@ def prepared(src, tmp_path_factory):
 
 def split_docs(split):
     """Reference: documents of a split, in corpus order (from the seeded document mask)."""
-    mask = data._val_mask(len(DOCS), VAL, 7)
+    mask = prepare._val_mask(len(DOCS), VAL, 7)
     return [d for d, v in zip(DOCS, mask) if v == (split == "val")]
 
 
@@ -67,15 +67,15 @@ def test_splits_disjoint_by_document(prepared):
     assert meta["num_documents"] == {"train": len(train), "val": len(val)}
     assert len(val) == round(len(DOCS) * VAL) and not set(train) & set(val)
     assert sorted(train + val) == sorted(DOCS)
-    assert data._val_mask(50, 0.2, 1).tolist() == data._val_mask(50, 0.2, 1).tolist()
-    assert data._val_mask(50, 0.2, 1).tolist() != data._val_mask(50, 0.2, 2).tolist()
+    assert prepare._val_mask(50, 0.2, 1).tolist() == prepare._val_mask(50, 0.2, 1).tolist()
+    assert prepare._val_mask(50, 0.2, 1).tolist() != prepare._val_mask(50, 0.2, 2).tolist()
 
 
 def test_uint16_when_vocab_fits(prepared):
     out, meta = prepared
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 8000
     assert os.path.getsize(os.path.join(out, "train.bin")) == meta["num_blocks"]["train"] * SEQ * 2
-    assert data._dtype_for(65536) == np.uint16 and data._dtype_for(65537) == np.uint32
+    assert prepare._dtype_for(65536) == np.uint16 and prepare._dtype_for(65537) == np.uint32
     assert PackedBlocks(out, "train", SEQ)[0].dtype == torch.int64
 
 
@@ -180,7 +180,7 @@ def test_ensure_prepared_caches(src, tmp_path, monkeypatch):
     mtime = os.path.getmtime(os.path.join(d1, "meta.json"))
     assert read_meta(d1)["num_blocks"]["train"] > 0
     calls = []
-    monkeypatch.setattr(data, "prepare_dataset", lambda **kw: calls.append(kw) or {})
+    monkeypatch.setattr(prepare, "prepare_dataset", lambda **kw: calls.append(kw) or {})
     assert ensure_prepared([src], DEFAULT_TOKENIZER, cache, SEQ, 0.1, 7) == d1
     assert calls == [] and os.path.getmtime(os.path.join(d1, "meta.json")) == mtime
     monkeypatch.undo()
@@ -195,8 +195,8 @@ def test_ensure_prepared_caches(src, tmp_path, monkeypatch):
 def _dist_worker(rank, world, init, src, cache, results):
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     calls = []
-    real = data.prepare_dataset
-    data.prepare_dataset = lambda **kw: calls.append(1) or real(**kw)
+    real = prepare.prepare_dataset
+    prepare.prepare_dataset = lambda **kw: calls.append(1) or real(**kw)
     path = ensure_prepared([src], DEFAULT_TOKENIZER, cache, SEQ, 0.1, 7)
     results[rank] = (path, len(calls), read_meta(path)["num_blocks"]["train"])
     torch.distributed.destroy_process_group()

@@ -3,6 +3,8 @@ that carries them, and the Dockerfile / CI installing the package the way README
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -107,26 +109,40 @@ def test_tool_wrappers_match_the_package():
     assert len((REPO / "launchers" / "pretrain.py").read_text().splitlines()) <= 20
 
 
-def test_built_wheel_carries_working_entry_points(tmp_path):
-    """A non-editable wheel: its entry points name package functions, the tools are inside it, and a
-    console function runs from the unpacked wheel alone (no checkout on sys.path)."""
-    src = tmp_path / "src"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel `pip install .` builds, from a copy of the project (an in-tree build would leave
+    build/ and *.egg-info in the checkout)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
     src.mkdir()
     for f in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / f, src / f)
     shutil.copytree(REPO / "relora_dist", src / "relora_dist", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
-    (wheel,) = (tmp_path / "dist").glob("relora_dist-*.whl")
+                    str(tmp / "dist"), str(src)], check=True, capture_output=True, timeout=300)
+    (built,) = (tmp / "dist").glob("relora_dist-*.whl")
+    return built
+
+
+def test_built_wheel_carries_working_entry_points(wheel, tmp_path):
+    """A non-editable wheel: its entry points name package functions, every module and bundled file
+    of the checkout's package is inside it, and a console function runs from the unpacked wheel alone
+    (no checkout on sys.path)."""
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
         z.extractall(tmp_path / "site")
     for script, target in SCRIPTS.items():
         assert f"{script} = {target}" in entry_points
-    assert "relora_dist/cli.py" in names
-    for tool in TOOLS:
-        assert f"relora_dist/tools/{tool}.py" in names
+    shipped = {p.relative_to(REPO).as_posix() for p in (REPO / "relora_dist").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    for folder in ("assets", "configs", "ds_configs"):  # the defaults, and the links users type
+        assert (REPO / folder).resolve() == (REPO / "relora_dist" / folder).resolve()
+        assert any(n.startswith(f"relora_dist/{folder}/") for n in shipped), folder
+    assert {"relora_dist/cli.py", "relora_dist/data/loader.py", "relora_dist/assets/corpus/corpus.jsonl.xz",
+            "relora_dist/ds_configs/zero2.json"} <= shipped
+    assert shipped - names == set(), "files of the package missing from the wheel"
     site = tmp_path / "site"
     probe = (f"import sys; sys.path.insert(0, {str(site)!r}); import relora_dist; "
              f"assert relora_dist.__file__.startswith({str(site)!r}), relora_dist.__file__; "
@@ -136,12 +152,67 @@ def test_built_wheel_carries_working_entry_points(tmp_path):
     assert out.returncode == 0 and "--verify" in out.stdout, out.stderr[-2000:]
 
 
+def test_installed_wheel_trains_from_another_directory(wheel, tmp_path):
+    """`pip install` of the wheel (into a target folder), then the console script with no config, data
+    or DeepSpeed file given, in a folder that is not the checkout: the bundled corpus, tokenizer and
+    zero2 template come from the installed package, the outputs land under that folder."""
+    target, cwd = tmp_path / "site", tmp_path / "elsewhere"
+    cwd.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(target), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    where = subprocess.run([sys.executable, "-c", "import relora_dist; print(relora_dist.__file__)"], cwd=cwd,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip() == str(target / "relora_dist" / "__init__.py"), where.stdout + where.stderr
+    tiny = {"model.hidden_size": 64, "model.intermediate_size": 172, "model.num_layers": 2, "model.num_heads": 4,
+            "data.seq_len": 32, "train.global_batch_size": 4, "train.micro_batch_size": 4, "train.max_steps": 4,
+            "train.eval_every": 0, "train.eval_tokens": 256, "train.precision": "fp32",
+            "schedule.warmup_steps": 1, "relora.warm_start_steps": 2, "relora.cycle_length": 2,
+            "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 4, "logging.progress_bar": False}
+    run = subprocess.run([str(target / "bin" / "relora-pretrain"), *(f"--{k}={v}" for k, v in tiny.items())],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "switched to ReLoRA" in run.stdout and "done |" in run.stdout, run.stdout[-3000:]
+    out = cwd / "runs" / "default"  # run.output_dir's default, relative to the working directory
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").exists()
+    assert (out / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+    assert (out / "warm_start" / "model.safetensors").is_file() and (out / "warm_start" / "tokenizer.model").is_file()
+    (meta,) = (cwd / ".cache" / "data").glob("*/meta.json")  # data.cache_dir's default, also relative
+    assert json.loads(meta.read_text())["sources"] == [str(target / "relora_dist" / "assets" / "corpus" /
+                                                           "corpus.jsonl.xz")]
+
+
+def test_bundled_names_and_relative_paths(tmp_path, monkeypatch):
+    """Away from a checkout a bare name (`zero3`, `60m_paper`) picks a bundled file; a path stays relative
+    to the working directory and wins over a bundled name; a missing one is a one-line error naming them."""
+    from relora_dist.config import ConfigError, load_config
+    from relora_dist.ds_config import DEFAULT_DS_CONFIG, load_ds_template
+
+    monkeypatch.chdir(tmp_path)
+    assert load_ds_template(None) == json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    assert DEFAULT_DS_CONFIG.parent.resolve() == (REPO / "relora_dist" / "ds_configs").resolve()
+    for name in ("zero3", "zero3.json"):
+        assert load_ds_template(name) == json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    assert load_config("60m_paper").model.preset == "60m"
+    Path("zero3.json").write_text('{"zero_optimization": {"stage": 2}}')
+    assert load_ds_template("zero3.json")["zero_optimization"]["stage"] == 2  # the user's file
+    Path("mine").mkdir()
+    Path("mine/60m_paper.yaml").write_text("train:\n  max_steps: 7\n")
+    assert load_config("mine/60m_paper.yaml").train.max_steps == 7
+    for call, needle in ((lambda: load_ds_template("ds_configs/zero2.json"), "zero2, zero3, zero3_offload"),
+                         (lambda: load_config("configs/default.yaml"), "60m_paper, default")):
+        with pytest.raises(ConfigError) as ei:
+            call()
+        assert needle in str(ei.value) and "not found" in str(ei.value) and "\n" not in str(ei.value)
+
+
 # --- Dockerfile, CI ------------------------------------------------------------------------------------
 
 def _installs(text: str) -> list[tuple[bool, frozenset[str]]]:
-    """Each `pip install [-e] .[extras]` of this package: (editable, extras)."""
+    """Each `pip install [-e] .[extras]` (or `./[extras]`) of this package: (editable, extras)."""
     found = []
-    for m in re.finditer(r"pip install\b[^\n]*?(-e\s+)?[\"']?\.(?:\[([\w,\s-]*)\])?[\"']?(?=\s|$|&|;)", text):
+    for m in re.finditer(r"pip install\b[^\n]*?(-e\s+)?[\"']?\./?(?:\[([\w,\s-]*)\])?[\"']?(?=\s|$|&|;)", text):
         extras = frozenset(e.strip() for e in (m.group(2) or "").split(",") if e.strip())
         found.append((bool(m.group(1)), extras))
     return found

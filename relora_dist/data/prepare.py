@@ -1,11 +1,5 @@
-"""Data pipeline: documents -> token ids -> packed fixed-length blocks -> per-rank batches.
-
-Prepared data (one directory) = ``train.bin`` / ``val.bin`` (flat token ids, uint16 when the
-vocabulary fits) + ``meta.json``. Blocks are ``seq_len`` consecutive tokens; documents are
-concatenated with an EOS after each, so blocks cross document boundaries (standard packing).
-
-Batching contract (the trainer relies on it so that N ranks == 1 rank at the same global
-batch): see :class:`BlockLoader`.
+"""Preparing data: documents -> token ids -> packed fixed-length blocks on disk (the format is
+described in :mod:`relora_dist.data.blocks`), and the cache that prepares a corpus on first use.
 """
 from __future__ import annotations
 
@@ -16,36 +10,25 @@ import os
 import shutil
 import tempfile
 import warnings
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
+from relora_dist import resources
+from relora_dist.data.blocks import FORMAT_VERSION, SPLITS, DataError
 from relora_dist.tokenizer import load_tokenizer, tokenizer_checksum
 
-__all__ = [
-    "DataError", "DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "FORMAT_VERSION", "SPLITS",
-    "load_documents", "prepare_dataset", "ensure_prepared", "read_meta",
-    "PackedBlocks", "BlockLoader", "DistributedBlockSampler", "eval_batches",
-    "check_tokenizer_matches",
-]
+__all__ = ["DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "load_documents", "prepare_dataset",
+           "ensure_prepared"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CORPUS = str(REPO_ROOT / "assets" / "corpus" / "corpus.jsonl.xz")
-DEFAULT_TOKENIZER = str(REPO_ROOT / "assets" / "tokenizer")
+DEFAULT_CORPUS = resources.CORPUS
+DEFAULT_TOKENIZER = resources.TOKENIZER
 
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json",
              ".jsonl": "json", ".parquet": "parquet"}
 _COMPRESSION = (".xz", ".gz", ".bz2", ".zst", ".lz4")
-
-
-class DataError(ValueError):
-    """A data problem the user can fix; the message is one line naming the fix."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -276,197 +259,3 @@ def ensure_prepared(sources: list[str] | None, tokenizer_dir: str, cache_dir: st
     if not _is_complete(target):
         _prepare_atomic(target, **kwargs)
     return target
-
-
-# ----------------------------------------------------------------------------- reading
-def read_meta(data_dir: str) -> dict:
-    """Load and check ``data_dir/meta.json``; raise DataError naming the fix if unusable."""
-    hint = f"run `python tools/prepare_data.py --out {data_dir}` first (or use ensure_prepared)"
-    if not os.path.isdir(data_dir):
-        raise DataError(f"prepared data directory {data_dir!r} does not exist; {hint}")
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise DataError(f"{path!r} is missing (data not prepared or preparation interrupted); {hint}")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{data_dir!r} has data format {meta.get('format_version')}, this code "
-                        f"reads {FORMAT_VERSION}; re-run tools/prepare_data.py")
-    return meta
-
-
-def check_tokenizer_matches(data_dir: str, vocab_size_of_model: int,
-                            tokenizer_dir: str | None = None) -> None:
-    """Raise DataError unless the prepared data's vocab size equals the model's (and, when
-    ``tokenizer_dir`` is given, the data was tokenized with that tokenizer)."""
-    meta = read_meta(data_dir)
-    if meta["vocab_size"] != vocab_size_of_model:
-        raise DataError(f"data in {data_dir!r} was tokenized with vocab_size {meta['vocab_size']} "
-                        f"but the model has vocab_size {vocab_size_of_model}; set the model's "
-                        f"vocab_size to {meta['vocab_size']} or re-prepare the data with its tokenizer")
-    if tokenizer_dir is not None and tokenizer_checksum(tokenizer_dir) != meta["tokenizer_checksum"]:
-        raise DataError(f"data in {data_dir!r} was tokenized with a different tokenizer than "
-                        f"{tokenizer_dir!r}; re-run tools/prepare_data.py --tokenizer {tokenizer_dir}")
-
-
-class PackedBlocks(torch.utils.data.Dataset):
-    """Read-only view of one split as blocks of ``seq_len`` tokens (``[i]`` -> LongTensor).
-
-    ``seq_len`` may be a divisor of the prepared block length (each block is then split),
-    never longer.
-    """
-
-    def __init__(self, data_dir: str, split: str, seq_len: int):
-        self.meta = meta = read_meta(data_dir)
-        if split not in meta["num_blocks"]:
-            raise DataError(f"unknown split {split!r} in {data_dir!r}; use one of "
-                            f"{sorted(meta['num_blocks'])}")
-        prepared = meta["seq_len"]
-        if seq_len > prepared:
-            raise DataError(f"requested seq_len {seq_len} is longer than the prepared blocks "
-                            f"({prepared}) in {data_dir!r}; re-run tools/prepare_data.py "
-                            f"--seq_len {seq_len} (or lower seq_len)")
-        if prepared % seq_len:
-            raise DataError(f"requested seq_len {seq_len} does not divide the prepared block "
-                            f"length {prepared} in {data_dir!r}; use a divisor of {prepared} or "
-                            f"re-run tools/prepare_data.py --seq_len {seq_len}")
-        self.data_dir, self.split, self.seq_len = data_dir, split, seq_len
-        self.dtype = np.dtype(meta["dtype"])
-        n_tokens = meta["num_blocks"][split] * prepared
-        path = os.path.join(data_dir, f"{split}.bin")
-        size = os.path.getsize(path) if os.path.isfile(path) else -1
-        if size != n_tokens * self.dtype.itemsize:
-            raise DataError(f"{path!r} has {size} bytes, meta.json expects "
-                            f"{n_tokens * self.dtype.itemsize}; re-run tools/prepare_data.py")
-        self._path, self._n_tokens = path, n_tokens
-        self._open()
-
-    def _open(self) -> None:
-        # np.memmap cannot map an empty file; an empty split is still a valid (empty) view.
-        tokens = (np.memmap(self._path, dtype=self.dtype, mode="r") if self._n_tokens
-                  else np.zeros(0, dtype=self.dtype))
-        self._blocks = tokens.reshape(-1, self.seq_len)
-
-    def __getstate__(self) -> dict:
-        # Pickling a memmap copies all its data (e.g. to spawned DataLoader workers);
-        # send the path instead and map the file again on the other side.
-        return {k: v for k, v in self.__dict__.items() if k != "_blocks"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._open()
-
-    @property
-    def vocab_size(self) -> int:
-        return self.meta["vocab_size"]
-
-    def __len__(self) -> int:
-        return self._blocks.shape[0]
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self._blocks[i].astype(np.int64))
-
-    def get_batch(self, indices) -> torch.Tensor:
-        """Blocks ``indices`` stacked as a LongTensor ``[len(indices), seq_len]``."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return torch.from_numpy(self._blocks[idx].astype(np.int64))
-
-
-# ----------------------------------------------------------------------------- batching
-class BlockLoader:
-    """Deterministic, resumable, rank-sharded batches of blocks.
-
-    Epoch ``e`` uses ``perm = torch.randperm(N, generator=manual_seed(seed*1000003 + e))``.
-    With global batch ``G = micro_batch_size * grad_accum * world_size``, optimizer step
-    ``k`` uses ``perm[k*G:(k+1)*G]`` (an incomplete last global batch is dropped); rank
-    ``r`` takes ``[r*mb*ga, (r+1)*mb*ga)`` of that slice and micro-step ``m`` its
-    ``[m*mb, (m+1)*mb)``. Hence the union over ranks of one step's blocks is the same for
-    any (world_size, grad_accum) with equal G.
-    """
-
-    def __init__(self, blocks: PackedBlocks, micro_batch_size: int, grad_accum: int,
-                 rank: int, world_size: int, seed: int):
-        if micro_batch_size < 1 or grad_accum < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"invalid batching (micro_batch_size={micro_batch_size}, grad_accum="
-                            f"{grad_accum}, rank={rank}, world_size={world_size}); use positive "
-                            f"sizes and 0 <= rank < world_size")
-        self.blocks, self.mb, self.ga = blocks, micro_batch_size, grad_accum
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.global_batch = micro_batch_size * grad_accum * world_size
-        if len(blocks) < self.global_batch:
-            raise DataError(f"split {blocks.split!r} has {len(blocks)} blocks of {blocks.seq_len} "
-                            f"tokens, fewer than one global batch ({micro_batch_size} x "
-                            f"{grad_accum} x {world_size} = {self.global_batch}); lower the "
-                            f"batch size / grad_accum or use more data")
-        self.epoch, self.step_in_epoch = 0, 0
-        self._perm_epoch, self._perm = None, None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.blocks) // self.global_batch
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm_epoch != epoch:  # cache: one randperm per epoch, not per step
-            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.blocks), generator=g), epoch
-        return self._perm
-
-    def next_batch(self) -> list[torch.Tensor]:
-        """This rank's ``grad_accum`` micro-batches (LongTensor ``[mb, seq_len]`` each) for
-        the next optimizer step; advances the position."""
-        perm = self._permutation(self.epoch)
-        start = self.step_in_epoch * self.global_batch + self.rank * self.mb * self.ga
-        mine = perm[start:start + self.mb * self.ga]
-        batches = [self.blocks.get_batch(mine[m * self.mb:(m + 1) * self.mb].numpy())
-                   for m in range(self.ga)]
-        self.step_in_epoch += 1
-        if self.step_in_epoch >= self.steps_per_epoch:  # roll over eagerly: state = next batch
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        return batches
-
-    def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict:
-        """Position of the next batch: ``{"epoch", "step_in_epoch"}``."""
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume exactly at ``state`` (no replay of earlier batches)."""
-        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
-        if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
-            raise DataError(f"loader state {state} is out of range for {self.steps_per_epoch} "
-                            f"steps per epoch; the data or global batch size changed since the "
-                            f"checkpoint; re-use them or start the data position afresh")
-        self.epoch, self.step_in_epoch = epoch, step
-        if self.step_in_epoch >= self.steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-
-
-DistributedBlockSampler = BlockLoader  # alias: the name used in design notes
-
-
-def eval_batches(blocks: PackedBlocks, micro_batch_size: int, rank: int, world_size: int,
-                 max_blocks: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield this rank's share of the first ``max_blocks`` blocks (all if None), rounded down
-    to a multiple of ``world_size * micro_batch_size``, as LongTensor ``[mb, seq_len]``.
-
-    Every rank yields the same number of batches (needed for collective loss averaging).
-    Raises DataError (eagerly) when that leaves no block at all.
-    """
-    n = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
-    unit = world_size * micro_batch_size
-    n = n // unit * unit
-    if n == 0:
-        raise DataError(f"split {blocks.split!r} has {len(blocks)} blocks (max_blocks="
-                        f"{max_blocks}), fewer than world_size x micro_batch_size = {unit}; "
-                        f"raise val_fraction / max_blocks or lower the eval micro batch size")
-    share = n // world_size
-    lo = rank * share
-
-    def gen():
-        for s in range(lo, lo + share, micro_batch_size):
-            yield blocks.get_batch(np.arange(s, s + micro_batch_size))
-
-    return gen()
