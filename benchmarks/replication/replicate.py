@@ -146,7 +146,9 @@ def summarize(r: dict, args: list[str]) -> dict:
     bounds = range(max(warm, 1) + cycle + 1, STEPS - 20, cycle)
     changes = [{"step": s, "loss_before": mean_loss(s - 5, s), "loss_after_20": mean_loss(s + 18, s + 23)}
                for s in bounds]
+    cycles = [round(mean_loss(b, b + cycle), 4) for b in range(warm + 1, STEPS + 1, cycle)]
     return {"eval_ppl": r["eval_ppl"][-1][1], "eval_curve": r["eval_ppl"], "tokens": int(r["tokens"][-1]),
+            "cycle_loss": cycles,
             "resets": len(r["resets"]), "reset_cost": changes, "effective_rank": r.get("effective_rank"),
             "loss_curve": [(int(r["tokens"][i + 9]), sum(r["loss"][i:i + 10]) / 10)
                            for i in range(0, len(r["loss"]) - 9, 10)]}
@@ -167,6 +169,13 @@ def report(suite: str, results: dict, out: Path, ref: str) -> None:
         lines.append(f"| {name} | {statistics.mean(ppl):.2f} | {min(ppl):.2f}-{max(ppl):.2f} | "
                      f"{', '.join(f'{p:.2f}' for p in ppl)} | {statistics.mean(ppl) / ref_mean:.3f}x | "
                      f"{recs[0]['tokens']:,} | {recs[0]['resets']} | {cost} | {rank} |")
+    gaps = cycle_gaps(results)
+    if gaps:
+        lines += ["", "Mean train loss over each cycle of the ReLoRA phase minus LoRA's over the same steps "
+                  "(seed means; positive: behind LoRA):", "",
+                  "| row | " + " | ".join(f"cycle {i + 1}" for i in range(len(next(iter(gaps.values()))))) + " |",
+                  "|---|" + "---|" * len(next(iter(gaps.values())))]
+        lines += [f"| {n} | " + " | ".join(f"{g:+.3f}" for g in v) + " |" for n, v in gaps.items()]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     (out / "results.json").write_text(json.dumps({
@@ -174,11 +183,23 @@ def report(suite: str, results: dict, out: Path, ref: str) -> None:
         "rows": {n: {"args": SUITES[suite]["rows"][n], "eval_ppl": [x["eval_ppl"] for x in recs],
                      "tokens": recs[0]["tokens"], "resets": recs[0]["resets"],
                      "wall_s": [x["wall_s"] for x in recs], "reset_cost": [x["reset_cost"] for x in recs],
+                     "cycle_loss": [x["cycle_loss"] for x in recs],
                      "trainable_params": recs[0]["trainable_params_last"],
                      "effective_rank_end": [x["effective_rank"][-1][1] if x["effective_rank"] else None
                                             for x in recs], "dirs": [x["dir"] for x in recs]}
                  for n, recs in results.items()}}, indent=1) + "\n")
     plot(results, out)
+
+
+def cycle_gaps(results: dict) -> dict[str, list[float]]:
+    """Per row with LoRA's cycle windows: seed-mean train loss per cycle minus the lora row's."""
+    if "lora" not in results:
+        return {}
+    def seed_mean(recs):
+        return [statistics.mean(v) for v in zip(*(x["cycle_loss"] for x in recs))]
+    base = seed_mean(results["lora"])
+    return {n: [a - b for a, b in zip(seed_mean(recs), base)] for n, recs in results.items()
+            if n != "lora" and len(recs[0]["cycle_loss"]) == len(base)}
 
 
 def plot(results: dict, out: Path) -> None:
