@@ -215,7 +215,7 @@ class CheckpointConfig:
 class ParallelConfig:
     backend: str = "auto"
     """Training engine: zero2 or zero3 (DeepSpeed, configured by --ds_config), fsdp2 (PyTorch
-    fully_shard per decoder layer; of --ds_config it takes only batch sizes, clipping and bf16), or
+    sharding per decoder layer; of --ds_config it takes only batch sizes, clipping and bf16), or
     auto = the ZeRO stage of --ds_config."""
 
 
