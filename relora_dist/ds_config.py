@@ -86,15 +86,15 @@ def resolve_backend(template: dict, cfg: Config) -> str:
             raise ConfigError(f"parallel.backend={name} but the DeepSpeed config sets zero_optimization.stage="
                               f"{stage}; pass ds_configs/{name}.json or parallel.backend=auto")
         return name
-    for key in template:
-        if key not in _FSDP2_KEYS:
-            raise ConfigError(f"parallel.backend=fsdp2 cannot honour DeepSpeed config key '{key}' (DeepSpeed only); "
-                              f"delete it or use parallel.backend=zero2/zero3")
     for key, value in zero.items():
         offload_off = key.startswith("offload_") and isinstance(value, dict) and value.get("device", "none") == "none"
         if key not in _FSDP2_ZERO_KEYS and not offload_off:
             raise ConfigError(f"parallel.backend=fsdp2 cannot honour DeepSpeed config key 'zero_optimization.{key}' "
                               f"(DeepSpeed only); delete it or use parallel.backend=zero3")
+    for key in template:  # after zero_optimization's keys: offload is the likeliest conflict
+        if key not in _FSDP2_KEYS:
+            raise ConfigError(f"parallel.backend=fsdp2 cannot honour DeepSpeed config key '{key}' (DeepSpeed only); "
+                              f"delete it or use parallel.backend=zero2/zero3")
     r = cfg.relora
     for key, value, default in (("phase_stage", r.phase_stage, "same"), ("merge_precision", r.merge_precision, "fp32"),
                                 ("merge_master_device", r.merge_master_device, "device")):
