@@ -91,7 +91,9 @@ class FSDP2Backend(Backend):
         fully_shard(model, mesh=mesh, mp_policy=mp)
         if dist.get_backend() == "gloo":
             # FSDP2 reduce-scatters fp32 gradients with ReduceOp.AVG, which gloo can silently run as
-            # SUM (pytorch#162338): force SUM and FSDP2's own division by the world size.
+            # SUM (pytorch#162338). torch 2.13's gloo averaged a 2-rank reduce_scatter_tensor right
+            # (checked), but SUM plus FSDP2's own division by the world size is the same math and
+            # does not depend on it; tests compare 2 ranks with 1 process either way.
             for m in model.modules():
                 if isinstance(m, FSDPModule):
                     m.set_force_sum_reduction_for_comms(True)
