@@ -179,6 +179,9 @@ def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
            for k in ("offload_optimizer", "offload_param")):
         lines.append("note: ZeRO offload is not modelled: these figures count the offloaded state as on the "
                      "accelerator")
+    if cfg.parallel.backend == "fsdp2":
+        lines.append("note: parallel.backend=fsdp2 is not modelled: these figures are the ZeRO stage's of --ds_config; "
+                     "FSDP2 shards every weight 1/world and keeps it fp32 (no separate merge masters)")
     return lines
 
 

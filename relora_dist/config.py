@@ -212,6 +212,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    backend: str = "auto"
+    """Training engine: zero2 or zero3 (DeepSpeed, configured by --ds_config), fsdp2 (PyTorch
+    sharding per decoder layer; of --ds_config it takes only batch sizes, clipping and bf16), or
+    auto = the ZeRO stage of --ds_config."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -222,6 +230,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def relora_lr(self) -> float:

@@ -61,9 +61,57 @@ def _section(ds: dict, key: str) -> dict:
     return sec
 
 
+BACKENDS = ("zero2", "zero3", "fsdp2")
+# What FSDP2 takes from a template: batch sizes, clipping and bf16; ZeRO tuning knobs that only
+# change DeepSpeed's communication are ignored. Any other key asks for a DeepSpeed-only feature.
+_FSDP2_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "bf16", "fp16", "amp", "bfloat16", "optimizer", "scheduler",
+               "zero_optimization", "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer"}
+_FSDP2_ZERO_KEYS = {"stage", "overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions",
+                    "reduce_bucket_size", "allgather_bucket_size", "stage3_param_persistence_threshold",
+                    "stage3_gather_16bit_weights_on_model_save", "stage3_prefetch_bucket_size",
+                    "stage3_max_live_parameters", "stage3_max_reuse_distance", "sub_group_size"}
+
+
+def resolve_backend(template: dict, cfg: Config) -> str:
+    """parallel.backend, with auto = the template's ZeRO stage; a one-line ConfigError for an
+    unknown name, a ZeRO backend contradicting the template's stage, or an fsdp2 run whose template
+    or config asks for something only DeepSpeed does."""
+    name = cfg.parallel.backend
+    zero = template.get("zero_optimization", {}) if isinstance(template.get("zero_optimization"), dict) else {}
+    stage = zero.get("stage")
+    if name == "auto":
+        return f"zero{stage}" if stage in (2, 3) else "zero2"  # build_ds_config names a bad stage
+    if name not in BACKENDS:
+        raise ConfigError(f"parallel.backend={name!r} is unknown; use auto, {', '.join(BACKENDS)}")
+    if name != "fsdp2":
+        if stage in (2, 3) and name != f"zero{stage}":
+            raise ConfigError(f"parallel.backend={name} but the DeepSpeed config sets zero_optimization.stage="
+                              f"{stage}; pass ds_configs/{name}.json or parallel.backend=auto")
+        return name
+    for key, value in zero.items():
+        offload_off = key.startswith("offload_") and isinstance(value, dict) and value.get("device", "none") == "none"
+        if key not in _FSDP2_ZERO_KEYS and not offload_off:
+            raise ConfigError(f"parallel.backend=fsdp2 cannot honour DeepSpeed config key 'zero_optimization.{key}' "
+                              f"(DeepSpeed only); delete it or use parallel.backend=zero3")
+    for key in template:  # after zero_optimization's keys: offload is the likeliest conflict
+        if key not in _FSDP2_KEYS:
+            raise ConfigError(f"parallel.backend=fsdp2 cannot honour DeepSpeed config key '{key}' (DeepSpeed only); "
+                              f"delete it or use parallel.backend=zero2/zero3")
+    r = cfg.relora
+    for key, value, default in (("phase_stage", r.phase_stage, "same"), ("merge_precision", r.merge_precision, "fp32"),
+                                ("merge_master_device", r.merge_master_device, "device")):
+        if value != default:
+            raise ConfigError(f"relora.{key}={value} is a ZeRO setting; under parallel.backend=fsdp2 every weight "
+                              f"is sharded and its fp32 shard is the merge master; drop relora.{key}")
+    return name
+
+
 def build_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
     """Return a complete DeepSpeed config for this run and world size. Every contradiction between
-    the template and the training config is a one-line ConfigError naming the key and the fix."""
+    the template and the training config is a one-line ConfigError naming the key and the fix.
+    Under parallel.backend=fsdp2 it is the resolved batch/clipping/precision settings FSDP2 uses."""
+    resolve_backend(template, cfg)
     if not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size {world_size!r} is invalid; the WORLD_SIZE environment variable must be "
                           f"a positive integer (set by deepspeed/torchrun)")

@@ -19,7 +19,7 @@ from relora_dist import checkpoint as ckpt
 from relora_dist import faults
 from relora_dist import relora_steps as steps
 from relora_dist import resume
-from relora_dist.backends.zero import make_backend
+from relora_dist.backends.factory import make_backend
 from relora_dist.config import Config, ConfigError, dump_config, validate
 from relora_dist.data import (
     DEFAULT_CORPUS,
@@ -31,7 +31,7 @@ from relora_dist.data import (
     eval_batches,
 )
 from relora_dist.dist import DistInfo
-from relora_dist.ds_config import build_ds_config, relora_phase_ds_config, resolve_precision
+from relora_dist.ds_config import build_ds_config, resolve_backend, resolve_precision
 from relora_dist.faults import is_finite
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, flops_per_token, llama_config
@@ -112,7 +112,8 @@ class Trainer:
         # The global RNGs (adapter dropout; anything DeepSpeed draws) start from train.seed and the
         # rank, so the same command gives the same run: torch's own initial seed differs per process.
         torch.manual_seed(c.train.seed + 1_000_003 * info.rank)
-        self.backend = make_backend(self.ds_config, info.rank, info.world_size, c.optimizer.name)
+        self.backend = make_backend(resolve_backend(ds_template, c), self.ds_config, info.rank, info.world_size,
+                                    c.optimizer.name)
         self.state = TrainState()
         self.masters = None
         self.engine = None
@@ -158,13 +159,11 @@ class Trainer:
         """Tear down the full-rank engine and continue with adapters only (relora_steps.py)."""
         self.state.phase = "relora"
         engine, self.engine = self.engine, None
-        phase_ds = relora_phase_ds_config(self.ds_config, self.cfg)
-        phase_backend = self.backend if phase_ds is self.ds_config else make_backend(
-            phase_ds, self.info.rank, self.info.world_size, self.cfg.optimizer.name)
+        phase_backend = self.backend.relora_phase_backend(self.cfg)
         self.engine, self.masters = steps.switch_to_relora(
             self.backend, engine, self.model, self.cfg, self.modules,
-            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr, self.backend.shape), self.precision == "fp32",
-            phase_backend)
+            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr, self.backend.shape),
+            self.precision == "fp32" or self.backend.fp32_params, phase_backend)
         self.backend = phase_backend
         del engine
         self.state.restart_index = 0

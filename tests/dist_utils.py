@@ -46,6 +46,14 @@ def run_world(world_size: int, scenario: str, overrides: list[str], out_dir: Pat
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
 
+def engine(backend: str) -> tuple[str, dict]:
+    """(--ds_config, overrides) that run `backend` (zero2, zero3, fsdp2): FSDP2 takes the batch,
+    clipping and precision settings of the default ZeRO-2 template."""
+    if backend == "fsdp2":
+        return "ds_configs/zero2.json", {"parallel.backend": "fsdp2"}
+    return f"ds_configs/{backend}.json", {}
+
+
 def tiny_overrides(data_dir: Path, out_dir: Path, **extra) -> list[str]:
     """A ~0.6M-param LLaMA on 32-token blocks: a few seconds per run on 2 CPU cores."""
     base = {

@@ -88,7 +88,7 @@ def relora_checks(cfg, template, info) -> dict:
 
     # --- switch ---------------------------------------------------------------------------------
     out["loss_before_switch"] = _fixed_loss(t, fixed)
-    out["stage"] = int(t.backend.name[-1])  # of the warm start (zero2 / zero3)
+    out["backend"] = t.backend.name  # of the warm start
     w_before = {n: t.backend.full_fp32(m.weight).reshape(-1).clone() for n, m in t.modules.items()}
     engine_ref, optimizer_ref = weakref.ref(t.engine), weakref.ref(t.engine.optimizer)
     t.backend.link_optimizer_fragments(t.engine)
@@ -108,7 +108,10 @@ def relora_checks(cfg, template, info) -> dict:
                                  for n, p in extras.items()}
     out["adam_step_post"] = t.backend.adam_step(t.engine)
     w_switch = _frozen_weights(t)
-    out["rank"], out["relora_stage"], out["phase_stage"] = info.rank, int(t.backend.name[-1]), cfg.relora.phase_stage
+    out["rank"], out["relora_backend"], out["phase_stage"] = info.rank, t.backend.name, cfg.relora.phase_stage
+    # bf16 compute: a rounded module copy beside the fp32 master (ZeRO), or only fp32 shards that
+    # each forward's all-gather rounds (FSDP2)
+    out["bf16_module_copy"] = t.precision == "bf16" and not t.backend.fp32_params
     out["master_numel"] = sum(v.numel() for v in t.masters.shards.values()) if t.masters.kept else 0
     out["wrapped_numels"] = [m.out_features * m.in_features for m in t.modules.values()]
     out["switch_weight_maxdiff"] = max(float((w_switch[n] - w_before[n]).abs().max()) for n in w_before)

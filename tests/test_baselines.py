@@ -1,36 +1,44 @@
 """The paper's baselines run in the same code (1 process; the distributed paths are tested elsewhere)."""
 
+import pytest
 import torch
 
 from relora_dist.config import Config
 from relora_dist.trainer import param_groups
-from tests.dist_utils import run_world, tiny_overrides
+from tests.dist_utils import engine, run_world, tiny_overrides
 
 BASE = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_length": 4,
         "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 8, "train.max_steps": 16}
 
 
-def _run(tiny_data, tmp_path, **extra):
-    overrides = tiny_overrides(tiny_data, tmp_path / "run", **{**BASE, **extra})
-    return run_world(1, "relora_run", overrides, tmp_path)[0]
+def _run(tiny_data, tmp_path, backend="zero2", **extra):
+    ds_config, selects = engine(backend)
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", **{**BASE, **extra, **selects})
+    return run_world(1, "relora_run", overrides, tmp_path, ds_config=ds_config)[0]
 
 
-def test_lora_after_warm_start_never_resets(tiny_data, tmp_path):
-    r = _run(tiny_data, tmp_path, **{"relora.resets": False})
+BACKENDS = pytest.mark.parametrize("backend", ["zero2", "fsdp2"])
+
+
+@BACKENDS
+def test_lora_after_warm_start_never_resets(tiny_data, tmp_path, backend):
+    r = _run(tiny_data, tmp_path, backend, **{"relora.resets": False})
     assert r["restart_index"] == 0
     lrs = r["lrs"][4:]
     assert torch.all(lrs[1:] > 0), "plain LoRA has no LR-0 restarts after its first warmup"
     assert r["losses"][-3:].mean() < r["losses"][:3].mean()
 
 
-def test_relora_without_warm_start(tiny_data, tmp_path):
-    r = _run(tiny_data, tmp_path, **{"relora.warm_start_steps": 0})
+@BACKENDS
+def test_relora_without_warm_start(tiny_data, tmp_path, backend):
+    r = _run(tiny_data, tmp_path, backend, **{"relora.warm_start_steps": 0})
     assert r["restart_index"] == 3  # 16 ReLoRA steps, cycle 4: resets after t = 4, 8, 12
     assert r["losses"][-3:].mean() < r["losses"][:3].mean()
 
 
-def test_control_is_full_rank_training_of_a_smaller_model(tiny_data, tmp_path):
-    r = _run(tiny_data, tmp_path, **{"relora.enabled": False, "model.hidden_size": 32,
+@BACKENDS
+def test_control_is_full_rank_training_of_a_smaller_model(tiny_data, tmp_path, backend):
+    r = _run(tiny_data, tmp_path, backend, **{"relora.enabled": False, "model.hidden_size": 32,
                                      "model.intermediate_size": 86})
     assert r["restart_index"] == 0
     assert r["state_dict"]["model.layers.0.self_attn.q_proj.weight"].shape == (32, 32)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from relora_dist.checkpoint import CheckpointError, ShardReader, find_latest, read_manifest
-from tests.dist_utils import run_world, tiny_overrides
+from tests.dist_utils import engine, run_world, tiny_overrides
 
 RUN = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_length": 4,
        "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 8, "relora.alpha": 16,
@@ -21,18 +21,20 @@ def _overrides(data, run_dir, precision, **extra):
 
 
 def _straight_and_resumed(data, tmp, world, stage, precision):
-    straight = run_world(world, "relora_run", _overrides(data, tmp / "straight", precision), tmp / "s",
-                         ds_config=f"ds_configs/{stage}.json")
+    ds_config, selects = engine(stage)
+    straight = run_world(world, "relora_run", _overrides(data, tmp / "straight", precision, **selects), tmp / "s",
+                         ds_config=ds_config)
     pieces, run_dir = [], tmp / "resumed"
     for i, stop in enumerate((*STOPS, None)):
         extra = {"checkpoint.resume": "auto"} if i else {}
-        pieces.append(run_world(world, "relora_run", _overrides(data, run_dir, precision, **extra), tmp / f"r{i}",
-                                ds_config=f"ds_configs/{stage}.json", stop_at=stop))
+        pieces.append(run_world(world, "relora_run", _overrides(data, run_dir, precision, **extra, **selects),
+                                tmp / f"r{i}", ds_config=ds_config, stop_at=stop))
     return straight, pieces, run_dir
 
 
-# zero2-bf16: sharded fp32 merge masters under ZeRO-2; zero3-bf16: ZeRO-3 shards; zero2-fp32: none.
-@pytest.fixture(scope="module", params=[("zero2", "fp32"), ("zero3", "bf16"), ("zero2", "bf16")],
+# zero2-bf16: sharded fp32 merge masters under ZeRO-2; zero3-bf16: ZeRO-3 shards; zero2-fp32: none;
+# fsdp2-bf16: fp32 row shards that are their own merge masters.
+@pytest.fixture(scope="module", params=[("zero2", "fp32"), ("zero3", "bf16"), ("zero2", "bf16"), ("fsdp2", "bf16")],
                 ids=lambda p: "-".join(p))
 def resumed(request, tiny_data, tmp_path_factory):
     stage, precision = request.param
@@ -65,7 +67,9 @@ def test_manifest_records_relora_state(resumed):
     m = read_manifest(root / "step_00000009")
     assert m["phase"] == "relora" and m["restart_index"] == 1 and m["global_step"] == 9
     assert m["cumulative_rank"]["per_module"] and all(v == 16 for v in m["cumulative_rank"]["per_module"].values())
-    assert m["world_size"] == 2 and m["zero_stage"] == int(stage[-1])
+    assert m["world_size"] == 2 and m["backend"] == stage
+    if stage != "fsdp2":
+        assert m["zero_stage"] == int(stage[-1])
     assert m["data_loader"] == {"epoch": 0, "step_in_epoch": 9}
     # Adam step: 4 warm-start steps carried across the switch (relora.carry_optimizer_state=auto) + 5
     assert m["tokens_seen"] == 9 * 8 * 32 and m["adam_step"] == 9
@@ -76,19 +80,24 @@ def test_manifest_records_relora_state(resumed):
     assert (root / "step_00000009" / "tokenizer" / "tokenizer.model").is_file()
 
 
-@pytest.mark.parametrize("direction", ["2to1", "1to2"])
+RESHARD = {"2to1": (2, "zero3", 1, "zero2"), "1to2": (1, "zero2", 2, "zero3"),
+           "zero2-1to-fsdp2-2": (1, "zero2", 2, "fsdp2"), "fsdp2-2to-zero2-1": (2, "fsdp2", 1, "zero2")}
+
+
+@pytest.mark.parametrize("direction", list(RESHARD))
 def test_resharding_world_size_and_zero_stage(tiny_data, tmp_path, direction):
-    """A checkpoint right after a reset resumes at another world size AND ZeRO stage; the
+    """A checkpoint right after a reset resumes at another world size AND engine; the
     remaining losses match the uninterrupted run within 1e-4 (fp32; reduction order differs)."""
-    src_world, dst_world = (2, 1) if direction == "2to1" else (1, 2)
-    src_stage, dst_stage = ("zero3", "zero2") if direction == "2to1" else ("zero2", "zero3")
-    straight = run_world(src_world, "relora_run", _overrides(tiny_data, tmp_path / "s", "fp32"), tmp_path / "s0",
-                         ds_config=f"ds_configs/{src_stage}.json")
+    src_world, src_stage, dst_world, dst_stage = RESHARD[direction]
+    (src_ds, src_sel), (dst_ds, dst_sel) = engine(src_stage), engine(dst_stage)
+    straight = run_world(src_world, "relora_run", _overrides(tiny_data, tmp_path / "s", "fp32", **src_sel),
+                         tmp_path / "s0", ds_config=src_ds)
     run_dir = tmp_path / "r"
-    run_world(src_world, "relora_run", _overrides(tiny_data, run_dir, "fp32"), tmp_path / "r0",
-              ds_config=f"ds_configs/{src_stage}.json", stop_at=9)
-    after = run_world(dst_world, "relora_run", _overrides(tiny_data, run_dir, "fp32", **{"checkpoint.resume": "auto"}),
-                      tmp_path / "r1", ds_config=f"ds_configs/{dst_stage}.json")
+    run_world(src_world, "relora_run", _overrides(tiny_data, run_dir, "fp32", **src_sel), tmp_path / "r0",
+              ds_config=src_ds, stop_at=9)
+    after = run_world(dst_world, "relora_run", _overrides(tiny_data, run_dir, "fp32", **{"checkpoint.resume": "auto",
+                                                                                         **dst_sel}),
+                      tmp_path / "r1", ds_config=dst_ds)
     assert after[0]["steps"].tolist() == list(range(10, 17))
     torch.testing.assert_close(after[0]["losses"], straight[0]["losses"][9:], rtol=1e-4, atol=1e-4)
     for name, w in straight[0]["state_dict"].items():
@@ -102,8 +111,8 @@ def test_sharded_merge_masters_reshard_exactly(resumed, tiny_data, tmp_path, wor
     loads into another layout: every rank's restored master slice is bitwise its part of the
     checkpoint's full merge master, and the restored compute weights are that master rounded."""
     src_stage, precision, _, _, run_dir = resumed
-    if precision != "bf16":
-        pytest.skip("fp32 compute keeps no separate merge masters")
+    if precision != "bf16" or src_stage == "fsdp2":
+        pytest.skip("fp32 compute and FSDP2 keep no separate merge masters")
     ckpt = run_dir / "checkpoints" / "step_00000009"
     overrides = _overrides(tiny_data, tmp_path / "run", "bf16", **{"checkpoint.resume": str(ckpt), **extra})
     results = run_world(world, "loaded_masters", overrides, tmp_path / "out", ds_config=f"ds_configs/{stage}.json")

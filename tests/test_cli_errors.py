@@ -21,6 +21,15 @@ CASES = {
     "target matches nothing": (["--relora.targets=attn\\.query$"], "relora.targets", {}),
     "ds batch contradiction": (["--ds_config", "{ds}"], "train_batch_size=7", {}),
     "batch vs WORLD_SIZE": ([], "world size 4", {"WORLD_SIZE": "4"}),
+    "fsdp2 batch vs WORLD_SIZE": (["--parallel.backend=fsdp2"], "world size 4", {"WORLD_SIZE": "4"}),
+    "fsdp2 with ZeRO offload": (["--parallel.backend=fsdp2", "--ds_config", "ds_configs/zero3_offload.json"],
+                                "'zero_optimization.offload_optimizer'", {}),
+    "fsdp2 with a DeepSpeed-only key": (["--parallel.backend=fsdp2", "--ds_config", "{ds_extra}"],
+                                        "'activation_checkpointing'", {}),
+    "fsdp2 with relora.phase_stage": (["--parallel.backend=fsdp2", "--relora.phase_stage=3"],
+                                      "relora.phase_stage=3", {}),
+    "unknown backend": (["--parallel.backend=fsdp"], "parallel.backend='fsdp'", {}),
+    "backend vs ZeRO stage": (["--parallel.backend=zero3"], "zero_optimization.stage=2", {}),
 }
 
 
@@ -29,12 +38,14 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     ds = tmp / "ds_batch.json"
     ds.write_text(json.dumps({"train_batch_size": 7, "zero_optimization": {"stage": 2}}))
+    ds_extra = tmp / "ds_extra.json"
+    ds_extra.write_text(json.dumps({"zero_optimization": {"stage": 2}, "activation_checkpointing": {}}))
     procs = {}
     for i, (name, (args, _, env_extra)) in enumerate(CASES.items()):
         out, cache = tmp / f"run{i}", tmp / f"cache{i}"
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_extra)
-        argv = [a.replace("{ds}", str(ds)) for a in args]
+        argv = [a.replace("{ds}", str(ds)).replace("{ds_extra}", str(ds_extra)) for a in args]
         cmd = [sys.executable, "launchers/pretrain.py", *argv, f"--run.output_dir={out}", f"--data.cache_dir={cache}"]
         procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True), out, cache)

@@ -4,31 +4,34 @@ import pytest
 import torch
 
 from relora_dist.relora import draw_lora_A, prune_mask, prune_generator
-from tests.dist_utils import run_world, tiny_overrides
+from tests.dist_utils import engine, run_world, tiny_overrides
 
 RELORA = {"relora.enabled": True, "relora.warm_start_steps": 3, "relora.cycle_length": 3,
           "relora.first_warmup": 0, "relora.restart_warmup": 1, "relora.r": 8, "relora.alpha": 16,
           "train.max_steps": 12, "relora.optimizer_reset": "magnitude", "relora.prune_ratio": 0.9}
 
 
-# (warm-start stage, precision, extra settings). The bf16 cases cover the three layouts of the fp32
+# (backend, precision, extra settings). The ZeRO bf16 cases cover the three layouts of the fp32
 # merge masters: ZeRO-2 sharded slices on the device, ZeRO-3 shards in host memory, and a ZeRO-2
-# warm start whose ReLoRA phase runs under ZeRO-3.
+# warm start whose ReLoRA phase runs under ZeRO-3. FSDP2 keeps fp32 shards, its own merge masters.
 CASES = {
     "zero2-fp32": ("zero2", "fp32", {}),
     "zero3-fp32": ("zero3", "fp32", {}),
     "zero2-bf16": ("zero2", "bf16", {}),
     "zero3-bf16-host": ("zero3", "bf16", {"relora.merge_master_device": "cpu"}),
     "zero2-bf16-phase3": ("zero2", "bf16", {"relora.phase_stage": "3"}),
+    "fsdp2-fp32": ("fsdp2", "fp32", {}),
+    "fsdp2-bf16": ("fsdp2", "bf16", {}),
 }
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def checks(request, tiny_data, tmp_path_factory):
-    stage, precision, extra = CASES[request.param]
+    backend, precision, extra = CASES[request.param]
+    ds_config, selects = engine(backend)
     out = tmp_path_factory.mktemp(f"checks-{request.param}")
-    overrides = tiny_overrides(tiny_data, out / "run", **RELORA, **{"train.precision": precision, **extra})
-    results = run_world(2, "relora_checks", overrides, out, ds_config=f"ds_configs/{stage}.json")
+    overrides = tiny_overrides(tiny_data, out / "run", **RELORA, **{"train.precision": precision, **extra, **selects})
+    results = run_world(2, "relora_checks", overrides, out, ds_config=ds_config)
     return precision, results
 
 
@@ -37,12 +40,12 @@ def test_merge_masters_are_one_slice_per_rank(checks):
     included, where W itself is replicated), so together the ranks hold each element once."""
     precision, results = checks
     for r in results:
-        if precision == "fp32":
-            assert r["master_numel"] == 0  # the fp32 compute weights are the masters
+        if not r["bf16_module_copy"]:
+            assert r["master_numel"] == 0  # the fp32 weights (FSDP2: fp32 shards) are the masters
         else:
             assert r["master_numel"] == sum(-(-n // 2) if r["rank"] == 0 else n - -(-n // 2)
                                             for n in r["wrapped_numels"])
-        assert r["relora_stage"] == (3 if r["phase_stage"] == "3" else r["stage"])
+        assert r["relora_backend"] == ("zero3" if r["phase_stage"] == "3" else r["backend"])
 
 
 def test_switch_frees_first_engine_and_keeps_function(checks):
@@ -102,8 +105,10 @@ def test_merge_equals_single_process_fp32_reference(checks):
         ref = (w_pre.double() + r0["scale"][name] * (B.double() @ A.double()).reshape(-1)).float()
         for r in results:  # every rank ends with the same merged W
             torch.testing.assert_close(r["w_post"][name], ref, rtol=2e-7, atol=1e-7)
-            if precision == "bf16":  # compute weights are the fp32 master rounded once
+            if r["bf16_module_copy"]:  # compute weights are the fp32 master rounded once
                 assert torch.equal(r["module_w_post"][name], r["w_post"][name].bfloat16().float())
+            else:  # one copy: the module's weights are the master
+                assert torch.equal(r["module_w_post"][name], r["w_post"][name])
         assert float((B.double() @ A.double()).abs().max()) > 0, "the merged adapter must be non-trivial"
 
 
@@ -117,8 +122,8 @@ def test_loss_is_unchanged_across_reset(checks):
 
 def test_reinit_writes_module_copy_and_fp32_master(checks):
     precision, results = checks
-    compute = (lambda x: x.bfloat16().float()) if precision == "bf16" else (lambda x: x)
     for r in results:
+        compute = (lambda x: x.bfloat16().float()) if r["bf16_module_copy"] else (lambda x: x)
         assert r["restart_index"] == 1
         for name, (A, B) in r["ab_post"].items():
             expected = draw_lora_A(tuple(A.shape), 0, 1, r["relora_name"][name])
@@ -166,10 +171,13 @@ def test_magnitude_prune_of_adapter_moments(checks):
             assert not torch.any((post["exp_avg"] != 0) & (post["exp_avg_sq"] == 0))
 
 
-def test_zero3_merge_exact_when_world_does_not_divide(tiny_data, tmp_path):
-    """World 3: 64 x 172 = 11008 elements, 11008 % 3 == 1, so the last rank's shard is padded."""
-    overrides = tiny_overrides(tiny_data, tmp_path / "run", **{**RELORA, "train.global_batch_size": 12})
-    results = run_world(3, "relora_checks", overrides, tmp_path, ds_config="ds_configs/zero3.json")
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_merge_exact_when_world_does_not_divide(tiny_data, tmp_path, backend):
+    """World 3: 64 x 172 = 11008 elements, 11008 % 3 == 1, so ZeRO-3's last shard is padded; FSDP2
+    splits rows like torch.chunk (64 rows: 22, 22, 20; 172 rows: 58, 58, 56)."""
+    ds_config, selects = engine(backend)
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", **{**RELORA, "train.global_batch_size": 12, **selects})
+    results = run_world(3, "relora_checks", overrides, tmp_path, ds_config=ds_config)
     r0 = results[0]
     assert any(w.numel() % 3 for w in r0["w_pre"].values())
     for name, w_pre in r0["w_pre"].items():

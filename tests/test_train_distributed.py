@@ -4,7 +4,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.dist_utils import run_world, tiny_overrides
+from tests.dist_utils import engine, run_world, tiny_overrides
 
 FULL = {"relora.enabled": False, "train.max_steps": 8, "optimizer.lr": 1e-2}
 RELORA = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_length": 4,
@@ -14,18 +14,19 @@ RELORA = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_le
 
 def _run(world, scenario, data, tmp, stage, **extra):
     out = tmp / f"{scenario}-{stage}-w{world}"
-    overrides = tiny_overrides(data, out / "run", **extra)
-    return run_world(world, scenario, overrides, out, ds_config=f"ds_configs/{stage}.json"), out
+    ds_config, selects = engine(stage)
+    overrides = tiny_overrides(data, out / "run", **extra, **selects)
+    return run_world(world, scenario, overrides, out, ds_config=ds_config), out
 
 
 @pytest.fixture(scope="module")
 def full_rank_runs(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
     return {(stage, world): _run(world, "full_rank_run", tiny_data, tmp, stage, **FULL)
-            for stage in ("zero2", "zero3") for world in (1, 2)}
+            for stage in ("zero2", "zero3", "fsdp2") for world in (1, 2)}
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "fsdp2"])
 def test_full_rank_loss_falls_and_ranks_agree(full_rank_runs, stage):
     (results, _) = full_rank_runs[(stage, 2)]
     losses = results[0]["losses"]
@@ -37,7 +38,7 @@ def test_full_rank_loss_falls_and_ranks_agree(full_rank_runs, stage):
     assert torch.equal(results[0]["losses"], results[1]["losses"])
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "fsdp2"])
 def test_two_ranks_equal_one_process_of_same_global_batch(full_rank_runs, stage):
     """Same global batch (8 sequences): 1 rank x 2 micro-batches vs 2 ranks x 1. fp32; the only
     difference is reduction order, so losses agree to 1e-5 and weights to 1e-4 after 8 steps."""
@@ -48,9 +49,10 @@ def test_two_ranks_equal_one_process_of_same_global_batch(full_rank_runs, stage)
         torch.testing.assert_close(two[0]["params"][name], p, rtol=1e-4, atol=1e-5)
 
 
-def test_zero2_and_zero3_agree(full_rank_runs):
+@pytest.mark.parametrize("other", ["zero3", "fsdp2"])
+def test_engines_agree_with_zero2(full_rank_runs, other):
     z2, _ = full_rank_runs[("zero2", 2)]
-    z3, _ = full_rank_runs[("zero3", 2)]
+    z3, _ = full_rank_runs[(other, 2)]
     torch.testing.assert_close(z3[0]["losses"], z2[0]["losses"], rtol=1e-5, atol=1e-5)
 
 
@@ -69,8 +71,9 @@ def test_tensorboard_holds_expected_scalars(full_rank_runs):
     assert all(e.value > 0 for e in acc.Scalars("train/grad_norm"))
 
 
-@pytest.mark.parametrize("stage,phase_stage", [("zero2", "same"), ("zero3", "same"), ("zero2", "3")],
-                         ids=["zero2", "zero3", "zero2-phase3"])
+@pytest.mark.parametrize("stage,phase_stage", [("zero2", "same"), ("zero3", "same"), ("zero2", "3"),
+                                               ("fsdp2", "same")],
+                         ids=["zero2", "zero3", "zero2-phase3", "fsdp2"])
 def test_relora_run_two_ranks_match_one_process(tiny_data, tmp_path, stage, phase_stage):
     """A whole tiny ReLoRA run (4 warm-start steps, 12 ReLoRA steps, 2 resets) on 2 ranks vs 1
     process of the same global batch: every logged loss within 1e-4, merged weights within 1e-4.

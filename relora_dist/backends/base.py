@@ -27,7 +27,11 @@ class Backend(ABC):
     """Build/tear down engines and read/write sharded params and optimizer state."""
 
     name: str
-    """The engine as the checkpoint manifest and logs name it (zero2, zero3)."""
+    """The engine as the checkpoint manifest and logs name it (zero2, zero3, fsdp2)."""
+
+    fp32_params: bool = False
+    """Whether the sharded params stay fp32 whatever the compute dtype (FSDP2's mixed precision
+    casts at each all-gather): they are then their own merge masters, none are kept beside them."""
 
     def __init__(self, ds_config: dict, rank: int, world_size: int, optimizer_name: str = "adamw"):
         self.ds_config = ds_config
@@ -43,6 +47,11 @@ class Backend(ABC):
     @abstractmethod
     def teardown_engine(self, engine: Any) -> None:
         """Free the engine, its optimizer state and every hook it left on the module."""
+
+    def relora_phase_backend(self, cfg) -> "Backend":
+        """The backend that builds the ReLoRA phase's engine (another ZeRO stage with
+        relora.phase_stage=3); itself by default."""
+        return self
 
     def describe(self) -> dict:
         """What the checkpoint manifest records about the engine that wrote it."""

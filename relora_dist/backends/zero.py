@@ -42,6 +42,13 @@ class ZeroBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "zero_stage": self.stage}
 
+    def relora_phase_backend(self, cfg):
+        from relora_dist.ds_config import relora_phase_ds_config
+
+        phase_ds = relora_phase_ds_config(self.ds_config, cfg)
+        return self if phase_ds is self.ds_config else make_backend(
+            phase_ds, self.rank, self.world_size, self.optimizer_name)
+
     def set_lr(self, engine, lr):
         for group in engine.optimizer.param_groups:
             group["lr"] = lr

@@ -39,7 +39,8 @@ def summary(ckpt_dir: Path, verify: bool) -> str:
         f"cumulative rank total {cum['total']} over {len(cum['per_module'])} modules"
         + (f" (per module {min(cum['per_module'].values())}..{max(cum['per_module'].values())})" if cum["per_module"] else ""),
         f"relora         r={m['relora']['r']} alpha={m['relora']['alpha']} targets={m['relora']['targets']}",
-        f"saved on       world size {m['world_size']}, ZeRO-{m['zero_stage']}, {m.get('precision', '?')}",
+        f"saved on       world size {m['world_size']}, "
+        f"{'FSDP2' if m.get('backend') == 'fsdp2' else 'ZeRO-%d' % m['zero_stage']}, {m.get('precision', '?')}",
         f"params         {numel:,} ({trainable:,} trainable)",
         f"files          {len(m['files'])} shards, {size / 2**20:.1f} MiB" + (", sha256 verified" if verify else ""),
         f"data loader    {m['data_loader']}",

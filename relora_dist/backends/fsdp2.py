@@ -1,0 +1,279 @@
+"""PyTorch FSDP2 (`fully_shard`) behind the backend contract.
+
+One `fully_shard` unit per decoder layer plus the root (embeddings, final norm, lm_head) on a 1-D
+device mesh over all ranks. Every param is a DTensor sharded on dim 0 like `torch.chunk`
+(`_chunk_with_empty` in torch/distributed/fsdp/_fully_shard/_fsdp_common.py, torch 2.13): each rank
+holds rows [rank*c, rank*c + c) clipped to the row count, c = ceil(rows/world), so at world 3 a
+tensor of 4 rows leaves the last rank an empty shard. Row shard [r0, r1) of an (out x in) weight
+is the flat range [r0*in, r1*in).
+
+The sharded params stay fp32 under bf16 (MixedPrecisionPolicy casts each all-gather), so they are
+the optimizer's masters AND the frozen weights' merge masters: no separate copies (`fp32_params`).
+W and B are row-sharded alike, so a merge gathers only A (relora_steps gathers A and B; B is small).
+The ReLoRA switch flips requires_grad on the same sharded params and builds a new AdamW over the
+trainable ones: FSDP2 re-reads requires_grad at every unshard (`set_requires_grad_if_needed` in
+_fsdp_param.py), so nothing is re-sharded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from relora_dist.backends.base import Backend
+
+
+class FSDPEngine:
+    """The sharded module and the optimizer of the current phase. Calling it runs the module; a
+    no-grad call reshards the root afterwards (FSDP2 keeps the root unsharded after forward for
+    the backward that follows, and the backend reads the sharded params)."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def __call__(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            self.module.reshard()
+        return out
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a plain tensor sharing its storage; writable in place)."""
+    with torch.no_grad():
+        return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.get_decoder().layers)
+
+
+class FSDP2Backend(Backend):
+    name = "fsdp2"
+    fp32_params = True
+
+    def __init__(self, ds_config: dict, rank: int, world_size: int, optimizer_name: str = "adamw"):
+        super().__init__(ds_config, rank, world_size, optimizer_name)
+        # The resolved template supplies what both engines share: accumulation, clipping, precision.
+        self.grad_accum = int(ds_config["gradient_accumulation_steps"])
+        self.grad_clip = float(ds_config.get("gradient_clipping", 0.0))
+        self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+        self.optimizer = None
+
+    @property
+    def comm_device(self):
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def describe(self) -> dict:
+        # zero_stage is a required manifest field; 0 = no ZeRO (readers use the flat ranges only)
+        return {"backend": self.name, "zero_stage": 0}
+
+    # --- engines --------------------------------------------------------------------------------
+    def _shard(self, model: nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.comm_device.type, (self.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 \
+            else MixedPrecisionPolicy()
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        if dist.get_backend() == "gloo":
+            # FSDP2 reduce-scatters fp32 gradients with ReduceOp.AVG, which gloo can silently run as
+            # SUM (pytorch#162338). torch 2.13's gloo averaged a 2-rank reduce_scatter_tensor right
+            # (checked), but SUM plus FSDP2's own division by the world size is the same math and
+            # does not depend on it; tests compare 2 ranks with 1 process either way.
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.set_force_sum_reduction_for_comms(True)
+
+    def build_engine(self, model: nn.Module, param_groups: list[dict]) -> Any:
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(model, FSDPModule):  # the first engine shards; the ReLoRA phase reuses it
+            names = {id(p): n for n, p in model.named_parameters()}
+            self._shard(model)  # replaces every param by a sharded DTensor param
+            by_name = dict(model.named_parameters())
+            param_groups = [{**g, "params": [by_name[names[id(p)]] for p in g["params"]]} for g in param_groups]
+        if self.optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(param_groups, momentum=0.9)
+        else:
+            optimizer = torch.optim.AdamW(param_groups)
+        self.optimizer = optimizer
+        return FSDPEngine(model, optimizer)
+
+    def teardown_engine(self, engine: Any) -> None:
+        """Free the optimizer and its state; the sharded module stays (no re-sharding)."""
+        for p in engine.module.parameters():
+            p.grad = None
+        if self.optimizer is engine.optimizer:
+            self.optimizer = None
+        engine.optimizer = None
+        engine.module = None
+        self.release_memory()
+
+    def optimizer_params(self, engine):
+        return [p for g in engine.optimizer.param_groups for p in g["params"]]
+
+    def optimizer_state_numel(self, engine):
+        return sum(_local(p).numel() for p in self.optimizer_params(engine))
+
+    # --- one training step ------------------------------------------------------------------------
+    def set_lr(self, engine, lr):
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def set_train(self, engine, train):
+        engine.module.train(train)
+
+    def forward_loss(self, engine, batch):
+        return engine(input_ids=batch, labels=batch).loss
+
+    def train_step(self, engine, micro_batches, before_update=None):
+        engine.module.train()
+        losses, n = [], len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            loss = engine.module(input_ids=batch, labels=batch).loss
+            # Mean over micro-batches, like DeepSpeed's loss / gradient_accumulation_steps; every
+            # micro-batch's gradients are reduce-scattered into the sharded fp32 grads.
+            (loss / n).backward()
+            losses.append(loss.detach())
+            if before_update is not None and i == n - 1:
+                before_update()
+        params = [p for p in self.optimizer_params(engine) if p.grad is not None]
+        norm = self._grad_norm(params)
+        if torch.isfinite(torch.tensor(norm)):  # like DeepSpeed: a non-finite step applies no update
+            if self.grad_clip > 0 and norm + 1e-6 > self.grad_clip:  # DeepSpeed's clip rule
+                coef = self.grad_clip / (norm + 1e-6)
+                for p in params:
+                    _local(p.grad).mul_(coef)
+            engine.optimizer.step()
+        engine.optimizer.zero_grad(set_to_none=True)
+        return losses, norm
+
+    def _grad_norm(self, params) -> float:
+        """Global L2 norm of the sharded grads: local sums of squares, one SUM all-reduce."""
+        sq = torch.zeros(1, dtype=torch.float64)
+        for p in params:
+            sq += _local(p.grad).double().pow(2).sum().cpu()
+        if self.world_size > 1:
+            sq = sq.to(self.comm_device)
+            dist.all_reduce(sq)
+        return float(sq.sqrt())
+
+    # --- shards ------------------------------------------------------------------------------------
+    def local_range(self, p):
+        shape = p.shape
+        rows = shape[0] if len(shape) else 1
+        inner = p.numel() // rows if rows else 0
+        chunk = -(-rows // self.world_size)
+        r0 = min(self.rank * chunk, rows)
+        r1 = min(r0 + chunk, rows)
+        return r0 * inner, r1 * inner
+
+    def save_range(self, p):
+        return self.local_range(p)  # never replicated
+
+    def local_view(self, p):
+        return _local(p).view(-1)
+
+    def _gather(self, local: torch.Tensor, p) -> torch.Tensor:
+        """The whole flat tensor from every rank's row shard `local` (collective)."""
+        numel = p.numel()
+        if self.world_size == 1:  # no collective at world 1 (see Backend.gather_flat_slices)
+            return local.reshape(-1)[:numel].clone()
+        rows = p.shape[0] if p.dim() else 1
+        per_rank = -(-rows // self.world_size) * (numel // rows if rows else 0)
+        padded = torch.zeros(per_rank, dtype=local.dtype, device=self.comm_device)
+        padded[: local.numel()] = local.reshape(-1)
+        out = torch.empty(per_rank * self.world_size, dtype=local.dtype, device=self.comm_device)
+        dist.all_gather(list(out.view(self.world_size, per_rank).unbind(0)), padded)
+        return out[:numel]
+
+    def _state(self, p, key):
+        state = self.optimizer.state.get(p) if self.optimizer is not None else None
+        if not state or key not in state:
+            return None
+        return _local(state[key]).view(-1)
+
+    def full_fp32(self, p):
+        return self._gather(_local(p).float(), p).view(p.shape)
+
+    def fp32_master_slice(self, p):
+        return _local(p).float().reshape(-1).clone()
+
+    def write_owned_slice(self, p, values):
+        view = self.local_view(p)  # the fp32 shard is the merge master: nothing to communicate
+        view.copy_(values.reshape(-1).to(device=view.device, dtype=view.dtype))
+        return lambda: 0
+
+    def _write_local(self, dst: torch.Tensor, p, full_value: torch.Tensor) -> None:
+        start, end = self.local_range(p)
+        dst.copy_(full_value.reshape(-1)[start:end].to(device=dst.device, dtype=dst.dtype))
+
+    def write_trainable(self, p, full_value):
+        self._write_local(self.local_view(p), p, full_value)  # the shard is the optimizer's master
+
+    def write_frozen(self, p, full_value):
+        self._write_local(self.local_view(p), p, full_value)
+
+    def full_optimizer_state(self, p, key):
+        local = self._state(p, key)
+        return None if local is None else self._gather(local.float(), p).view(p.shape)
+
+    def local_state(self, p, key):
+        local = self._state(p, key)
+        return None if local is None else (self.local_range(p)[0], local)
+
+    def mask_local_state(self, p, key, keep):
+        local = self._state(p, key)
+        local.mul_(keep.to(local))
+
+    def write_optimizer_state(self, p, key, full_value):
+        self._write_local(self._state(p, key), p, full_value)
+
+    def gather_full(self, p):
+        """The fp32 shards gathered: FSDP2 has no rounded module copy (the bf16 cast happens
+        inside each forward's all-gather)."""
+        return self._gather(_local(p).float(), p).view(p.shape)
+
+    def full_grad(self, p):
+        return None if p.grad is None else self._gather(_local(p.grad).float(), p).view(p.shape)
+
+    def fp32_fragment(self, p):
+        start, end = self.local_range(p)
+        return start, end, self.local_view(p)
+
+    def state_fragment(self, p, key):
+        return self._state(p, key)
+
+    def optimizer_flats(self, engine):
+        return [_local(p) for p in self.optimizer_params(engine)]
+
+    def adam_step(self, engine):
+        for p in self.optimizer_params(engine):
+            state = engine.optimizer.state.get(p)
+            if state and "step" in state:
+                return int(state["step"])
+        return None
+
+    def init_optimizer_state(self, engine, step):
+        """Adam's lazily-built state (zero moments, the saved step) for every param, so resume and
+        the switch can overwrite the moments. One step count for all params, as DeepSpeed keeps."""
+        if not isinstance(engine.optimizer, torch.optim.AdamW):
+            raise TypeError(f"resuming optimizer state supports AdamW, not {type(engine.optimizer).__name__}")
+        for p in self.optimizer_params(engine):
+            engine.optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                         "exp_avg": torch.zeros_like(p.detach()),
+                                         "exp_avg_sq": torch.zeros_like(p.detach())}
