@@ -11,6 +11,7 @@ Facts this relies on were checked on DeepSpeed 0.19.8 (CPU accelerator, gloo):
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from deepspeed.utils import (  # noqa: E402
 )
 
 from relora_dist.backends.base import Backend, rank_slice  # noqa: E402
+from relora_dist.backends.state8bit import dequantize_fragment, mask_fragment  # noqa: E402
 
 
 class ZeroBackend(Backend):
@@ -47,9 +49,14 @@ class ZeroBackend(Backend):
 
         if self.optimizer_name == "sgd":  # a baseline; config validation forbids Adam-moment resets with it
             optimizer = torch.optim.SGD(param_groups, momentum=0.9)
+        elif self.optimizer_name == "adamw8bit":
+            from relora_dist.quant import bnb
+
+            optimizer = bnb().optim.AdamW8bit(param_groups)
         else:
             optimizer = torch.optim.AdamW(param_groups)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self._optimizer = weakref.ref(engine.optimizer)
         return engine
 
     def teardown_engine(self, engine: Any) -> None:
@@ -139,13 +146,35 @@ class Zero2Backend(ZeroBackend):
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is None:  # none of p lies in this rank's flat partition
             return 0, torch.zeros(0)
+        if self.optimizer_name == "adamw8bit":
+            found = self._state8(p, key)
+            return None if found is None else (mapping.lp_fragment_address.start, dequantize_fragment(*found))
         if not mapping.optim_fragment or key not in mapping.optim_fragment:
             return None
         return mapping.lp_fragment_address.start, mapping.optim_fragment[key].reshape(-1)
 
     def mask_local_state(self, p, key, keep):
+        if self.optimizer_name == "adamw8bit":
+            mask_fragment(*self._state8(p, key), keep)
+            return
         _, frag = self.local_state(p, key)
         frag.mul_(keep.to(frag))  # a view into the flat Adam state: in place
+
+    def _state8(self, p, key):
+        """(bitsandbytes state of p's flat partition, offset of p's fragment in it, its numel, key),
+        None before the first step. The flat partition is the tensor AdamW8bit steps: its blockwise
+        codes and absmax cover the whole partition, so a parameter's fragment is a sub-range."""
+        mapping = p._hp_mapping
+        opt = self._optimizer()
+        ptr = mapping.hp_fragment.untyped_storage().data_ptr()
+        for flat in opt.single_partition_of_fp32_groups:
+            if flat.untyped_storage().data_ptr() == ptr:
+                state = opt.optimizer.state.get(flat)
+                if not state or "state1" not in state:
+                    return None
+                address = mapping.hp_fragment_address
+                return state, address.start, address.numel, key
+        raise RuntimeError(f"no ZeRO-2 flat partition holds the parameter of shape {tuple(p.shape)}")
 
     def gather_full(self, p):
         return p.data.detach().float().clone()
