@@ -120,6 +120,12 @@ def build_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
                           f"relora.phase_stage={cfg.relora.phase_stage}): the quantized base is a replica that "
                           f"ZeRO-3 cannot shard; use ds_configs/zero2.json with relora.phase_stage=same, or "
                           f"relora.base_quant=none")
+    if cfg.optimizer.name == "adamw8bit" and (stage == 3 or (cfg.relora.enabled and cfg.relora.phase_stage == "3")):
+        # ZeRO-3's per-parameter optimizer-state API (safe_get/set_local_optimizer_state) reads
+        # full-size fp32 state by key; bitsandbytes keeps uint8 codes + per-block absmax instead.
+        raise ConfigError(f"optimizer.name=adamw8bit under ZeRO-3: this system reads and prunes 8-bit state only "
+                          f"through ZeRO-2's flat partitions; use ds_configs/zero2.json (relora.phase_stage=same) "
+                          f"or optimizer.name=adamw")
     if stage == 3 and cfg.relora.enabled:
         # Params below the persistence threshold keep a full replica in p.data that the forward
         # uses, so a shard-local merge into ds_tensor would be silently ignored (checked on

@@ -80,6 +80,7 @@ def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
                 for key in ADAM_KEYS:
                     if reader.has(name, key):
                         backend.write_optimizer_state(p, key, reader.full(name, key))
+        backend.finish_optimizer_state_writes()
     trainer.loader.load_state_dict(m["data_loader"])
     st = trainer.state
     st.step, st.tokens_seen, st.restart_index, st.phase = (

@@ -276,4 +276,4 @@ def killed_run(cfg, template, info, where: str, at_step: int, victim: int) -> di
     return {}
 
 
-from tests.scenarios_quant import quant_checks  # noqa: E402,F401  (run_world looks scenarios up here)
+from tests.scenarios_quant import adam8_checks, quant_checks  # noqa: E402,F401  (run_world looks scenarios up here)

@@ -86,3 +86,37 @@ def quant_checks(cfg, template, info, resets: int = 10, magnitude: float = 0.05)
     t.masters.quant_merge = cfg.relora.quant_merge
     dist.barrier()
     return out
+
+
+def _moments(t: Trainer) -> dict:
+    """This rank's dequantized fragments of every adapter's moments: {name: {key: (start, values)}}."""
+    out = {}
+    for name, m in t.modules.items():
+        for pname, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
+            out[f"{name}.{pname}"] = {k: tuple(t.backend.local_state(p, k)) for k in ("exp_avg", "exp_avg_sq")}
+    return out
+
+
+def adam8_checks(cfg, template, info) -> dict:
+    """AdamW8bit through warm start and switch, then the optimizer reset on the 8-bit state, a
+    checkpoint, and a second Trainer resuming it."""
+    t = Trainer(cfg, template, info)
+    losses = [t.train_step(t.loader.next_batch())["loss"] for _ in range(cfg.relora.warm_start_steps)]
+    t.switch_to_relora()
+    losses += [t.train_step(t.loader.next_batch())["loss"] for _ in range(3)]
+    inner = t.engine.optimizer.optimizer
+    out: dict = {"rank": info.rank, "losses": torch.tensor(losses), "optimizer": type(inner).__name__}
+    out["state_dtypes"] = sorted({str(s["state1"].dtype) for s in inner.state.values()})
+    t.backend.link_optimizer_fragments(t.engine)
+    out["numels"] = {f"{n}.{pn}": p.numel() for n, m in t.modules.items()
+                     for pn, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B))}
+    out["pre"] = _moments(t)
+    steps.prune_adapter_moments(t.backend, t.modules, "magnitude", cfg.relora.prune_ratio, cfg.train.seed, 1)
+    out["post"] = _moments(t)
+    t.save_checkpoint()
+    dist.barrier()
+    t2 = Trainer(cfg, template, info)  # resumes the checkpoint just written
+    t2.backend.link_optimizer_fragments(t2.engine)
+    out["resumed"] = _moments(t2)
+    out["resumed_loss"] = t2.train_step(t2.loader.next_batch())["loss"]
+    return out

@@ -176,6 +176,10 @@ class Backend(ABC):
                                  "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format)}
         self.link_optimizer_fragments(engine)
 
+    def finish_optimizer_state_writes(self) -> None:
+        """Complete a series of write_optimizer_state calls (8-bit state is quantized per flat
+        partition once all its parameters are written)."""
+
     def link_optimizer_fragments(self, engine: Any) -> None:
         """Make per-param views of the optimizer state valid (ZeRO-2 needs it; see there)."""
 

@@ -49,3 +49,26 @@ def mask_fragment(state: dict, start: int, numel: int, key: str, keep: torch.Ten
     if zero.numel() != 1:
         raise RuntimeError(f"the 8-bit map of {key} has no unique exact 0.0: cannot prune to exactly zero")
     view[~keep] = zero.item()
+
+
+def full_flat(state: dict, key: str) -> torch.Tensor:
+    """fp32 values of the whole stepped tensor's moment `key` (a copy)."""
+    return dequantize_fragment(state, 0, state[KEYS[key][0]].numel(), key)
+
+
+def quantize_into(state: dict, key: str, values: torch.Tensor) -> None:
+    """Set moment `key` of the whole stepped tensor from fp32 `values` (bitsandbytes'
+    quantize_blockwise with the optimizer's own map, absmax and block)."""
+    from relora_dist.quant import bnb
+
+    codes_key, absmax_key, qmap_key = KEYS[key]
+    codes = state[codes_key]
+    if codes.dtype != torch.uint8:
+        codes.copy_(values)
+        return
+    q, qs = bnb().functional.quantize_blockwise(values.contiguous(), code=state[qmap_key], blocksize=BLOCK)
+    # bitsandbytes' CPU quantizer maps 0.0 to a neighbouring code (measured: 9.4e-11 instead of 0 for
+    # exp_avg_sq), so pruned entries are set to the map's exact 0 again.
+    q[values == 0] = int((state[qmap_key] == 0).nonzero().item())
+    codes.copy_(q)
+    state[absmax_key].copy_(qs.absmax)

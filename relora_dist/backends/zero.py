@@ -32,7 +32,12 @@ from deepspeed.utils import (  # noqa: E402
 )
 
 from relora_dist.backends.base import Backend, rank_slice  # noqa: E402
-from relora_dist.backends.state8bit import dequantize_fragment, mask_fragment  # noqa: E402
+from relora_dist.backends.state8bit import (  # noqa: E402
+    dequantize_fragment,
+    full_flat,
+    mask_fragment,
+    quantize_into,
+)
 
 
 class ZeroBackend(Backend):
@@ -188,9 +193,28 @@ class Zero2Backend(ZeroBackend):
 
     def state_fragment(self, p, key):
         mapping = getattr(p, "_hp_mapping", None)
+        if self.optimizer_name == "adamw8bit":  # checkpoints hold the dequantized moments
+            found = None if mapping is None else self._state8(p, key)
+            return None if found is None else dequantize_fragment(*found)
         if mapping is None or not mapping.optim_fragment or key not in mapping.optim_fragment:
             return None
         return mapping.optim_fragment[key].reshape(-1)
+
+    def init_optimizer_state(self, engine, step):
+        if self.optimizer_name != "adamw8bit":
+            return super().init_optimizer_state(engine, step)
+        inner = engine.optimizer.optimizer
+        for gindex, (group, flat) in enumerate(zip(inner.param_groups, self.optimizer_flats(engine))):
+            inner.init_state(group, flat, gindex, 0)
+            inner.state[flat]["step"] = int(step)
+        self._pending8 = {}
+        self.link_optimizer_fragments(engine)
+
+    def finish_optimizer_state_writes(self):
+        """8-bit state: quantize each written flat partition once (its blocks span parameters)."""
+        for state, key, values in getattr(self, "_pending8", {}).values():
+            quantize_into(state, key, values)
+        self._pending8 = {}
 
     def optimizer_flats(self, engine):
         return list(engine.optimizer.single_partition_of_fp32_groups)
@@ -212,6 +236,15 @@ class Zero2Backend(ZeroBackend):
         p.data.copy_(full_value.reshape(p.shape).to(p.dtype))
 
     def write_optimizer_state(self, p, key, full_value):
+        if self.optimizer_name == "adamw8bit":
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                return
+            state, start, numel, _ = self._state8(p, key)
+            entry = self._pending8.setdefault((id(state), key), (state, key, full_flat(state, key)))
+            lp = mapping.lp_fragment_address.start
+            entry[2][start:start + numel] = full_value.reshape(-1)[lp:lp + numel].float()
+            return
         safe_set_full_optimizer_state(p, full_value.reshape(p.shape).float(), key)
 
 
