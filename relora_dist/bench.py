@@ -317,6 +317,9 @@ def engine_tensor_bytes(trainer: Any) -> dict:
     out = {c: 0 for c in _CATEGORY_ORDER}
     for key, cat in claimed.items():
         out[cat] += sizes[key]
+    from relora_dist.quant_steps import quantized_nbytes
+
+    out["params"] += quantized_nbytes(trainer.modules)  # a quantized base: a replica outside the engine
     out["merge_masters"] = trainer.masters.nbytes() if trainer.masters is not None else 0
     out["state"] = sum(out[c] for c in STATE_CATEGORIES) + out["merge_masters"]
     # Accelerator-resident state: with relora.merge_master_device=cpu the fp32 merge masters live
@@ -646,6 +649,8 @@ def _overrides(a: argparse.Namespace, data_dir: str, out_dir: str) -> list[str]:
          "checkpoint.resume": "", "train.seed": 0}
     if a.layers:
         o["model.num_layers"] = a.layers
+    if a.base_quant != "none":
+        o["relora.base_quant"] = a.base_quant
     return [f"--{k}={v}" for k, v in o.items()] + list(a.override or [])
 
 
@@ -1060,6 +1065,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment: drop DeepSpeed's cached ZeRO-3 backward-hook functions at the switch "
                         "(see _patch_teardown_drop_bwd_fns); off = the engine as it is")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = cores / world)")
+    p.add_argument("--base-quant", default="none", choices=["none", "nf4", "int8"],
+                   help="relora.base_quant of the ReLoRA phase (ZeRO-2 only: pass --stages 2)")
     p.add_argument("--cache-dir", default=str(REPO_ROOT / ".cache" / "data"))
     p.add_argument("--override", action="append", help="extra config override, written --override=--section.key=value (e.g. --override=--relora.phase_stage=3)")
     return p

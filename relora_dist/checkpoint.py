@@ -97,6 +97,14 @@ def _rank_fragments(trainer) -> tuple[dict[str, torch.Tensor], dict]:
                 put(name, "merge_master", start, masters.shards[module])
             if masters.at_switch:
                 put(name, "w_switch", start, masters.at_switch[module])
+    for module, m in trainer.modules.items():
+        # A quantized base is no Parameter: its fp32 master is what is saved (never the quantized
+        # bytes), so a resume requantizes exactly and any world size / quantization setting can load it.
+        if m.qweight is not None:
+            start, _ = backend.master_range(m.weight)
+            put(f"{module}.weight", "merge_master", start, masters.shards[module])
+            if masters.at_switch:
+                put(f"{module}.weight", "w_switch", start, masters.at_switch[module])
     rng = {"rng/cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["rng/cuda"] = torch.cuda.get_rng_state()
@@ -106,9 +114,14 @@ def _rank_fragments(trainer) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _tensor_meta(trainer) -> dict[str, dict]:
     backend = trainer.backend
-    return {name: {"shape": list(backend.shape(p)), "dtype": str(backend.storage_dtype(p)).replace("torch.", ""),
+    meta = {name: {"shape": list(backend.shape(p)), "dtype": str(backend.storage_dtype(p)).replace("torch.", ""),
                    "trainable": bool(p.requires_grad)}
             for name, p in trainer.model.named_parameters()}
+    for module, m in trainer.modules.items():
+        if m.qweight is not None:  # stored as its fp32 master
+            meta[f"{module}.weight"] = {"shape": [m.out_features, m.in_features], "dtype": "float32",
+                                        "trainable": False, "base_quant": m.qweight.kind}
+    return meta
 
 
 def _write_synced(path: Path, text: str) -> None:

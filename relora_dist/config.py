@@ -84,7 +84,8 @@ class TrainConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"
-    """adamw (torch.optim.AdamW, decoupled decay) or sgd (torch.optim.SGD, momentum 0.9, L2 weight
+    """adamw (torch.optim.AdamW, decoupled decay), adamw8bit (bitsandbytes AdamW8bit: blockwise
+    8-bit moments, 2 bytes of state per parameter instead of 8; ZeRO-2 only) or sgd (torch.optim.SGD, momentum 0.9, L2 weight
     decay; a baseline). ReLoRA's optimizer reset prunes Adam moments: with sgd set
     relora.optimizer_reset=none."""
     lr: float = 3e-3
@@ -162,6 +163,18 @@ class ReLoRAConfig:
     """Where the fp32 merge masters live: device (the accelerator) or cpu (pinned host memory on
     GPUs, so the accelerator holds only the bf16 weights and the trainable state; each merge copies
     one slice at a time). Needs merge_precision=fp32 (with bf16 merges there is no master)."""
+    base_quant: str = "none"
+    """none, nf4 or int8: from the switch on, hold each frozen wrapped weight as a bitsandbytes
+    4-bit NF4 (block 64) or 8-bit (row-wise) replica; the adapters train in the compute precision.
+    Each reset merges into the fp32 masters and requantizes from them (relora.quant_merge), so the
+    quantized weight is always quantize(master). Needs merge_precision=fp32 and ZeRO-2."""
+    quant_compute_dtype: str = "auto"
+    """Dtype the quantized base is dequantized to for its matmul: auto (the training precision),
+    bf16 or fp32."""
+    quant_merge: str = "master"
+    """master: requantize from the fp32 master at each reset; reference: dequantize, add s*B*A,
+    requantize (the reference implementation's 4-bit merge; its error compounds over resets: kept
+    to measure that)."""
     phase_stage: str = "same"
     """ZeRO stage of the ReLoRA phase: same (as the warm start) or 3. A ZeRO-2 warm start with 3
     shards the frozen bf16 weights too; ZeRO-2 keeps them replicated on every rank, which at many
@@ -354,7 +367,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return cfg
 
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 PREPARE_HINT = "run tools/prepare_data.py --input FILES --out {dir} --seq_len {seq_len}"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")

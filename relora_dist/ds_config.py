@@ -104,6 +104,14 @@ def resolve_backend(template: dict, cfg: Config) -> str:
         if value != default:
             raise ConfigError(f"relora.{key}={value} is a ZeRO setting; under parallel.backend=fsdp2 every weight "
                               f"is sharded and its fp32 shard is the merge master; drop relora.{key}")
+    # The quantized base and the 8-bit optimizer are built on ZeRO-2's replicated weights and flat
+    # optimizer partitions; FSDP2's row shards have neither yet.
+    if r.enabled and r.base_quant != "none":
+        raise ConfigError(f"relora.base_quant={r.base_quant} is not supported under parallel.backend=fsdp2 yet; "
+                          f"use parallel.backend=zero2 (ds_configs/zero2.json) or relora.base_quant=none")
+    if cfg.optimizer.name == "adamw8bit":
+        raise ConfigError("optimizer.name=adamw8bit is not supported under parallel.backend=fsdp2 yet; "
+                          "use parallel.backend=zero2 or optimizer.name=adamw")
     return name
 
 
@@ -163,6 +171,20 @@ def build_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
     if stage not in (2, 3) or isinstance(stage, bool):
         raise ConfigError(f"DeepSpeed config zero_optimization.stage={json.dumps(stage)} is unsupported; set it "
                           f"to 2 or 3 (see ds_configs/zero2.json, zero3.json)")
+    if cfg.relora.enabled and cfg.relora.base_quant != "none" and (stage == 3 or cfg.relora.phase_stage == "3"):
+        # ZeRO-3 gathers each frozen weight from bf16 shards for every forward; a bitsandbytes
+        # replica outside the engine would replace that sharded copy by a full one on every rank
+        # (NF4: 0.56 bytes/element vs ZeRO-3's 2/world: more memory from 4 ranks on).
+        raise ConfigError(f"relora.base_quant={cfg.relora.base_quant} under ZeRO-3 (zero_optimization.stage={stage}, "
+                          f"relora.phase_stage={cfg.relora.phase_stage}): the quantized base is a replica that "
+                          f"ZeRO-3 cannot shard; use ds_configs/zero2.json with relora.phase_stage=same, or "
+                          f"relora.base_quant=none")
+    if cfg.optimizer.name == "adamw8bit" and (stage == 3 or (cfg.relora.enabled and cfg.relora.phase_stage == "3")):
+        # ZeRO-3's per-parameter optimizer-state API (safe_get/set_local_optimizer_state) reads
+        # full-size fp32 state by key; bitsandbytes keeps uint8 codes + per-block absmax instead.
+        raise ConfigError(f"optimizer.name=adamw8bit under ZeRO-3: this system reads and prunes 8-bit state only "
+                          f"through ZeRO-2's flat partitions; use ds_configs/zero2.json (relora.phase_stage=same) "
+                          f"or optimizer.name=adamw")
     if stage == 3 and cfg.relora.enabled:
         # Params below the persistence threshold keep a full replica in p.data that the forward
         # uses, so a shard-local merge into ds_tensor would be silently ignored (checked on

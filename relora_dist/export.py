@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from relora_dist.quant_steps import full_master
 from relora_dist.relora import lora_delta
 
 
@@ -28,6 +29,9 @@ def full_state_dict(trainer) -> dict[str, torch.Tensor]:
             sd[name] = backend.gather_owned(p, masters.shards[module_name].to(p.device)).view(shape).cpu()
         else:
             sd[name] = backend.gather_full(p).cpu()
+    for module_name, m in trainer.modules.items():
+        if m.qweight is not None:  # a quantized base: its fp32 master is the weight (never dequantized bytes)
+            sd[f"{module_name}.weight"] = full_master(backend, m, masters.shards[module_name]).cpu()
     for module_name, m in trainer.modules.items():
         if m.adapter_active:
             A, B = backend.full_fp32(m.lora_A).cpu(), backend.full_fp32(m.lora_B).cpu()

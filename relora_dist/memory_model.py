@@ -271,11 +271,13 @@ def bench_relora_options(config: dict) -> dict:
     the key and were measured with replicated masters)."""
     opts = {"merge_precision": "fp32", "master_device": "device", "phase_stage": "same"}
     names = {"relora.merge_precision": "merge_precision", "relora.merge_master_device": "master_device",
-             "relora.phase_stage": "phase_stage"}
+             "relora.phase_stage": "phase_stage", "relora.base_quant": "base_quant", "optimizer.name": "optimizer"}
     for item in config.get("override") or []:
         key, _, value = item.lstrip("-").partition("=")
         if key in names:
             opts[names[key]] = value
+    if config.get("base_quant", "none") != "none":  # tools/bench.py --base-quant
+        opts["base_quant"] = config["base_quant"]
     opts["master_device"] = config.get("merge_master_device", opts["master_device"])
     opts["phase_stage"] = str(config.get("phase_stage", opts["phase_stage"]))
     opts["shard_merge_masters"] = config.get("zero2_merge_masters", "replicated") == "sharded"
@@ -290,6 +292,13 @@ def predict_for_bench(model: dict, world: int, stage: int, phase: str, train_ext
     o = dict(options or {})
     relora_stage = o.pop("relora_stage", None) or stage
     o.pop("phase_stage", None)
+    kind, optimizer = o.pop("base_quant", "none"), o.pop("optimizer", "adamw")
+    if phase == "relora" and (kind != "none" or optimizer != "adamw"):
+        from relora_dist.memory_quant import relora_quant_bytes
+
+        shape = Shape(model["hidden_size"], model["intermediate_size"], model["num_layers"], model["vocab_size"])
+        return relora_quant_bytes(shape, world, kind, compute=model["precision"], r=model["r"], train_extra=train_extra,
+                                  master_device=o.get("master_device", "device"), optimizer=optimizer)
     shape = Shape(model["hidden_size"], model["intermediate_size"], model["num_layers"], model["vocab_size"])
     if phase == "full_rank":
         return per_rank_bytes(shape, world, stage, "warm_start", compute=model["precision"], r=model["r"], **o)

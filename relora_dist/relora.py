@@ -123,6 +123,10 @@ class ReLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(
             torch.zeros(self.out_features, self.r, device=w.device, dtype=w.dtype), requires_grad=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        #: The quantized frozen base (relora_dist.quant.QuantizedWeight) once quantize_base ran; a
+        #: plain attribute, invisible to DeepSpeed, .to() and state_dict.
+        self.qweight = None
+        self.quant_compute_dtype = None
         self.train(base.training)  # inherit train/eval mode (new modules default to train)
 
     @classmethod
@@ -130,8 +134,27 @@ class ReLoRALinear(nn.Module):
                     name: str = "", seed: int = 0) -> "ReLoRALinear":
         return cls(linear, r, alpha, dropout, name=name, seed=seed)
 
+    def quantize_base(self, qweight, compute_dtype: torch.dtype | None) -> None:
+        """Hold the frozen base as `qweight` (a relora_dist.quant.QuantizedWeight) from now on. The
+        `weight` Parameter is removed, so no engine sees or stores it; `self.weight` becomes a
+        meta-device tensor that only carries the shape (reading its values fails loudly: they live
+        in the fp32 merge masters). Later calls just swap the quantized tensor (a requantization)."""
+        if "weight" in self._parameters:
+            shape = tuple(self.weight.shape)
+            del self._parameters["weight"]
+            object.__setattr__(self, "weight", torch.empty(shape, device="meta"))
+        self.qweight = qweight
+        self.quant_compute_dtype = compute_dtype
+
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        if self.qweight is not None:
+            from relora_dist.quant import quantized_linear
+
+            out = quantized_linear(x, self.qweight, self.quant_compute_dtype)
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            out = F.linear(x, self.weight, self.bias)
         if self.adapter_active:
             out = out + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return out
@@ -219,7 +242,7 @@ def set_adapters_active(model: nn.Module, active: bool) -> None:
 def _param_roles(model: nn.Module) -> tuple[set[int], set[int]]:
     mods = relora_modules(model).values()
     lora = {id(p) for m in mods for p in (m.lora_A, m.lora_B)}
-    base = {id(p) for m in mods for p in (m.weight, m.bias) if p is not None}
+    base = {id(p) for m in mods for p in (m.weight, m.bias) if isinstance(p, nn.Parameter)}
     return lora, base
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from relora_dist.backends.base import Backend
+from relora_dist.quant_steps import merge_quantized, quantize_frozen_base
 from relora_dist.config import Config
 from relora_dist.relora import (
     ReLoRALinear,
@@ -53,6 +54,8 @@ class FrozenMasters:
 
     shards: dict[str, torch.Tensor] = field(default_factory=dict)
     alias: bool = False
+    quant_merge: str = "master"
+    """How a quantized base (relora.base_quant) is merged: see quant_steps.merge_quantized."""
     at_switch: dict[str, torch.Tensor] = field(default_factory=dict)
     """W at the switch, for the effective-rank diagnostic: this rank's `master_range` slice only,
     in fp32 on the CPU so it costs no accelerator memory."""
@@ -121,14 +124,14 @@ def capture_frozen_masters(backend: Backend, modules: dict[str, ReLoRALinear], c
     fp32 values come from its optimizer master, not from the rounded bf16 module copy."""
     if relora_cfg.merge_precision == "bf16":
         return FrozenMasters(alias=False)
-    if compute_fp32:
+    if compute_fp32 and relora_cfg.base_quant == "none":  # a quantized base needs separate masters
         return FrozenMasters(alias=True)
     shards = {}
     for name, m in modules.items():
         value = (backend.fp32_master_slice(m.weight) if engine_alive
                  else backend.owned_view(m.weight).float().clone())
         shards[name] = _place(value, relora_cfg.merge_master_device)
-    return FrozenMasters(shards)
+    return FrozenMasters(shards, quant_merge=relora_cfg.quant_merge)
 
 
 def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Config,
@@ -155,6 +158,10 @@ def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Conf
         del engine
     freeze_for_relora_phase(model, r.train_extra)
     set_adapters_active(model, True)
+    if r.base_quant != "none":  # before the engine: it must never see the frozen weights' Parameters
+        if masters is None:
+            masters = capture_frozen_masters(phase_backend, modules, compute_fp32, r, False)
+        quantize_frozen_base(phase_backend, modules, masters, cfg)
     new_engine = phase_backend.build_engine(model, param_groups_fn(model))
     if carried is not None:
         restore_extra_moments(phase_backend, new_engine, model, *carried)
@@ -218,6 +225,9 @@ def merge_adapters(backend: Backend, modules: dict[str, ReLoRALinear], masters: 
             start, end = backend.master_range(m.weight)
             delta = flat_slice_delta(A, B, m.scale, start, end, m.in_features)
             target = _merge_target(backend, m, masters, name)
+            if m.qweight is not None:
+                moved += merge_quantized(backend, m, target, delta, A, B, masters.quant_merge)
+                continue
             # fp32 master: exact fp32 add. No master (fp32 compute: the weights are the master; or
             # merge_precision=bf16: rounds into bf16 like the reference).
             target.add_(delta.to(device=target.device, dtype=target.dtype))

@@ -20,6 +20,7 @@ from relora_dist.checkpoint import (
     list_checkpoints,
     read_manifest,
 )
+from relora_dist.quant_steps import requantize_all
 
 # --- loading ---------------------------------------------------------------------------------------
 MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -69,6 +70,9 @@ def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
             if reader.has(name, "w_switch") and masters.at_switch:
                 masters.at_switch[module] = backend.master_slice_of(
                     mod.weight, reader.full(name, "w_switch").float()).clone()
+    if masters is not None and any(mod.qweight is not None for mod in trainer.modules.values()):
+        requantize_all(backend, trainer.modules, masters)
+    _say_quant_change(trainer, ckpt_dir)
     if engine is not None and m.get("adam_step") is not None:
         backend.init_optimizer_state(engine, int(m["adam_step"]))
         for name, p in trainer.model.named_parameters():
@@ -76,6 +80,7 @@ def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
                 for key in ADAM_KEYS:
                     if reader.has(name, key):
                         backend.write_optimizer_state(p, key, reader.full(name, key))
+        backend.finish_optimizer_state_writes()
     trainer.loader.load_state_dict(m["data_loader"])
     st = trainer.state
     st.step, st.tokens_seen, st.restart_index, st.phase = (
@@ -90,11 +95,24 @@ def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
     return m
 
 
+def _say_quant_change(trainer, ckpt_dir: Path) -> None:
+    """One line when the checkpoint's relora.base_quant differs from this run's: allowed, because the
+    checkpoint holds the fp32 masters, not quantized bytes."""
+    theirs = (saved_config(ckpt_dir).get("relora") or {}).get("base_quant", "none")
+    ours = trainer.cfg.relora.base_quant
+    if theirs != ours and trainer.info.is_main and trainer.state.phase == "relora":
+        print(f"note: {ckpt_dir} was written with relora.base_quant={theirs}, this run uses {ours}: the frozen "
+              f"weights come from the checkpoint's fp32 masters" + (f" and are quantized to {ours} from them"
+                                                                    if ours != "none" else ""), flush=True)
+
+
 # Every setting that changes the trajectory of a run (what it computes, not where or how fast):
 # a resume with any of them changed is refused unless checkpoint.allow_changes lists it. Not here:
 # train.max_steps (extends or shortens the run), micro_batch_size, the world size and the ZeRO
 # stage (the same math in another reduction order: resumes within 1e-4), relora.phase_stage and
 # relora.merge_master_device (where state lives), relora.effective_rank_every, eval, logging,
+# relora.base_quant / quant_compute_dtype / quant_merge (they change the trajectory, but the
+# checkpoint holds fp32 masters, so a run may resume with or without quantization: one note line),
 # checkpoint and output settings. None = every key of the section.
 RUN_IDENTITY = {
     "model": None,

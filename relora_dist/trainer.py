@@ -250,7 +250,7 @@ class Trainer:
                                f"masters {master_mb:.1f} MB on rank {self.info.rank}"
                                f"{' in host memory' if self.cfg.relora.merge_master_device == 'cpu' else ''} (+"
                                f"{self.masters.snapshot_nbytes() / 2**20:.1f} MB W_switch snapshot for the "
-                               f"effective rank)")
+                               f"effective rank)" + self._quant_note())
                 self.log.scalars(st.step, {"mem/frozen_master_mb": master_mb})
             metrics = self.train_step(self.loader.next_batch())
             faults.progress()
@@ -321,7 +321,17 @@ class Trainer:
         return bool(flag.item())
 
     def total_params(self) -> int:
-        return sum(self.backend.numel(p) for p in self.model.parameters())
+        quantized = sum(m.weight.numel() for m in self.modules.values() if m.qweight is not None)
+        return quantized + sum(self.backend.numel(p) for p in self.model.parameters())
+
+    def _quant_note(self) -> str:
+        from relora_dist.quant_steps import quantized_nbytes
+
+        held = quantized_nbytes(self.modules)
+        if not held:
+            return ""
+        return (f" | frozen base {self.cfg.relora.base_quant}: {held / 2**20:.1f} MB per rank, requantized from the "
+                f"fp32 masters ({self.cfg.relora.quant_merge}) at each reset")
 
     def _log_record(self, record: dict) -> None:
         c, st = self.cfg, self.state

@@ -20,6 +20,7 @@ from relora_dist.config import (
     _suggest,
 )
 from relora_dist.model import PRESETS
+from relora_dist.quant import BASE_QUANT, QUANT_MERGE, check_packs
 
 
 def validate_config(cfg: Config) -> None:
@@ -104,7 +105,7 @@ def _validate_values(cfg: Config) -> None:
         raise ConfigError(
             f"relora.optimizer_reset '{r.optimizer_reset}' unknown: use zero, random, magnitude or none"
         )
-    if r.resets and r.optimizer_reset != "none" and o.name != "adamw":
+    if r.resets and r.optimizer_reset != "none" and o.name == "sgd":
         raise ConfigError(
             f"relora.optimizer_reset={r.optimizer_reset} with optimizer.name={o.name}: the optimizer reset "
             f"prunes Adam moments; use optimizer.name=adamw or relora.optimizer_reset=none"
@@ -118,13 +119,22 @@ def _validate_values(cfg: Config) -> None:
     if r.merge_master_device == "cpu" and r.merge_precision == "bf16":
         raise ConfigError("relora.merge_master_device=cpu with relora.merge_precision=bf16: bf16 merges keep "
                           "no fp32 master to place; use merge_precision=fp32 or merge_master_device=device")
+    if r.base_quant not in BASE_QUANT:
+        raise ConfigError(f"relora.base_quant '{r.base_quant}' unknown: use one of {', '.join(BASE_QUANT)}")
+    if r.quant_compute_dtype not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"relora.quant_compute_dtype '{r.quant_compute_dtype}' unknown: use auto, bf16 or fp32")
+    if r.quant_merge not in QUANT_MERGE:
+        raise ConfigError(f"relora.quant_merge '{r.quant_merge}' unknown: use one of {', '.join(QUANT_MERGE)}")
+    if r.base_quant != "none" and r.merge_precision == "bf16":
+        raise ConfigError(f"relora.base_quant={r.base_quant} with relora.merge_precision=bf16: there is no fp32 "
+                          f"master to requantize from at each reset; use merge_precision=fp32")
     if r.warm_start_schedule not in ("paper", "anneal"):
         raise ConfigError(f"relora.warm_start_schedule '{r.warm_start_schedule}' unknown: use paper or anneal")
     if r.lr_restarts not in ("auto", "true", "false"):
         raise ConfigError(f"relora.lr_restarts '{r.lr_restarts}' unknown: use auto, true or false")
     if r.carry_optimizer_state not in ("auto", "true", "false"):
         raise ConfigError(f"relora.carry_optimizer_state '{r.carry_optimizer_state}' unknown: use auto, true or false")
-    if r.carry_optimizer_state == "true" and o.name != "adamw":
+    if r.carry_optimizer_state == "true" and o.name != "adamw":  # adamw8bit: 8-bit state is per flat partition
         raise ConfigError(f"relora.carry_optimizer_state=true with optimizer.name={o.name}: there are no Adam "
                           f"moments to carry; use optimizer.name=adamw or relora.carry_optimizer_state=false")
     if r.carry_optimizer_state == "true" and r.warm_start_steps == 0:
@@ -382,6 +392,9 @@ def _validate_relora_modules(cfg: Config, model_config) -> None:
             f"relora.r={r.r} exceeds min(in, out)={max_r} of the targeted layer '{_module_pattern(name)}' "
             f"({mod.in_features} -> {mod.out_features}; {source}, hidden {model_config.hidden_size}, "
             f"intermediate {model_config.intermediate_size}); use relora.r <= {max_r}")
+    problem = check_packs({n: (m.out_features, m.in_features) for n, m in chosen.items()}, r.base_quant)
+    if problem:
+        raise ConfigError(problem)
 
 
 

@@ -271,3 +271,6 @@ def killed_run(cfg, template, info, where: str, at_step: int, victim: int) -> di
         checkpoint.save_file = lambda *a, **kw: (write(*a, **kw), die())[0]
     t.train()
     return {}
+
+
+from tests.scenarios_quant import adam8_checks, quant_checks  # noqa: E402,F401  (run_world looks scenarios up here)

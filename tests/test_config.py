@@ -70,7 +70,7 @@ def test_override_type_coercion(item, key, value):
     ("relora.enabled=maybe", ["relora.enabled", "true/false", "write "]),
     ("train.max_steps", ["train.max_steps", "needs a value", "write "]),
     ("train.max_step=3", ["unknown config key 'train.max_step'", "did you mean 'max_steps'?"]),
-    ("relora.rank=3", ["unknown config key 'relora.rank'", "use one of alpha, carry_optimizer_state, cycle_length"]),
+    ("relora.rank=3", ["unknown config key 'relora.rank'", "use one of alpha, base_quant, carry_optimizer_state, cycle_length"]),
     ("relora.warmstart_steps=3", ["unknown config key 'relora.warmstart_steps'",
                                   "did you mean 'warm_start_steps'?"]),
     ("trian.max_steps=3", ["unknown config section 'trian'", "did you mean 'train'?"]),

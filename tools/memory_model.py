@@ -20,4 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from relora_dist.memory_model import main  # noqa: E402
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["quant"]:  # the quantized-base table (relora_dist/memory_quant.py)
+        from relora_dist.memory_quant import main as quant_main
+
+        raise SystemExit(quant_main(sys.argv[2:]))
     raise SystemExit(main())

@@ -57,6 +57,10 @@ class Backend(ABC):
         """What the checkpoint manifest records about the engine that wrote it."""
         return {"backend": self.name}
 
+    def inner_optimizer(self, engine: Any) -> torch.optim.Optimizer:
+        """The torch optimizer that owns the state (its type and state tensors, for tests)."""
+        return engine.optimizer
+
     @abstractmethod
     def optimizer_params(self, engine: Any) -> list[torch.nn.Parameter]:
         """The module params the engine's optimizer updates (its view of the param groups)."""
@@ -223,6 +227,10 @@ class Backend(ABC):
     def init_optimizer_state(self, engine: Any, step: int) -> None:
         """Create Adam's lazily-built state (zero moments, the saved step counter) so that resume
         can overwrite the moments."""
+
+    def finish_optimizer_state_writes(self) -> None:
+        """Complete a series of write_optimizer_state calls (8-bit state is quantized per flat
+        partition once all its parameters are written)."""
 
     def link_optimizer_fragments(self, engine: Any) -> None:
         """Make per-param views of the optimizer state valid (ZeRO-2 needs it; see there)."""

@@ -11,6 +11,7 @@ Facts this relies on were checked on DeepSpeed 0.19.8 (CPU accelerator, gloo):
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -32,6 +33,12 @@ from deepspeed.utils import (  # noqa: E402
 )
 
 from relora_dist.backends.base import Backend, rank_slice  # noqa: E402
+from relora_dist.backends.state8bit import (  # noqa: E402
+    dequantize_fragment,
+    full_flat,
+    mask_fragment,
+    quantize_into,
+)
 
 
 class ZeroBackend(Backend):
@@ -41,6 +48,9 @@ class ZeroBackend(Backend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "zero_stage": self.stage}
+
+    def inner_optimizer(self, engine):
+        return engine.optimizer.optimizer
 
     def relora_phase_backend(self, cfg):
         from relora_dist.ds_config import relora_phase_ds_config
@@ -84,9 +94,14 @@ class ZeroBackend(Backend):
 
         if self.optimizer_name == "sgd":  # a baseline; config validation forbids Adam-moment resets with it
             optimizer = torch.optim.SGD(param_groups, momentum=0.9)
+        elif self.optimizer_name == "adamw8bit":
+            from relora_dist.quant import bnb
+
+            optimizer = bnb().optim.AdamW8bit(param_groups)
         else:
             optimizer = torch.optim.AdamW(param_groups)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self._optimizer = weakref.ref(engine.optimizer)
         return engine
 
     def teardown_engine(self, engine: Any) -> None:
@@ -216,13 +231,35 @@ class Zero2Backend(ZeroBackend):
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is None:  # none of p lies in this rank's flat partition
             return 0, torch.zeros(0)
+        if self.optimizer_name == "adamw8bit":
+            found = self._state8(p, key)
+            return None if found is None else (mapping.lp_fragment_address.start, dequantize_fragment(*found))
         if not mapping.optim_fragment or key not in mapping.optim_fragment:
             return None
         return mapping.lp_fragment_address.start, mapping.optim_fragment[key].reshape(-1)
 
     def mask_local_state(self, p, key, keep):
+        if self.optimizer_name == "adamw8bit":
+            mask_fragment(*self._state8(p, key), keep)
+            return
         _, frag = self.local_state(p, key)
         frag.mul_(keep.to(frag))  # a view into the flat Adam state: in place
+
+    def _state8(self, p, key):
+        """(bitsandbytes state of p's flat partition, offset of p's fragment in it, its numel, key),
+        None before the first step. The flat partition is the tensor AdamW8bit steps: its blockwise
+        codes and absmax cover the whole partition, so a parameter's fragment is a sub-range."""
+        mapping = p._hp_mapping
+        opt = self._optimizer()
+        ptr = mapping.hp_fragment.untyped_storage().data_ptr()
+        for flat in opt.single_partition_of_fp32_groups:
+            if flat.untyped_storage().data_ptr() == ptr:
+                state = opt.optimizer.state.get(flat)
+                if not state or "state1" not in state:
+                    return None
+                address = mapping.hp_fragment_address
+                return state, address.start, address.numel, key
+        raise RuntimeError(f"no ZeRO-2 flat partition holds the parameter of shape {tuple(p.shape)}")
 
     def gather_full(self, p):
         return p.data.detach().float().clone()
@@ -236,9 +273,28 @@ class Zero2Backend(ZeroBackend):
 
     def state_fragment(self, p, key):
         mapping = getattr(p, "_hp_mapping", None)
+        if self.optimizer_name == "adamw8bit":  # checkpoints hold the dequantized moments
+            found = None if mapping is None else self._state8(p, key)
+            return None if found is None else dequantize_fragment(*found)
         if mapping is None or not mapping.optim_fragment or key not in mapping.optim_fragment:
             return None
         return mapping.optim_fragment[key].reshape(-1)
+
+    def init_optimizer_state(self, engine, step):
+        if self.optimizer_name != "adamw8bit":
+            return super().init_optimizer_state(engine, step)
+        inner = engine.optimizer.optimizer
+        for gindex, (group, flat) in enumerate(zip(inner.param_groups, self.optimizer_flats(engine))):
+            inner.init_state(group, flat, gindex, 0)
+            inner.state[flat]["step"] = int(step)
+        self._pending8 = {}
+        self.link_optimizer_fragments(engine)
+
+    def finish_optimizer_state_writes(self):
+        """8-bit state: quantize each written flat partition once (its blocks span parameters)."""
+        for state, key, values in getattr(self, "_pending8", {}).values():
+            quantize_into(state, key, values)
+        self._pending8 = {}
 
     def optimizer_flats(self, engine):
         return list(engine.optimizer.single_partition_of_fp32_groups)
@@ -260,6 +316,15 @@ class Zero2Backend(ZeroBackend):
         p.data.copy_(full_value.reshape(p.shape).to(p.dtype))
 
     def write_optimizer_state(self, p, key, full_value):
+        if self.optimizer_name == "adamw8bit":
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                return
+            state, start, numel, _ = self._state8(p, key)
+            entry = self._pending8.setdefault((id(state), key), (state, key, full_flat(state, key)))
+            lp = mapping.lp_fragment_address.start
+            entry[2][start:start + numel] = full_value.reshape(-1)[lp:lp + numel].float()
+            return
         safe_set_full_optimizer_state(p, full_value.reshape(p.shape).float(), key)
 
 

@@ -1,0 +1,122 @@
+"""Multi-rank scenarios for the quantized frozen base (tests/test_quant.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from relora_dist import relora_steps as steps
+from relora_dist.quant import QuantizedWeight
+from relora_dist.quant_steps import full_master
+from relora_dist.trainer import Trainer
+
+
+def _codes(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    scales = qw.state.absmax if qw.kind == "nf4" else qw.state
+    return qw.data.clone(), scales.clone()
+
+
+def _set_adapters(t: Trainer, k: int, magnitude: float) -> dict:
+    """Random non-zero A, B (the same on every rank: seeded by k), written like a trained adapter."""
+    out = {}
+    for i, (name, m) in enumerate(t.modules.items()):
+        g = torch.Generator().manual_seed(1000 * k + i)
+        A = torch.randn(m.r, m.in_features, generator=g) * magnitude
+        B = torch.randn(m.out_features, m.r, generator=g) * magnitude
+        t.backend.write_trainable(m.lora_A, A)
+        t.backend.write_trainable(m.lora_B, B)
+        out[name] = (A, B)
+    return out
+
+
+def _drift(t: Trainer) -> dict[str, list[float]]:
+    """Per module: [fraction of codes != quantize(master) codes, max |dequant(Wq) - master| /
+    max |master|]."""
+    out = {}
+    for name, m in t.modules.items():
+        master = full_master(t.backend, m, t.masters.shards[name])
+        exact = QuantizedWeight.quantize(master, m.qweight.kind)
+        mismatch = float((m.qweight.data != exact.data).float().mean())
+        err = float((m.qweight.dequantize() - master).abs().max() / master.abs().max())
+        out[name] = [mismatch, err]
+    return out
+
+
+def quant_checks(cfg, template, info, resets: int = 10, magnitude: float = 0.05) -> dict:
+    """Warm start, switch to a quantized base, two ReLoRA steps, then `resets` merges of seeded
+    random adapters on the master path and, from the same start, on the reference path."""
+    t = Trainer(cfg, template, info)
+    for _ in range(cfg.relora.warm_start_steps):
+        t.train_step(t.loader.next_batch())
+    t.switch_to_relora()
+    out: dict = {"rank": info.rank, "kind": cfg.relora.base_quant}
+    out["param_names"] = sorted(n for n, _ in t.model.named_parameters())
+    out["state_dict_keys"] = sorted(t.model.state_dict().keys())
+    out["optimizer_numel"] = t.backend.optimizer_state_numel(t.engine)
+    out["trainable_numel"] = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+    out["wrapped_numel"] = sum(m.out_features * m.in_features for m in t.modules.values())
+    out["w0"] = {n: full_master(t.backend, m, t.masters.shards[n]).clone() for n, m in t.modules.items()}
+    out["codes_switch"] = {n: _codes(m.qweight) for n, m in t.modules.items()}
+    out["scale"] = {n: m.scale for n, m in t.modules.items()}
+    out["losses"] = torch.tensor([t.train_step(t.loader.next_batch())["loss"] for _ in range(3)])
+    # The base's forward: a ReLoRALinear's output against x @ dequant(Wq)^T + s*B(Ax) computed here.
+    name, m = next(iter(t.modules.items()))
+    x = torch.randn(5, m.in_features, generator=torch.Generator().manual_seed(7)).to(m.lora_A.dtype)
+    with torch.no_grad():
+        got = m(x).float()
+        ref = x.float() @ m.qweight.dequantize().t() + m.scale * (x.float() @ m.lora_A.float().t()) @ m.lora_B.float().t()
+    out["forward_maxdiff"] = float((got - ref).abs().max() / ref.abs().max())
+
+    start_masters = {n: s.clone() for n, s in t.masters.shards.items()}
+    start_q = {n: m.qweight for n, m in t.modules.items()}
+    out["start"] = {n: full_master(t.backend, m, t.masters.shards[n]).clone() for n, m in t.modules.items()}
+    for mode in ("master", "reference"):
+        for n, s in start_masters.items():
+            t.masters.shards[n].copy_(s)
+            t.modules[n].qweight = start_q[n]
+        t.masters.quant_merge = mode
+        drift, adapters = [], []
+        for k in range(1, resets + 1):
+            adapters.append(_set_adapters(t, k, magnitude))
+            steps.merge_adapters(t.backend, t.modules, t.masters)
+            drift.append(_drift(t))
+        out[f"drift_{mode}"] = {n: torch.tensor([d[n] for d in drift]) for n in t.modules}
+        out[f"codes_{mode}"] = {n: _codes(m.qweight) for n, m in t.modules.items()}
+        out["adapters"] = {n: [(a[n][0], a[n][1]) for a in adapters] for n in t.modules}
+    t.masters.quant_merge = cfg.relora.quant_merge
+    dist.barrier()
+    return out
+
+
+def _moments(t: Trainer) -> dict:
+    """This rank's dequantized fragments of every adapter's moments: {name: {key: (start, values)}}."""
+    out = {}
+    for name, m in t.modules.items():
+        for pname, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
+            out[f"{name}.{pname}"] = {k: tuple(t.backend.local_state(p, k)) for k in ("exp_avg", "exp_avg_sq")}
+    return out
+
+
+def adam8_checks(cfg, template, info) -> dict:
+    """AdamW8bit through warm start and switch, then the optimizer reset on the 8-bit state, a
+    checkpoint, and a second Trainer resuming it."""
+    t = Trainer(cfg, template, info)
+    losses = [t.train_step(t.loader.next_batch())["loss"] for _ in range(cfg.relora.warm_start_steps)]
+    t.switch_to_relora()
+    losses += [t.train_step(t.loader.next_batch())["loss"] for _ in range(3)]
+    inner = t.backend.inner_optimizer(t.engine)
+    out: dict = {"rank": info.rank, "losses": torch.tensor(losses), "optimizer": type(inner).__name__}
+    out["state_dtypes"] = sorted({str(s["state1"].dtype) for s in inner.state.values()})
+    t.backend.link_optimizer_fragments(t.engine)
+    out["numels"] = {f"{n}.{pn}": p.numel() for n, m in t.modules.items()
+                     for pn, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B))}
+    out["pre"] = _moments(t)
+    steps.prune_adapter_moments(t.backend, t.modules, "magnitude", cfg.relora.prune_ratio, cfg.train.seed, 1)
+    out["post"] = _moments(t)
+    t.save_checkpoint()
+    dist.barrier()
+    t2 = Trainer(cfg, template, info)  # resumes the checkpoint just written
+    t2.backend.link_optimizer_fragments(t2.engine)
+    out["resumed"] = _moments(t2)
+    out["resumed_loss"] = t2.train_step(t2.loader.next_batch())["loss"]
+    return out

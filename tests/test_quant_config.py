@@ -1,0 +1,39 @@
+"""Bad quantization settings: one-line errors before any process group."""
+
+import pytest
+
+from relora_dist.config import ConfigError, load_config, validate
+from relora_dist.ds_config import build_ds_config
+
+
+def _cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["--relora.base_quant=nf4", "--relora.merge_precision=bf16"], "no fp32 master"),
+    (["--relora.base_quant=fp4"], "relora.base_quant 'fp4' unknown"),
+    (["--relora.quant_merge=dequant"], "relora.quant_merge"),
+])
+def test_bad_quant_values(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        validate(_cfg(*overrides))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,stage,needle", [
+    (["--relora.base_quant=nf4"], 3, "ZeRO-3"),
+    (["--relora.base_quant=int8", "--relora.phase_stage=3"], 2, "ZeRO-3"),
+    (["--optimizer.name=adamw8bit"], 3, "adamw8bit under ZeRO-3"),
+])
+def test_quant_refused_under_zero3(overrides, stage, needle):
+    template = {"zero_optimization": {"stage": stage}}
+    with pytest.raises(ConfigError) as e:
+        build_ds_config(template, _cfg(*overrides), 2)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nf4_zero2_and_adamw8bit_validate():
+    cfg = _cfg("--relora.base_quant=nf4", "--optimizer.name=adamw8bit")
+    validate(cfg)
+    build_ds_config({"zero_optimization": {"stage": 2}}, cfg, 2)
