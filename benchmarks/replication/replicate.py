@@ -84,7 +84,10 @@ SUITES: dict[str, dict] = {
         "prune_0": with_(RELORA, relora__prune_ratio=0.0),
         "prune_0.99": with_(RELORA, relora__prune_ratio=0.99),
         "bf16_merge_fp32": with_(RELORA, train__precision="bf16", relora__merge_precision="fp32"),
-        "bf16_merge_bf16": with_(RELORA, train__precision="bf16", relora__merge_precision="bf16")}},
+        "bf16_merge_bf16": with_(RELORA, train__precision="bf16", relora__merge_precision="bf16"),
+        # the frozen base held in 4 / 8 bits from the switch on, requantized from fp32 masters
+        "nf4_base": with_(RELORA, relora__base_quant="nf4"),
+        "int8_base": with_(RELORA, relora__base_quant="int8")}},
 }
 
 
