@@ -104,8 +104,12 @@ def ensure_tokenizer(runs_dir: Path) -> Path:
 
 
 def train(name: str, args: list[str], seed: int, runs_dir: Path, tok: Path) -> dict:
-    out = runs_dir / f"{name}-s{seed}-{run_key(args, seed)}"
-    done = out / "replicate_run.json"
+    key = run_key(args, seed)
+    out = runs_dir / f"{name}-s{seed}-{key}"
+    # the same run under another row's name (the sweep's r=8 point is the table's ReLoRA row)
+    trained = sorted(runs_dir.glob(f"*-s{seed}-{key}/replicate_run.json"))
+    done = out / "replicate_run.json" if not trained else trained[0]
+    out = done.parent
     if done.exists():
         record = json.loads(done.read_text())
         return {**record, **summarize(load_run(out), args)}
