@@ -1,4 +1,5 @@
-"""ReLoRA engine on 2 real processes: switch, collective merge, re-init, optimizer prune."""
+"""ReLoRA engine conformance on real processes (world 1, 2 and 3; every backend): switch, collective
+merge, re-init, optimizer prune."""
 
 import pytest
 import torch
@@ -11,28 +12,43 @@ RELORA = {"relora.enabled": True, "relora.warm_start_steps": 3, "relora.cycle_le
           "train.max_steps": 12, "relora.optimizer_reset": "magnitude", "relora.prune_ratio": 0.9}
 
 
-# (backend, precision, extra settings). The ZeRO bf16 cases cover the three layouts of the fp32
-# merge masters: ZeRO-2 sharded slices on the device, ZeRO-3 shards in host memory, and a ZeRO-2
+# (backend, precision, world, extra settings). The ZeRO bf16 cases cover the three layouts of the
+# fp32 merge masters: ZeRO-2 sharded slices on the device, ZeRO-3 shards in host memory, and a ZeRO-2
 # warm start whose ReLoRA phase runs under ZeRO-3. FSDP2 keeps fp32 shards, its own merge masters.
+# Every backend also runs at world 1 (no collective partner: the degenerate partition) and world 3,
+# where no wrapped weight divides evenly (64 x 172 = 11008, 11008 % 3 == 1: ZeRO-3's last shard is
+# padded; FSDP2 splits rows like torch.chunk, 64 rows -> 22, 22, 20).
 CASES = {
-    "zero2-fp32": ("zero2", "fp32", {}),
-    "zero3-fp32": ("zero3", "fp32", {}),
-    "zero2-bf16": ("zero2", "bf16", {}),
-    "zero3-bf16-host": ("zero3", "bf16", {"relora.merge_master_device": "cpu"}),
-    "zero2-bf16-phase3": ("zero2", "bf16", {"relora.phase_stage": "3"}),
-    "fsdp2-fp32": ("fsdp2", "fp32", {}),
-    "fsdp2-bf16": ("fsdp2", "bf16", {}),
+    "zero2-fp32": ("zero2", "fp32", 2, {}),
+    "zero3-fp32": ("zero3", "fp32", 2, {}),
+    "zero2-bf16": ("zero2", "bf16", 2, {}),
+    "zero3-bf16-host": ("zero3", "bf16", 2, {"relora.merge_master_device": "cpu"}),
+    "zero2-bf16-phase3": ("zero2", "bf16", 2, {"relora.phase_stage": "3"}),
+    "fsdp2-fp32": ("fsdp2", "fp32", 2, {}),
+    "fsdp2-bf16": ("fsdp2", "bf16", 2, {}),
+    "zero2-bf16-w1": ("zero2", "bf16", 1, {}),
+    "zero3-fp32-w1": ("zero3", "fp32", 1, {}),
+    "fsdp2-bf16-w1": ("fsdp2", "bf16", 1, {}),
+    "zero2-bf16-w3": ("zero2", "bf16", 3, {"train.global_batch_size": 12}),
+    "zero3-fp32-w3": ("zero3", "fp32", 3, {"train.global_batch_size": 12}),
+    "fsdp2-fp32-w3": ("fsdp2", "fp32", 3, {"train.global_batch_size": 12}),
 }
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def checks(request, tiny_data, tmp_path_factory):
-    backend, precision, extra = CASES[request.param]
+    backend, precision, world, extra = CASES[request.param]
     ds_config, selects = engine(backend)
     out = tmp_path_factory.mktemp(f"checks-{request.param}")
     overrides = tiny_overrides(tiny_data, out / "run", **RELORA, **{"train.precision": precision, **extra, **selects})
-    results = run_world(2, "relora_checks", overrides, out, ds_config=ds_config)
+    results = run_world(world, "relora_checks", overrides, out, ds_config=ds_config)
     return precision, results
+
+
+def _ceil_slice(n: int, rank: int, world: int) -> int:
+    """Elements of an n-element tensor in `rank`'s slice of ZeRO-3's ceil(n / world) partition."""
+    c = -(-n // world)
+    return max(0, min(n, (rank + 1) * c) - rank * c)
 
 
 def test_merge_masters_are_one_slice_per_rank(checks):
@@ -43,8 +59,7 @@ def test_merge_masters_are_one_slice_per_rank(checks):
         if not r["bf16_module_copy"]:
             assert r["master_numel"] == 0  # the fp32 weights (FSDP2: fp32 shards) are the masters
         else:
-            assert r["master_numel"] == sum(-(-n // 2) if r["rank"] == 0 else n - -(-n // 2)
-                                            for n in r["wrapped_numels"])
+            assert r["master_numel"] == sum(_ceil_slice(n, r["rank"], len(results)) for n in r["wrapped_numels"])
         assert r["relora_backend"] == ("zero3" if r["phase_stage"] == "3" else r["backend"])
 
 
@@ -78,8 +93,10 @@ def test_only_adapters_and_extras_hold_optimizer_state(checks):
         assert held == r["trainable_params"]
         assert any(".lora_A" in n for n in held) and any(".lora_B" in n for n in held)
         assert not any(n.endswith("_proj.weight") for n in held), "frozen W must have no optimizer state"
-        # each rank holds about 1/world of the trainable elements (ZeRO padding aside)
-        assert r["optimizer_state_numel"] <= r["trainable_numel"] / 2 + 64
+        # each rank holds about 1/world of the trainable elements: ZeRO pads its flat groups (< 64
+        # elements here); FSDP2 gives rank 0 ceil(rows / world) rows of every tensor (measured at
+        # world 3: 348,438 elements against an even 347,947, +0.14%)
+        assert r["optimizer_state_numel"] <= r["trainable_numel"] / len(results) * 1.005 + 64
 
 
 def test_first_relora_steps_train_the_adapters(checks):
@@ -100,6 +117,8 @@ def test_merge_equals_single_process_fp32_reference(checks):
     tolerance: 1 fp32 ulp-scale (2e-7 relative + 1e-7 absolute)."""
     precision, results = checks
     r0 = results[0]
+    if len(results) == 3:  # the uneven partition this world is here for
+        assert any(w.numel() % 3 for w in r0["w_pre"].values())
     for name, w_pre in r0["w_pre"].items():
         A, B = r0["ab_pre"][name]
         ref = (w_pre.double() + r0["scale"][name] * (B.double() @ A.double()).reshape(-1)).float()
@@ -169,22 +188,6 @@ def test_magnitude_prune_of_adapter_moments(checks):
             assert torch.equal(post["exp_avg"], pre["exp_avg"] * keep_m), name
             assert 0 < torch.count_nonzero(post["exp_avg_sq"]) <= 0.1 * keep_v.numel() + 1
             assert not torch.any((post["exp_avg"] != 0) & (post["exp_avg_sq"] == 0))
-
-
-@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-def test_merge_exact_when_world_does_not_divide(tiny_data, tmp_path, backend):
-    """World 3: 64 x 172 = 11008 elements, 11008 % 3 == 1, so ZeRO-3's last shard is padded; FSDP2
-    splits rows like torch.chunk (64 rows: 22, 22, 20; 172 rows: 58, 58, 56)."""
-    ds_config, selects = engine(backend)
-    overrides = tiny_overrides(tiny_data, tmp_path / "run", **{**RELORA, "train.global_batch_size": 12, **selects})
-    results = run_world(3, "relora_checks", overrides, tmp_path, ds_config=ds_config)
-    r0 = results[0]
-    assert any(w.numel() % 3 for w in r0["w_pre"].values())
-    for name, w_pre in r0["w_pre"].items():
-        A, B = r0["ab_pre"][name]
-        ref = (w_pre.double() + r0["scale"][name] * (B.double() @ A.double()).reshape(-1)).float()
-        for r in results:
-            torch.testing.assert_close(r["w_post"][name], ref, rtol=2e-7, atol=1e-7)
 
 
 def test_bf16_merge_option_rounds_like_the_reference(tiny_data, tmp_path):
