@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from relora_dist.dist import free_port
-from tests.dist_utils import REPO, tiny_overrides
+from tests.dist_utils import REPO, engine, tiny_overrides
 
 RELORA = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_length": 4,
           "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 8, "train.max_steps": 16,
@@ -52,14 +52,15 @@ def test_plain_python_runs_all_phases(single):
         assert (out / "warm_start" / f).is_file(), f
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_two_process_launchers_match_single_process(single, tiny_data, tmp_path, launcher):
+# FSDP2 users launch with torchrun (torchtitan's way); the DeepSpeed launcher runs the ZeRO backends.
+@pytest.mark.parametrize("launcher,backend", [("deepspeed", "zero3"), ("torchrun", "zero3"), ("torchrun", "fsdp2")])
+def test_two_process_launchers_match_single_process(single, tiny_data, tmp_path, launcher, backend):
     _, single_stdout = single
     port = str(free_port())
     prefix = (["deepspeed", "--num_gpus", "2", "--master_port", port] if launcher == "deepspeed"
               else ["torchrun", "--nproc_per_node", "2", "--master_port", port, "--master_addr", "127.0.0.1"])
-    stdout = _launch(prefix, tiny_overrides(tiny_data, tmp_path / "run", **RELORA) +
-                     ["--ds_config", "ds_configs/zero3.json"])
+    ds_config, selects = engine(backend)
+    stdout = _launch(prefix, tiny_overrides(tiny_data, tmp_path / "run", **RELORA, **selects) + ["--ds_config", ds_config])
     ours, ref = _evals(stdout), _evals(single_stdout)
     assert ours.keys() == ref.keys()
     for step, loss in ref.items():  # printed with 4 decimals
