@@ -2,7 +2,8 @@
 
 Extends relora_dist/memory_model.py: under ZeRO-2 every rank holds a bitsandbytes replica of each
 frozen wrapped weight instead of its compute-dtype copy (NF4: ceil(n/2) bytes of codes + 4 bytes
-of absmax per 64 elements; int8: n bytes + 4 bytes per row, relora_dist.quant.quantized_nbytes),
+of absmax per 64 elements, or 1 byte with double quantization, the default; int8: n bytes + 4 bytes
+per row, relora_dist.quant.quantized_nbytes),
 and the fp32 merge masters are always kept (1/world each, also under fp32 compute, where they
 otherwise alias the weights), on the device or in host memory. ZeRO-3 refuses a quantized base
 (relora_dist/ds_config.py), so its column is the unquantized ZeRO-3 ReLoRA phase for comparison.
@@ -20,14 +21,15 @@ from relora_dist.quant import quantized_nbytes
 TARGET = {"preset": "350m", "world": 8, "kind": "nf4", "master_device": "cpu", "limit": 0.45}
 
 
-def quantized_base_bytes(shape: Shape, kind: str) -> float:
+def quantized_base_bytes(shape: Shape, kind: str, double_quant: bool = True) -> float:
     rx = [re.compile(t) for t in shape.targets]
-    return float(sum(quantized_nbytes(kind, o, i) for name, o, i in shape.linears() if any(x.search(name) for x in rx)))
+    return float(sum(quantized_nbytes(kind, o, i, double_quant) for name, o, i in shape.linears()
+                     if any(x.search(name) for x in rx)))
 
 
 def relora_quant_bytes(shape: Shape, world: int, kind: str, *, compute: str = "bf16", r: int = 128,
                        train_extra: bool = True, master_device: str = "device",
-                       optimizer: str = "adamw") -> dict[str, float]:
+                       optimizer: str = "adamw", double_quant: bool = True) -> dict[str, float]:
     """ZeRO-2 ReLoRA-phase bytes per rank with the frozen base quantized to `kind`; optimizer
     adamw8bit: 2 bytes of moments per trainable element + 2 fp32 absmax per 256 (bitsandbytes'
     blockwise state) instead of AdamW's 8."""
@@ -41,11 +43,12 @@ def relora_quant_bytes(shape: Shape, world: int, kind: str, *, compute: str = "b
         return out
     b = 2 if compute == "bf16" else 4
     wrapped = shape.tensors(r)["wrapped"]
-    out["params"] += quantized_base_bytes(shape, kind) - sum(wrapped) * b
+    qbytes = quantized_base_bytes(shape, kind, double_quant)
+    out["params"] += qbytes - sum(wrapped) * b
     masters = float(sum(-(-n // world) for n in wrapped)) * 4
     key = "host_merge_masters" if master_device == "cpu" else "merge_masters"
     out[key] = masters  # kept under fp32 compute too: the weights no longer alias them
-    out["quantized_base"] = quantized_base_bytes(shape, kind)
+    out["quantized_base"] = qbytes
     out["total"] = sum(out[c] for c in CATEGORIES)
     out["total_with_host"] = out["total"] + out["host_merge_masters"]
     return out
@@ -60,17 +63,19 @@ def quant_ratio(shape: Shape, world: int, kind: str, **kw) -> float:
 def quant_table(presets: list[str], worlds: list[int], *, compute: str = "bf16", r: int = 128,
                 vocab: int = 32000) -> str:
     lines = [f"ReLoRA phase / ZeRO-2 full-rank, accelerator-resident training state per rank, {compute} compute, "
-             f"r={r}, vocab {vocab}, train_extra=true (ZeRO-3 refuses a quantized base: its column is the "
-             f"unquantized ZeRO-3 ReLoRA phase)", "",
+             f"r={r}, vocab {vocab}, train_extra=true, nf4 with double quantization unless marked (ZeRO-3 "
+             f"refuses a quantized base: its column is the unquantized ZeRO-3 ReLoRA phase)", "",
              "| preset | ranks | full-rank ZeRO-2 (GiB) | bf16 base, masters on device | nf4, masters on device "
-             "| nf4, host masters | nf4, host masters, adamw8bit | int8, host masters | ZeRO-3 bf16 base |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| nf4 (single quant), host masters | nf4, host masters | nf4, host masters, adamw8bit "
+             "| int8, host masters | ZeRO-3 bf16 base |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for preset in presets:
         shape = Shape.of(preset, vocab)
         for world in worlds:
             full = per_rank_bytes(shape, world, 2, "full_rank", compute=compute, r=r)["total"]
             cells = [quant_ratio(shape, world, "none", compute=compute, r=r),
                      quant_ratio(shape, world, "nf4", compute=compute, r=r),
+                     quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu", double_quant=False),
                      quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu"),
                      quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu", optimizer="adamw8bit"),
                      quant_ratio(shape, world, "int8", compute=compute, r=r, master_device="cpu"),
@@ -78,7 +83,7 @@ def quant_table(presets: list[str], worlds: list[int], *, compute: str = "bf16",
                      / per_rank_bytes(shape, world, 3, "full_rank", compute=compute, r=r)["total"]]
             text = [f"{c:.3f}" for c in cells]
             if (preset, world) == (TARGET["preset"], TARGET["world"]):
-                text[2] += f" (target <= {TARGET['limit']})"
+                text[3] += f" (target <= {TARGET['limit']})"
             lines.append(f"| {preset} | {world} | {full / GIB:.2f} | " + " | ".join(text) + " |")
     return "\n".join(lines)
 

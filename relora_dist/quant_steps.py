@@ -33,7 +33,7 @@ def quantize_frozen_base(backend: Backend, modules: dict[str, ReLoRALinear], mas
     cd = compute_dtype_of(r.quant_compute_dtype, _precision(cfg))
     total = 0
     for name, m in modules.items():
-        qw = QuantizedWeight.quantize(full_master(backend, m, masters.shards[name]), r.base_quant)
+        qw = QuantizedWeight.quantize(full_master(backend, m, masters.shards[name]), r.base_quant, r.quant_double_quant)
         m.quantize_base(qw, cd)
         total += qw.nbytes()
     backend.release_memory()  # the compute-dtype weights just dropped
@@ -44,8 +44,7 @@ def requantize_all(backend: Backend, modules: dict[str, ReLoRALinear], masters) 
     """quantize(master) for every quantized module (after a checkpoint load overwrote the masters)."""
     for name, m in modules.items():
         if m.qweight is not None:
-            m.quantize_base(QuantizedWeight.quantize(full_master(backend, m, masters.shards[name]), m.qweight.kind),
-                            m.quant_compute_dtype)
+            m.quantize_base(_like(m.qweight, full_master(backend, m, masters.shards[name])), m.quant_compute_dtype)
 
 
 def merge_quantized(backend: Backend, m: ReLoRALinear, target: torch.Tensor, delta: torch.Tensor,
@@ -58,10 +57,15 @@ def merge_quantized(backend: Backend, m: ReLoRALinear, target: torch.Tensor, del
     if mode == "reference":
         full_delta = lora_delta(A, B, m.scale)
         merged = m.qweight.dequantize() + full_delta.to(m.qweight.data.device)
-        m.quantize_base(QuantizedWeight.quantize(merged, m.qweight.kind), m.quant_compute_dtype)
+        m.quantize_base(_like(m.qweight, merged), m.quant_compute_dtype)
         return 0
-    m.quantize_base(QuantizedWeight.quantize(full_master(backend, m, target), m.qweight.kind), m.quant_compute_dtype)
+    m.quantize_base(_like(m.qweight, full_master(backend, m, target)), m.quant_compute_dtype)
     return (backend.world_size - 1) * target.numel() * 4
+
+
+def _like(qw: QuantizedWeight, full: torch.Tensor) -> QuantizedWeight:
+    """`full` quantized the way `qw` was (kind, double quantization)."""
+    return QuantizedWeight.quantize(full, qw.kind, qw.double_quant)
 
 
 def quantized_nbytes(modules: dict[str, ReLoRALinear]) -> int:

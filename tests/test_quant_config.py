@@ -37,3 +37,24 @@ def test_nf4_zero2_and_adamw8bit_validate():
     cfg = _cfg("--relora.base_quant=nf4", "--optimizer.name=adamw8bit")
     validate(cfg)
     build_ds_config({"zero_optimization": {"stage": 2}}, cfg, 2)
+
+
+@pytest.mark.parametrize("shape", [(172, 64), (64, 172), (2736, 1024)])
+def test_nf4_double_quant_bytes_and_error(shape):
+    """relora.quant_double_quant: the held bytes equal the memory model's formula, are fewer than
+    single quantization's (uint8 instead of fp32 absmax per 64 elements), the error stays within 1%
+    of it, and the result is deterministic (every rank must quantize to the same bytes)."""
+    import torch
+
+    from relora_dist.quant import QuantizedWeight, quantized_nbytes
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    single, double = (QuantizedWeight.quantize(w, "nf4", dq) for dq in (False, True))
+    for q, dq in ((single, False), (double, True)):
+        assert q.nbytes() == quantized_nbytes("nf4", *shape, dq)
+        assert q.equal(QuantizedWeight.quantize(w.clone(), "nf4", dq))
+    assert not double.equal(single)
+    if w.numel() >= 65536:  # below ~22k elements the nested state's 1 KB map outweighs 3 bytes saved per 64
+        assert double.nbytes() < 0.92 * single.nbytes()
+    err = [float((q.dequantize() - w).norm() / w.norm()) for q in (single, double)]
+    assert err[0] <= err[1] <= err[0] * 1.01

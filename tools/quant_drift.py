@@ -34,25 +34,26 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     master0 = torch.randn(a.size, a.size, generator=g) * 0.02
     result = {"size": a.size, "r": a.r, "resets": a.resets}
-    for kind in ("nf4", "int8"):
-        master, ref_q = master0.clone(), QuantizedWeight.quantize(master0, kind)
+    # nf4 is bitsandbytes' plain NF4, nf4_double_quant the default of relora.quant_double_quant
+    for label, kind, dq in (("nf4", "nf4", False), ("nf4_double_quant", "nf4", True), ("int8", "int8", False)):
+        master, ref_q = master0.clone(), QuantizedWeight.quantize(master0, kind, dq)
         rows = []
         for k in range(1, a.resets + 1):
             A = draw_lora_A((a.r, a.size), 0, k, "w")
             B = torch.randn(a.size, a.r, generator=g) * 0.002  # a trained B: |s*B*A| ~ 5% of |W|
             delta = lora_delta(A, B, 32 / a.r)
             master += delta
-            exact = QuantizedWeight.quantize(master, kind)
-            ref_q = QuantizedWeight.quantize(ref_q.dequantize() + delta, kind)
+            exact = QuantizedWeight.quantize(master, kind, dq)
+            ref_q = QuantizedWeight.quantize(ref_q.dequantize() + delta, kind, dq)
             norm = float(master.norm())
             rows.append({"k": k,
                          "master_codes_off": 0.0,  # by construction: Wq_k IS quantize(master_k)
                          "master_rel_err": float((exact.dequantize() - master).norm()) / norm,
                          "reference_codes_off": float((ref_q.data != exact.data).float().mean()),
                          "reference_rel_err": float((ref_q.dequantize() - master).norm()) / norm})
-        result[kind] = rows
+        result[label] = rows
         last = rows[-1]
-        print(f"{kind}: after {a.resets} resets master path rel err {last['master_rel_err']:.4f} (codes off 0), "
+        print(f"{label}: after {a.resets} resets master path rel err {last['master_rel_err']:.4f} (codes off 0), "
               f"reference path rel err {last['reference_rel_err']:.4f} (k=1: {rows[0]['reference_rel_err']:.4f}), "
               f"codes off quantize(master) {last['reference_codes_off']:.3f}")
     if a.out:
