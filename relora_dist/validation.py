@@ -10,7 +10,7 @@ order (the import order is config -> owners -> validation -> cli/trainer):
     quant.py          relora.base_quant / quant_merge / quant_compute_dtype (+ bitsandbytes packing)
     schedule.py       schedule.* and the jagged cosine over the ReLoRA phase
     resume.py         checkpoint.*, and never training over another run's checkpoints
-    data/check.py     tokenizer, sources, prepared blocks vs seq_len / tokenizer / batch sizes
+    data/check.py     data.*: tokenizer, sources, prepared blocks vs seq_len / tokenizer / batch sizes
 
 What is left here are the value rules of keys that no other module checks.
 """
@@ -18,7 +18,7 @@ What is left here are the value rules of keys that no other module checks.
 from __future__ import annotations
 
 from relora_dist.config import OPTIMIZERS, Config, ConfigError, _suggest
-from relora_dist.data.check import check_data_config
+from relora_dist.data.check import check_data_config, check_data_values
 from relora_dist.model import check_model_config
 from relora_dist.quant import check_quant_config
 from relora_dist.relora_rules import check_relora_config, check_relora_targets
@@ -31,6 +31,8 @@ def validate_config(cfg: Config) -> None:
     values, checkpoint settings, data/tokenizer/model paths, prepared blocks vs seq_len and
     tokenizer, and ReLoRA targets and rank against the model's shapes (built on the meta device).
     Raises a one-line ConfigError that names the key and the fix."""
+    # Cheap value rules first, then what reads files (checkpoints, data), then what builds the model.
+    check_data_values(cfg)  # first: the eval_tokens rule below divides by data.seq_len
     check_run_values(cfg)
     if cfg.relora.enabled:
         check_relora_config(cfg)
@@ -47,8 +49,8 @@ validate = validate_config
 
 
 def check_run_values(cfg: Config) -> None:
-    """The keys no other module reads a rule from: train.*, optimizer.*, logging.*, data.seq_len and
-    val_fraction, and the relora.* phase options (warm start, merges, carried state, ZeRO stage)."""
+    """The keys no other module checks: train.*, optimizer.*, logging.*, and the relora.* phase
+    options (warm start, merges, carried state, ZeRO stage)."""
     t, r, o = cfg.train, cfg.relora, cfg.optimizer
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be >= 1")
@@ -71,15 +73,11 @@ def check_run_values(cfg: Config) -> None:
         raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every={t.eval_every} must be >= 0 (0 = only at the end)")
-    if cfg.data.seq_len < 2:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
     if max(1, t.eval_tokens // cfg.data.seq_len) < t.micro_batch_size:
         raise ConfigError(
             f"train.eval_tokens={t.eval_tokens} is fewer than one micro-batch (train.micro_batch_size="
             f"{t.micro_batch_size} x data.seq_len={cfg.data.seq_len}); raise train.eval_tokens to at least "
             f"{t.micro_batch_size * cfg.data.seq_len} (x world size)")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     if o.name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name '{o.name}' unknown: {_suggest(o.name, list(OPTIMIZERS))}")
     if o.lr <= 0:

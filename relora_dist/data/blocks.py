@@ -16,7 +16,7 @@ import torch
 from relora_dist.documents import DataError
 from relora_dist.tokenizer import tokenizer_checksum
 
-__all__ = ["DataError", "FORMAT_VERSION", "SPLITS", "Wording", "read_meta", "check_blocks",
+__all__ = ["DataError", "FORMAT_VERSION", "SPLITS", "Wording", "check_seq_len", "read_meta", "check_blocks",
            "check_tokenizer_matches", "PackedBlocks"]
 
 FORMAT_VERSION = 1
@@ -38,6 +38,12 @@ class Wording:
 
 
 API = Wording()
+
+
+def check_seq_len(seq_len: int, key: str = "seq_len") -> None:
+    """A block holds at least one input token and the next token it predicts."""
+    if seq_len < 2:
+        raise DataError(f"{key}={seq_len} is too small; use a block length of at least 2")
 
 
 def read_meta(data_dir: str, w: Wording = API) -> dict:

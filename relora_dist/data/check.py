@@ -6,15 +6,27 @@ wording differs, so a bad input fails here, before any work, with the same rule.
 from __future__ import annotations
 
 from relora_dist.config import ConfigError
-from relora_dist.data.blocks import DataError, Wording, check_blocks, check_tokenizer_matches, read_meta
+from relora_dist.data.blocks import (DataError, Wording, check_blocks, check_seq_len, check_tokenizer_matches,
+                                     read_meta)
 from relora_dist.data.loader import check_eval_blocks, check_train_blocks
 from relora_dist.documents import check_sources
 from relora_dist.resources import CORPUS, TOKENIZER
 from relora_dist.tokenizer import load_tokenizer
 
-__all__ = ["PREPARE_HINT", "check_data_config"]
+__all__ = ["PREPARE_HINT", "check_data_values", "check_data_config"]
 
 PREPARE_HINT = "run tools/prepare_data.py --input FILES --out {dir} --seq_len {seq_len}"
+
+
+def check_data_values(cfg) -> None:
+    """data.seq_len (the block rule prepare_dataset applies) and data.val_fraction: a run evaluates,
+    so it needs a validation split (prepare_dataset itself also accepts 0)."""
+    try:
+        check_seq_len(cfg.data.seq_len, "data.seq_len")
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
 
 
 def check_data_config(cfg) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from relora_dist import resources
-from relora_dist.data.blocks import FORMAT_VERSION, SPLITS, DataError
+from relora_dist.data.blocks import FORMAT_VERSION, SPLITS, DataError, check_seq_len
 from relora_dist.documents import load_documents
 from relora_dist.tokenizer import load_tokenizer, tokenizer_checksum
 
@@ -55,8 +55,7 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
     """
     from tqdm.auto import tqdm
 
-    if seq_len < 2:
-        raise DataError(f"seq_len={seq_len} is too small; use a block length of at least 2")
+    check_seq_len(seq_len)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1); e.g. 0.05")
     tok = load_tokenizer(tokenizer_dir)
