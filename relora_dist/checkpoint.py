@@ -229,6 +229,7 @@ def save_checkpoint(trainer, root: str | Path, keep_last: int) -> Path:
 def _publish(trainer, tmp: Path, final: Path, root: Path, entries: list[dict], stats: dict, keep_last: int) -> None:
     """Rank 0: manifest, config and tokenizer into `tmp`, fsync, rename, point `latest`, retention."""
     from relora_dist.config import dump_config
+    from relora_dist.relora import cumulative_rank
 
     st, c = trainer.state, trainer.cfg
     tensors_meta = _tensor_meta(trainer)
@@ -236,7 +237,7 @@ def _publish(trainer, tmp: Path, final: Path, root: Path, entries: list[dict], s
         for name, fields in e["index"].items():
             for field, (start, end) in fields.items():
                 tensors_meta[name].setdefault("fields", {}).setdefault(field, []).append([e["rank"], start, end])
-    cum = {n: min(m.r * (st.restart_index + 1), m.out_features, m.in_features)
+    cum = {n: cumulative_rank(m.r, st.restart_index, m.out_features, m.in_features)
            for n, m in trainer.modules.items()} if st.phase == "relora" else {}
     manifest = {
         "format_version": FORMAT_VERSION, "global_step": st.step, "phase": st.phase,

@@ -143,7 +143,7 @@ def prepare(argv: list[str]) -> tuple[Config, dict]:
 
 
 def _prepare(argv: list[str]) -> tuple[Config, dict, argparse.Namespace]:
-    from relora_dist.config import validate
+    from relora_dist.validation import validate
     from relora_dist.ds_config import build_ds_config, load_ds_template
 
     args, overrides = parse_args(argv)
@@ -163,10 +163,10 @@ def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
     from relora_dist.data import DEFAULT_TOKENIZER
     from relora_dist.ds_config import resolve_precision, zero_stage
     from relora_dist.tokenizer import load_tokenizer
-    from relora_dist.validation import _validate_model
+    from relora_dist.model import check_model_config
 
     vocab = load_tokenizer(cfg.data.tokenizer_dir or DEFAULT_TOKENIZER).vocab_size
-    mc = _validate_model(cfg, vocab)  # the LlamaConfig the run builds: preset + overrides, or init_from's
+    mc = check_model_config(cfg, vocab)  # the LlamaConfig the run builds: preset + overrides, or init_from's
     shape = mm.Shape(mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers, mc.vocab_size,
                      tuple(cfg.relora.targets))
     r = cfg.relora

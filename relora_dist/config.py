@@ -1,4 +1,7 @@
-"""Typed run configuration: dataclasses, YAML presets, `--section.key=value` overrides, validation.
+"""Typed run configuration: dataclasses, YAML presets, `--section.key=value` overrides.
+
+The checks of a loaded config live with the modules that own each rule; relora_dist/validation.py
+runs them in order (this module imports none of them, so every owner may import it).
 
 Every field has a docstring right under it; `field_docs()` reads those docstrings from this file's
 source so `launchers/pretrain.py --help` documents every key with its default.
@@ -372,16 +375,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
-PREPARE_HINT = "run tools/prepare_data.py --input FILES --out {dir} --seq_len {seq_len}"
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
-
-
-def validate(cfg: Config) -> None:
-    """All start-up checks (relora_dist/validation.py); one-line ConfigErrors naming the fix."""
-    from relora_dist.validation import validate_config
-
-    validate_config(cfg)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -6,10 +6,14 @@ vocabulary size always comes from the tokenizer. Model code knows nothing about 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from relora_dist.config import ConfigError, _suggest
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,20 @@ def llama_config(
     num_layers: int = 0,
     num_heads: int = 0,
 ) -> LlamaConfig:
-    """LlamaConfig for a preset; non-zero keyword values override the preset's dimensions."""
+    """LlamaConfig for a preset; non-zero keyword values override the preset's dimensions. Raises
+    ValueError naming the model.* keys (check_model_config reports it as a ConfigError)."""
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset '{preset}' unknown: {_suggest(preset, list(PRESETS))}")
+    for key, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                       ("num_layers", num_layers), ("num_heads", num_heads)):
+        if value < 0:
+            raise ValueError(f"model.{key}={value} must be >= 0 (0 = the preset's value)")
     p = PRESETS[preset]
     hidden = hidden_size or p.hidden_size
     heads = num_heads or p.num_heads
     if hidden % heads:
-        raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads; change model.num_heads")
+        raise ValueError(f"model.hidden_size={hidden} is not divisible by model.num_heads={heads} (model.preset="
+                         f"{preset}); change model.num_heads or model.hidden_size")
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -66,6 +78,52 @@ def llama_config(
         pad_token_id=None,
         attn_implementation="sdpa",
     )
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_config(cfg, vocab_size: int) -> LlamaConfig:
+    """The LlamaConfig the run builds, or a ConfigError: the preset with its overrides, or a complete
+    Hugging Face LLaMA folder (model.init_from) whose vocabulary matches the tokenizer's."""
+    m = cfg.model
+    if not m.init_from:
+        try:
+            return llama_config(m.preset, vocab_size, cfg.data.seq_len, m.hidden_size, m.intermediate_size,
+                                m.num_layers, m.num_heads)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    folder = Path(m.init_from)
+    hf = "pass a Hugging Face model folder (e.g. a run's <output_dir>/warm_start"
+    if not folder.is_dir():
+        raise ConfigError(f"model.init_from '{folder}' is not a folder; {hf}) or leave model.init_from empty for a "
+                          f"random init")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.init_from '{folder}' has no config.json; {hf}, written by save_pretrained)")
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise ConfigError(f"model.init_from '{folder}' has config.json but no weights ({', '.join(WEIGHT_FILES)}); "
+                          f"pass a complete Hugging Face model folder (e.g. a run's <output_dir>/warm_start)")
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+        model_vocab = int(raw["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.init_from '{folder}': config.json is unreadable or has no vocab_size "
+                          f"({type(e).__name__}); pass a Hugging Face LLaMA model folder") from None
+    if raw.get("model_type", "llama") != "llama":
+        raise ConfigError(f"model.init_from '{folder}' is a '{raw.get('model_type')}' model; pass a LLaMA "
+                          f"(model_type llama) Hugging Face folder")
+    if model_vocab != vocab_size:
+        tok_dir = cfg.data.tokenizer_dir or "the bundled assets/tokenizer"
+        raise ConfigError(
+            f"model.init_from '{folder}' has vocab_size {model_vocab} but data.tokenizer_dir ({tok_dir}) has "
+            f"{vocab_size}; set data.tokenizer_dir to the tokenizer the model was trained with (an exported "
+            f"folder holds it: data.tokenizer_dir={folder})")
+    try:
+        return LlamaConfig.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - transformers raises various errors for bad configs
+        raise ConfigError(f"model.init_from '{folder}': config.json does not load as a LlamaConfig "
+                          f"({' '.join(str(e).split())[:120]}); pass a Hugging Face LLaMA model folder") from None
 
 
 def build_model(config: LlamaConfig, seed: int, init_from: str = "") -> LlamaForCausalLM:

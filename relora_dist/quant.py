@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from relora_dist.config import ConfigError
+
 BASE_QUANT = ("none", "nf4", "int8")
 QUANT_MERGE = ("master", "reference")
 NF4_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block
@@ -58,7 +60,7 @@ class QuantizedWeight:
         elif kind == "int8":
             data, state, _ = F.int8_vectorwise_quant(full)
         else:
-            raise ValueError(f"base quantization {kind!r} unknown: use one of {BASE_QUANT[1:]}")
+            check_kind(kind, quantized=True)
         return cls(kind, data, state, tuple(full.shape), double_quant)
 
     def dequantize(self) -> torch.Tensor:
@@ -126,6 +128,31 @@ def compute_dtype_of(name: str, precision: str) -> torch.dtype:
     """relora.quant_compute_dtype: auto follows the training precision."""
     name = precision if name == "auto" else name
     return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def check_kind(kind: str, key: str = "base quantization", quantized: bool = False) -> None:
+    """A known relora.base_quant kind (`quantized`: one that quantizes, i.e. not none)."""
+    kinds = BASE_QUANT[1:] if quantized else BASE_QUANT
+    if kind not in kinds:
+        raise ValueError(f"{key} '{kind}' unknown: use one of {', '.join(kinds)}")
+
+
+def check_quant_config(cfg) -> None:
+    """relora.base_quant, quant_compute_dtype and quant_merge, and that a quantized base has an fp32
+    master to requantize from (relora.merge_precision=fp32). The ZeRO-3 and FSDP2 refusals need the
+    DeepSpeed config and live in ds_config.py."""
+    r = cfg.relora
+    try:
+        check_kind(r.base_quant, "relora.base_quant")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if r.quant_compute_dtype not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"relora.quant_compute_dtype '{r.quant_compute_dtype}' unknown: use auto, bf16 or fp32")
+    if r.quant_merge not in QUANT_MERGE:
+        raise ConfigError(f"relora.quant_merge '{r.quant_merge}' unknown: use one of {', '.join(QUANT_MERGE)}")
+    if r.base_quant != "none" and r.merge_precision == "bf16":
+        raise ConfigError(f"relora.base_quant={r.base_quant} with relora.merge_precision=bf16: there is no fp32 "
+                          f"master to requantize from at each reset; use merge_precision=fp32")
 
 
 def check_packs(shapes: dict[str, tuple[int, int]], kind: str) -> str | None:

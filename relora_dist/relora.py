@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
-import re
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# The rules (hyperparameters, target selection, pruning) live in relora_rules, shared with the
+# start-up config check; re-exported here as part of this module's API.
+from relora_dist.relora_rules import (DEFAULT_TARGETS, PRUNE_MODES, ReLoRAConfigError, check_hparams,
+                                      check_prune, select_targets)
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -55,16 +58,6 @@ __all__ = [
     "cumulative_rank",
     "effective_rank",
 ]
-
-#: Hugging Face LLaMA attention and MLP projections (what the reference wraps for LLaMA).
-DEFAULT_TARGETS: list[str] = [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"]
-
-PRUNE_MODES = ("zero", "random", "magnitude")
-
-
-class ReLoRAConfigError(ValueError):
-    """A ReLoRA setting is invalid; the message names the problem and the fix on one line."""
-
 
 # --------------------------------------------------------------------------------------------------
 # Deterministic seeding
@@ -100,7 +93,7 @@ class ReLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, *,
                  name: str = "", seed: int = 0):
         super().__init__()
-        _check_hparams(r, alpha, dropout)
+        check_hparams(r, alpha, dropout)
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.weight = base.weight  # same Parameter object: no copy
@@ -166,15 +159,6 @@ class ReLoRALinear(nn.Module):
                 f"scale={self.scale:g}, dropout={p:g}, adapter_active={self.adapter_active}")
 
 
-def _check_hparams(r: int, alpha: float, dropout: float) -> None:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ReLoRAConfigError(f"LoRA rank r={r!r} is invalid: use an integer r >= 1 (reference default 128)")
-    if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
-        raise ReLoRAConfigError(f"lora alpha={alpha!r} is invalid: use a finite alpha > 0 (scale = alpha/r; reference 32)")
-    if not (isinstance(dropout, numbers.Real) and 0.0 <= dropout < 1.0):
-        raise ReLoRAConfigError(f"lora dropout={dropout!r} is invalid: use 0 <= dropout < 1 (reference 0.1)")
-
-
 # --------------------------------------------------------------------------------------------------
 # Model-level helpers
 # --------------------------------------------------------------------------------------------------
@@ -186,42 +170,10 @@ def wrap_model(model: nn.Module, target_patterns: list[str] | None, r: int, alph
 
     All checks run before the model is modified.  Returns the sorted wrapped module names.
     """
-    _check_hparams(r, alpha, dropout)
-    patterns = list(DEFAULT_TARGETS if target_patterns is None else target_patterns)
-    if isinstance(target_patterns, str) or not patterns:
-        raise ReLoRAConfigError(
-            f"target_patterns={target_patterns!r} is invalid: pass a non-empty list of regexes, "
-            f"e.g. {DEFAULT_TARGETS}")
+    check_hparams(r, alpha, dropout)
     if relora_modules(model):
         raise ReLoRAConfigError("model is already ReLoRA-wrapped: call wrap_model only once per model")
-    compiled = []
-    for pat in patterns:
-        try:
-            compiled.append(re.compile(pat))
-        except re.error as e:
-            raise ReLoRAConfigError(f"target pattern {pat!r} is not a valid regex ({e}): fix the pattern") from None
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    chosen: dict[str, nn.Linear] = {}
-    for pat, rx in zip(patterns, compiled):
-        hits = [n for n in linears if rx.search(n)]
-        if not hits:
-            avail = sorted(linears)
-            few = ", ".join(avail[:6]) + (f", ... ({len(avail)} in all)" if len(avail) > 6 else "")
-            raise ReLoRAConfigError(
-                f"target pattern {pat!r} matches no nn.Linear module: fix or drop it; "
-                f"available Linear names: {few or '(none)'}")
-        for n in hits:
-            chosen[n] = linears[n]
-    for n, m in sorted(chosen.items()):
-        if type(m) is not nn.Linear:
-            raise ReLoRAConfigError(
-                f"module {n!r} is a {type(m).__name__} (an nn.Linear subclass whose forward may bypass "
-                f"ours): exclude it from target_patterns")
-        max_r = min(m.in_features, m.out_features)
-        if r > max_r:
-            raise ReLoRAConfigError(
-                f"r={r} exceeds min(in, out) for module {n!r} (weight [{m.out_features}, "
-                f"{m.in_features}]): use r <= {max_r} or exclude the module")
+    chosen = select_targets(model, DEFAULT_TARGETS if target_patterns is None else target_patterns, r)
     for n, m in chosen.items():
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -399,10 +351,7 @@ def prune_keep(fragment: Tensor, start: int, numel: int, mode: str, p: float,
     ``prune_mask(full)``. Magnitude needs the whole tensor's ``threshold``
     (magnitude_threshold); random draws U over all ``numel`` elements and keeps the fragment's
     part; so each rank prunes its own shard."""
-    if mode not in PRUNE_MODES:
-        raise ReLoRAConfigError(f"unknown optimizer prune mode {mode!r}: use one of {list(PRUNE_MODES)}")
-    if not (isinstance(p, numbers.Real) and 0.0 <= p <= 1.0):
-        raise ReLoRAConfigError(f"prune fraction p={p!r} is invalid: use 0 <= p <= 1 (e.g. 0.9 or 0.99)")
+    check_prune(mode, p)
     if mode == "zero" or numel == 0:
         return torch.zeros(fragment.shape, dtype=torch.bool, device=fragment.device)
     if mode == "random":

@@ -20,6 +20,7 @@ from relora_dist.checkpoint import (
     list_checkpoints,
     read_manifest,
 )
+from relora_dist.config import SECTIONS, ConfigError, _suggest, to_dict
 from relora_dist.quant_steps import requantize_all
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -191,8 +192,6 @@ def check_output_dir(cfg, checkpoint_root: str | Path) -> None:
     checkpoint; otherwise one whose run-identity settings differ from this launch's, unless
     checkpoint.allow_changes lists every changed key (torchtitan-style auto-resume of the same run
     is what a preempted cluster job needs). checkpoint.overwrite lifts both."""
-    from relora_dist.config import to_dict
-
     ck = cfg.checkpoint
     if ck.overwrite:
         return
@@ -223,6 +222,32 @@ def check_output_dir(cfg, checkpoint_root: str | Path) -> None:
             f"{target} was written with other settings ({listed}); to continue this run with them pass "
             f"--checkpoint.allow_changes={','.join(refused)}, else use another --run.output_dir (or "
             f"--checkpoint.overwrite=true to replace it)")
+
+
+def checkpoint_root(cfg) -> Path:
+    """checkpoint.dir, or run.output_dir/checkpoints."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.output_dir) / "checkpoints"
+
+
+def check_checkpoint_config(cfg) -> None:
+    """The checkpoint.* settings, and never train over another run's checkpoints (losing nothing):
+    check_output_dir's refusals as ConfigError, before any work."""
+    ck = cfg.checkpoint
+    if ck.save_every < 0 or ck.keep_last < 0:
+        raise ConfigError(f"checkpoint.save_every={ck.save_every} and checkpoint.keep_last={ck.keep_last} "
+                          f"must be >= 0 (0 = only at the end / keep all)")
+    for key in ck.allow_changes:
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or name not in vars(getattr(cfg, section)):
+            known = [f"{s}.{k}" for s in SECTIONS for k in vars(getattr(cfg, s))]
+            raise ConfigError(f"checkpoint.allow_changes: unknown key '{key}': {_suggest(key, known)}")
+        if is_structural(key):
+            raise ConfigError(f"checkpoint.allow_changes: {key} changes the model's tensors and cannot change "
+                              f"within a run; drop it (use another run.output_dir for a new run)")
+    try:
+        check_output_dir(cfg, checkpoint_root(cfg))
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
 
 
 def remove_checkpoints(checkpoint_root: str | Path) -> None:

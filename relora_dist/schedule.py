@@ -20,7 +20,10 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["ScheduleError", "warmup_cosine", "jagged_cosine", "whole_run_jagged", "validate_jagged", "is_reset_step"]
+from relora_dist.config import ConfigError
+
+__all__ = ["ScheduleError", "warmup_cosine", "jagged_cosine", "whole_run_jagged", "validate_jagged",
+           "check_min_lr_ratio", "check_schedule_config", "is_reset_step"]
 
 
 class ScheduleError(ValueError):
@@ -29,7 +32,7 @@ class ScheduleError(ValueError):
 
 def _int(name: str, v: object, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-        raise ScheduleError(f"{name}={v!r} is invalid: use an integer >= {lo}")
+        raise ScheduleError(f"{name}={v!r} must be an integer >= {lo}")
     return int(v)
 
 
@@ -48,7 +51,7 @@ def warmup_cosine(step: int, warmup: int, total: int, min_lr_ratio: float) -> fl
     warmup = _int("warmup", warmup, 0)
     if warmup > total:
         raise ScheduleError(f"warmup={warmup} exceeds total={total}: use 0 <= warmup <= {total}")
-    if not (isinstance(min_lr_ratio, numbers.Real) and 0.0 <= min_lr_ratio <= 1.0):
+    if not (isinstance(min_lr_ratio, numbers.Real) and 0.0 <= min_lr_ratio <= 1.0):  # 0 allowed here
         raise ScheduleError(f"min_lr_ratio={min_lr_ratio!r} is invalid: use 0 <= min_lr_ratio <= 1")
     if step < warmup:
         return step / warmup
@@ -66,31 +69,64 @@ def _divisors_near(total: int, c: int, k: int = 2) -> list[int]:
 
 
 def validate_jagged(total: int, first_warmup: int, restart_warmup: int, cycle_length: int,
-                    min_lr_ratio: float) -> None:
+                    min_lr_ratio: float, *, keys: dict[str, str] | None = None, offset: int = 0) -> None:
     """Raise ScheduleError (one line, naming valid values) unless: cycle_length >= 1;
     total is a positive multiple of cycle_length; 0 <= first_warmup <= cycle_length;
     1 <= restart_warmup < cycle_length; 0 < min_lr_ratio <= 1 (the reference's asserts, plus
-    restart_warmup >= 1 so the LR really is 0 at each reset step)."""
-    c = _int("cycle_length", cycle_length, 1)
-    t = _int("total", total, 1)
-    w1 = _int("first_warmup", first_warmup, 0)
-    wr = _int("restart_warmup", restart_warmup, 1)
+    restart_warmup >= 1 so the LR really is 0 at each reset step).
+
+    `keys` renames the arguments in the messages (check_schedule_config passes config keys, so one
+    set of rules serves both callers); with keys, suggested values are written as `key=value` and
+    the totals as keys["total_fix"] = the suggested phase length + `offset` (the steps before it)."""
+    k = {"total": "total", "total_fix": "total", "first_warmup": "first_warmup",
+         "restart_warmup": "restart_warmup", "cycle_length": "cycle_length", "min_lr_ratio": "min_lr_ratio",
+         **(keys or {})}
+    cl, fw, rw = k["cycle_length"], k["first_warmup"], k["restart_warmup"]
+    c = _int(cl, cycle_length, 1)
+    t = _int(k["total"], total, 1)
+    w1 = _int(fw, first_warmup, 0)
+    wr = _int(rw, restart_warmup, 0)
     if t % c != 0:
         lower, upper = (t // c) * c, (t // c + 1) * c
-        totals = " or ".join(str(x) for x in (lower, upper) if x > 0)
-        cycles = " or ".join(str(d) for d in _divisors_near(t, c))
+        totals = " or ".join(str(x + offset) for x in (lower, upper) if x > 0)
+        cycles = (f"{cl}=" if keys else "") + " or ".join(str(d) for d in _divisors_near(t, c))
         raise ScheduleError(
-            f"ReLoRA phase length total={t} is not a multiple of cycle_length={c}: "
-            f"use total={totals}, or a cycle_length dividing {t} such as {cycles}")
+            f"ReLoRA phase length {k['total']}={t} is not a multiple of {cl}={c}: "
+            f"use {k['total_fix']}={totals}, or a {cl} dividing {t} such as {cycles}")
     if w1 > c:
         raise ScheduleError(
-            f"first_warmup={w1} exceeds cycle_length={c} (the first reset would come before the warmup "
-            f"ends): use 0 <= first_warmup <= {c}")
+            f"{fw}={w1} exceeds {cl}={c} (the first reset would come before the warmup ends): use {fw} <= {c}")
+    if wr < 1:
+        raise ScheduleError(f"{rw}={wr} must be >= 1 (the LR must be 0 at each reset step): use e.g. "
+                            f"{rw}={max(1, min(5, c - 1))}")
     if wr >= c:
-        raise ScheduleError(
-            f"restart_warmup={wr} must be shorter than cycle_length={c}: use 1 <= restart_warmup <= {c - 1}")
-    if not (isinstance(min_lr_ratio, numbers.Real) and 0.0 < min_lr_ratio <= 1.0):
-        raise ScheduleError(f"min_lr_ratio={min_lr_ratio!r} is invalid: use 0 < min_lr_ratio <= 1 (e.g. 0.1)")
+        raise ScheduleError(f"{rw}={wr} must be shorter than {cl}={c}: use 1 <= {rw} <= {c - 1}")
+    check_min_lr_ratio(min_lr_ratio, k["min_lr_ratio"])
+
+
+def check_min_lr_ratio(value: float, key: str = "min_lr_ratio") -> None:
+    """Both phases' cosine envelopes end at min_lr_ratio x the peak: 0 < min_lr_ratio <= 1."""
+    if not (isinstance(value, numbers.Real) and 0.0 < value <= 1.0):
+        raise ScheduleError(f"{key}={value!r} is invalid: use 0 < {key} <= 1 (e.g. 0.1)")
+
+
+def check_schedule_config(cfg) -> None:
+    """schedule.* and, when the ReLoRA phase resets, its jagged cosine, named by config key: the same
+    rules jagged_cosine enforces at run time (validate_jagged), raised as ConfigError."""
+    r, t = cfg.relora, cfg.train
+    if cfg.schedule.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be >= 0")
+    try:
+        check_min_lr_ratio(cfg.schedule.min_lr_ratio, "schedule.min_lr_ratio")
+        if r.enabled and r.resets:
+            keys = {"total": f"(train.max_steps={t.max_steps} - relora.warm_start_steps={r.warm_start_steps})",
+                    "total_fix": "train.max_steps", "first_warmup": "relora.first_warmup",
+                    "restart_warmup": "relora.restart_warmup", "cycle_length": "relora.cycle_length",
+                    "min_lr_ratio": "schedule.min_lr_ratio"}
+            validate_jagged(cfg.relora_steps, r.first_warmup, r.restart_warmup, r.cycle_length,
+                            cfg.schedule.min_lr_ratio, keys=keys, offset=r.warm_start_steps)
+    except ScheduleError as e:
+        raise ConfigError(str(e)) from None
 
 
 def jagged_cosine(t: int, total: int, first_warmup: int, restart_warmup: int, cycle_length: int,

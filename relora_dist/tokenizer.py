@@ -52,17 +52,26 @@ class SPTokenizer:
     ``encode`` never adds BOS/EOS (the data pipeline appends EOS per document).
     """
 
-    def __init__(self, tokenizer_dir: str):
+    def __init__(self, tokenizer_dir: str, key: str = "tokenizer directory"):
+        """`key` names the folder in error messages (the config check passes data.tokenizer_dir).
+        Raises FileNotFoundError for a missing folder or model file, ValueError for a model file
+        sentencepiece cannot read."""
         import sentencepiece as spm
 
         self.path = os.path.abspath(tokenizer_dir)
         model = os.path.join(self.path, MODEL_FILE)
+        train = f"train one with tools/train_tokenizer.py --input FILES --out {tokenizer_dir}"
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"{key} '{tokenizer_dir}' does not exist; pass a folder with {MODEL_FILE} "
+                                    f"({train}) or use the bundled assets/tokenizer")
         if not os.path.isfile(model):
-            raise FileNotFoundError(
-                f"no {MODEL_FILE} in {self.path}; train one with "
-                f"`python tools/train_tokenizer.py --input FILES --out {tokenizer_dir}` "
-                f"or use the bundled assets/tokenizer")
-        self.sp = spm.SentencePieceProcessor(model_file=model)
+            raise FileNotFoundError(f"{key} '{tokenizer_dir}' has no {MODEL_FILE}; pass a SentencePiece tokenizer "
+                                    f"folder ({train}) or use the bundled assets/tokenizer")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model)
+        except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
+            raise ValueError(f"{key} '{tokenizer_dir}': {MODEL_FILE} is not a SentencePiece model "
+                             f"({' '.join(str(e).split())[:120]}); retrain it with tools/train_tokenizer.py") from None
 
     @property
     def vocab_size(self) -> int:
@@ -110,9 +119,9 @@ class SPTokenizer:
         return f"SPTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(tokenizer_dir: str) -> SPTokenizer:
+def load_tokenizer(tokenizer_dir: str, key: str = "tokenizer directory") -> SPTokenizer:
     """Load ``<tokenizer_dir>/tokenizer.model``; returns an :class:`SPTokenizer`."""
-    return SPTokenizer(tokenizer_dir)
+    return SPTokenizer(tokenizer_dir, key)
 
 
 def tokenizer_checksum(tokenizer_dir: str) -> str:
@@ -156,14 +165,14 @@ def train_tokenizer(inputs: list[str], out_dir: str, vocab_size: int = 8000,
     """Train a SentencePiece model on ``inputs`` and write it to ``out_dir``.
 
     ``inputs``: local .txt / .jsonl / .json / .jsonl.xz / .parquet files, read with the same
-    document semantics as :func:`relora_dist.data.load_documents` (``text_field`` for
+    document semantics as :func:`relora_dist.documents.load_documents` (``text_field`` for
     json/parquet, ``txt_split`` for text files). ``input_sentence_size`` caps how many
     training sentences sentencepiece samples (0 = all). Writes ``tokenizer.model`` and
     ``tokenizer_config.json``; returns the path of ``tokenizer.model``.
     """
     import sentencepiece as spm
 
-    from relora_dist.data import load_documents  # lazy: relora_dist.data imports this module
+    from relora_dist.documents import load_documents
 
     docs = load_documents(inputs, text_field=text_field, txt_split=txt_split)  # column "text"
     buf = io.BytesIO()

@@ -20,7 +20,7 @@ from relora_dist import faults
 from relora_dist import relora_steps as steps
 from relora_dist import resume
 from relora_dist.backends.factory import make_backend
-from relora_dist.config import Config, ConfigError, dump_config, validate
+from relora_dist.config import Config, dump_config
 from relora_dist.data import (
     DEFAULT_CORPUS,
     DEFAULT_TOKENIZER,
@@ -37,6 +37,7 @@ from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_m
 from relora_dist.model import build_model, flops_per_token, llama_config
 from relora_dist.relora import freeze_for_full_rank, relora_modules, wrap_model
 from relora_dist.tokenizer import load_tokenizer
+from relora_dist.validation import validate
 
 
 @dataclass
@@ -98,11 +99,7 @@ class Trainer:
         m = c.model
         self.model_config = llama_config(m.preset, self.tokenizer.vocab_size, c.data.seq_len, m.hidden_size,
                                          m.intermediate_size, m.num_layers, m.num_heads)
-        self.model = build_model(self.model_config, c.train.seed, m.init_from)
-        if self.model.config.vocab_size != self.tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.init_from '{m.init_from}' has vocab {self.model.config.vocab_size} but the tokenizer "
-                f"'{tokenizer_dir}' has {self.tokenizer.vocab_size}; use the tokenizer the model was trained with")
+        self.model = build_model(self.model_config, c.train.seed, m.init_from)  # vocab checked by validate
         self.model_config = self.model.config
         self.modules = {}
         if c.relora.enabled:
@@ -118,7 +115,7 @@ class Trainer:
         self.masters = None
         self.engine = None
         self.output_dir = Path(c.run.output_dir)
-        self.checkpoint_root = Path(c.checkpoint.dir) if c.checkpoint.dir else self.output_dir / "checkpoints"
+        self.checkpoint_root = resume.checkpoint_root(c)
         resume.check_output_dir(c, self.checkpoint_root)
         stale = ckpt.remove_stale_temporaries(self.checkpoint_root) if info.is_main else []
         if stale:
@@ -213,9 +210,6 @@ class Trainer:
             loss = self.backend.forward_loss(self.engine, batch)
             sums += torch.tensor([float(loss) * batch.shape[0], batch.shape[0]], dtype=torch.float64)
         sums = self._all_reduce(sums)
-        if sums[1] == 0:
-            raise ConfigError(f"validation split has fewer than {self.info.world_size * c.train.micro_batch_size} "
-                              f"blocks; raise data.val_fraction or lower train.micro_batch_size")
         loss = float(sums[0] / sums[1])
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 

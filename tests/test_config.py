@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relora_dist.config import (SECTIONS, Config, ConfigError, dump_config, field_docs, help_text, load_config,
-                                validate)
+from relora_dist.config import SECTIONS, Config, ConfigError, dump_config, field_docs, help_text, load_config
+from relora_dist.validation import validate
 from relora_dist.data import DEFAULT_TOKENIZER
 
 REPO = Path(__file__).resolve().parent.parent

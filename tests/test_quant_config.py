@@ -2,8 +2,9 @@
 
 import pytest
 
-from relora_dist.config import ConfigError, load_config, validate
+from relora_dist.config import ConfigError, load_config
 from relora_dist.ds_config import build_ds_config
+from relora_dist.validation import validate
 
 
 def _cfg(*overrides):

@@ -7,8 +7,7 @@ import pytest
 
 from relora_dist.checkpoint import CheckpointError, read_manifest
 from relora_dist.config import ConfigError, load_config
-from relora_dist.resume import check_output_dir, resume_target
-from relora_dist.validation import _validate_checkpoint
+from relora_dist.resume import check_checkpoint_config, check_output_dir, resume_target
 from tests.dist_utils import fake_checkpoint
 
 
@@ -61,9 +60,9 @@ def test_structural_keys_cannot_be_allowed(run):
     assert "relora.r cannot change within a run" in _error(base, root, "--relora.r=4")
     cfg = load_config(None, base + ["--checkpoint.allow_changes=relora.r"])
     with pytest.raises(ConfigError, match="relora.r changes the model's tensors"):
-        _validate_checkpoint(cfg)
+        check_checkpoint_config(cfg)
     with pytest.raises(ConfigError, match="did you mean 'optimizer.lr'"):
-        _validate_checkpoint(load_config(None, base + ["--checkpoint.allow_changes=optimizer.lrr"]))
+        check_checkpoint_config(load_config(None, base + ["--checkpoint.allow_changes=optimizer.lrr"]))
 
 
 @pytest.mark.parametrize("garbage", ["{{{ not yaml", "- a list\n", "train: 3\n", ""])

@@ -1,21 +1,23 @@
 """Data pipeline: documents -> token ids -> packed fixed-length blocks -> per-rank batches.
 
-    prepare.py  load documents, tokenize, split train/val, pack to disk; the prepare-on-first-use cache
-    blocks.py   the prepared format: meta.json checks and the memory-mapped block view
-    loader.py   deterministic, resumable, rank-sharded training batches; evaluation batches
+    ../documents.py  load documents from files (no tokenizer: tokenizer training reads them too)
+    prepare.py       tokenize, split train/val, pack to disk; the prepare-on-first-use cache
+    blocks.py        the prepared format: meta.json checks and the memory-mapped block view
+    loader.py        deterministic, resumable, rank-sharded training batches; evaluation batches
+    check.py         the same rules applied to a run config before any work (named by config key)
 
 Everything public is importable from ``relora_dist.data``.
 """
 from relora_dist.data.blocks import (FORMAT_VERSION, SPLITS, DataError, PackedBlocks,
                                      check_tokenizer_matches, read_meta)
+from relora_dist.data.check import PREPARE_HINT, check_data_config
 from relora_dist.data.loader import BlockLoader, DistributedBlockSampler, eval_batches
-from relora_dist.data.prepare import (DEFAULT_CORPUS, DEFAULT_TOKENIZER, _builder_for,  # noqa: F401
-                                      ensure_prepared, load_documents, prepare_dataset)
+from relora_dist.data.prepare import DEFAULT_CORPUS, DEFAULT_TOKENIZER, ensure_prepared, prepare_dataset
+from relora_dist.documents import load_documents
 
-# _builder_for is re-exported for relora_dist.validation, which checks source suffixes with it.
 __all__ = [
-    "DataError", "DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "FORMAT_VERSION", "SPLITS",
+    "DataError", "DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "FORMAT_VERSION", "SPLITS", "PREPARE_HINT",
     "load_documents", "prepare_dataset", "ensure_prepared", "read_meta",
     "PackedBlocks", "BlockLoader", "DistributedBlockSampler", "eval_batches",
-    "check_tokenizer_matches",
+    "check_tokenizer_matches", "check_data_config",
 ]

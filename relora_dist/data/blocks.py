@@ -8,51 +8,107 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from relora_dist.documents import DataError
 from relora_dist.tokenizer import tokenizer_checksum
 
-__all__ = ["DataError", "FORMAT_VERSION", "SPLITS", "read_meta", "check_tokenizer_matches",
-           "PackedBlocks"]
+__all__ = ["DataError", "FORMAT_VERSION", "SPLITS", "Wording", "check_seq_len", "read_meta", "check_blocks",
+           "check_tokenizer_matches", "PackedBlocks"]
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
 
-class DataError(ValueError):
-    """A data problem the user can fix; the message is one line naming the fix."""
+@dataclass(frozen=True)
+class Wording:
+    """How the messages name things: the Python API's defaults, or config keys (data/check.py).
+    `hint` tells how to (re)create the directory; `reprepare` how to prepare it for another seq_len
+    (both may use {dir} and {seq_len})."""
+
+    dir: str = "prepared data directory"
+    seq_len: str = "requested seq_len"
+    tokenizer: str = "tokenizer"
+    model: str = "the model"
+    hint: str = "run `python tools/prepare_data.py --out {dir}` first (or use ensure_prepared)"
+    reprepare: str = "re-run tools/prepare_data.py --seq_len {seq_len}"
 
 
-def read_meta(data_dir: str) -> dict:
+API = Wording()
+
+
+def check_seq_len(seq_len: int, key: str = "seq_len") -> None:
+    """A block holds at least one input token and the next token it predicts."""
+    if seq_len < 2:
+        raise DataError(f"{key}={seq_len} is too small; use a block length of at least 2")
+
+
+def read_meta(data_dir: str, w: Wording = API) -> dict:
     """Load and check ``data_dir/meta.json``; raise DataError naming the fix if unusable."""
-    hint = f"run `python tools/prepare_data.py --out {data_dir}` first (or use ensure_prepared)"
+    hint = w.hint.format(dir=data_dir, seq_len="SEQ_LEN")
     if not os.path.isdir(data_dir):
-        raise DataError(f"prepared data directory {data_dir!r} does not exist; {hint}")
+        raise DataError(f"{w.dir} '{data_dir}' does not exist; {hint}")
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
-        raise DataError(f"{path!r} is missing (data not prepared or preparation interrupted); {hint}")
-    with open(path) as f:
-        meta = json.load(f)
+        raise DataError(f"{w.dir} '{data_dir}' has no meta.json (not prepared, or preparation was interrupted); "
+                        f"{hint}")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        int(meta["seq_len"]), int(meta["vocab_size"]), np.dtype(meta["dtype"]), dict(meta["num_blocks"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{w.dir} '{data_dir}': meta.json is unreadable ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:100]}); {hint}") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{data_dir!r} has data format {meta.get('format_version')}, this code "
-                        f"reads {FORMAT_VERSION}; re-run tools/prepare_data.py")
+        raise DataError(f"{w.dir} '{data_dir}' has data format {meta.get('format_version')}, this code "
+                        f"reads {FORMAT_VERSION}; {hint}")
     return meta
 
 
+def check_blocks(data_dir: str, meta: dict, split: str, seq_len: int, w: Wording = API) -> tuple[str, int]:
+    """`split` of the prepared data can be read as blocks of `seq_len` (a divisor of the prepared
+    block length) and its file is complete; returns (path, number of tokens)."""
+    prepared, reprepare = meta["seq_len"], w.reprepare.format(dir="NEW_DIR", seq_len=seq_len)
+    if split not in meta["num_blocks"]:
+        raise DataError(f"unknown split '{split}' in {w.dir} '{data_dir}': meta.json lists "
+                        f"{sorted(meta['num_blocks'])}; {w.hint.format(dir=data_dir, seq_len=seq_len)}")
+    if seq_len > prepared:
+        raise DataError(f"{w.seq_len}={seq_len} is longer than the prepared blocks ({prepared} tokens) in "
+                        f"{w.dir} '{data_dir}'; use {w.seq_len}={prepared} (or a divisor of it), or re-prepare: "
+                        f"{reprepare}")
+    if prepared % seq_len:
+        divisors = [x for x in range(2, prepared + 1) if prepared % x == 0]
+        near = sorted(sorted(divisors, key=lambda x: (abs(x - seq_len), x))[:2])
+        raise DataError(f"{w.seq_len}={seq_len} does not divide the prepared block length {prepared} in "
+                        f"{w.dir} '{data_dir}'; use {w.seq_len}={' or '.join(map(str, near))}, or re-prepare: "
+                        f"{reprepare}")
+    n_tokens = int(meta["num_blocks"][split]) * prepared
+    path = os.path.join(data_dir, f"{split}.bin")
+    size, want = os.path.getsize(path) if os.path.isfile(path) else -1, n_tokens * np.dtype(meta["dtype"]).itemsize
+    if size != want:
+        raise DataError(f"{w.dir} '{data_dir}': {split}.bin has {size} bytes, meta.json expects {want} (missing or "
+                        f"truncated); {w.hint.format(dir=data_dir, seq_len=seq_len)}")
+    return path, n_tokens
+
+
 def check_tokenizer_matches(data_dir: str, vocab_size_of_model: int,
-                            tokenizer_dir: str | None = None) -> None:
+                            tokenizer_dir: str | None = None, w: Wording = API) -> None:
     """Raise DataError unless the prepared data's vocab size equals the model's (and, when
     ``tokenizer_dir`` is given, the data was tokenized with that tokenizer)."""
-    meta = read_meta(data_dir)
+    meta = read_meta(data_dir, w)
+    hint = w.hint.format(dir=data_dir, seq_len=meta["seq_len"])
     if meta["vocab_size"] != vocab_size_of_model:
-        raise DataError(f"data in {data_dir!r} was tokenized with vocab_size {meta['vocab_size']} "
-                        f"but the model has vocab_size {vocab_size_of_model}; set the model's "
-                        f"vocab_size to {meta['vocab_size']} or re-prepare the data with its tokenizer")
-    if tokenizer_dir is not None and tokenizer_checksum(tokenizer_dir) != meta["tokenizer_checksum"]:
-        raise DataError(f"data in {data_dir!r} was tokenized with a different tokenizer than "
-                        f"{tokenizer_dir!r}; re-run tools/prepare_data.py --tokenizer {tokenizer_dir}")
+        raise DataError(f"{w.dir} '{data_dir}' was tokenized with a vocabulary of {meta['vocab_size']} but "
+                        f"{w.model} has {vocab_size_of_model}; pass the tokenizer the data was prepared with "
+                        f"(vocab_size {meta['vocab_size']}), or re-prepare: {hint}")
+    checksum = meta.get("tokenizer_checksum")  # absent in hand-made data: only the size is compared
+    if tokenizer_dir is not None and checksum and tokenizer_checksum(tokenizer_dir) != checksum:
+        raise DataError(f"{w.dir} '{data_dir}' was tokenized with a different tokenizer than {w.tokenizer} "
+                        f"'{tokenizer_dir}' (same vocabulary size {vocab_size_of_model}, different tokenizer.model "
+                        f"checksum); pass the tokenizer the data was prepared with, or re-prepare: {hint}")
 
 
 class PackedBlocks(torch.utils.data.Dataset):
@@ -64,26 +120,9 @@ class PackedBlocks(torch.utils.data.Dataset):
 
     def __init__(self, data_dir: str, split: str, seq_len: int):
         self.meta = meta = read_meta(data_dir)
-        if split not in meta["num_blocks"]:
-            raise DataError(f"unknown split {split!r} in {data_dir!r}; use one of "
-                            f"{sorted(meta['num_blocks'])}")
-        prepared = meta["seq_len"]
-        if seq_len > prepared:
-            raise DataError(f"requested seq_len {seq_len} is longer than the prepared blocks "
-                            f"({prepared}) in {data_dir!r}; re-run tools/prepare_data.py "
-                            f"--seq_len {seq_len} (or lower seq_len)")
-        if prepared % seq_len:
-            raise DataError(f"requested seq_len {seq_len} does not divide the prepared block "
-                            f"length {prepared} in {data_dir!r}; use a divisor of {prepared} or "
-                            f"re-run tools/prepare_data.py --seq_len {seq_len}")
+        path, n_tokens = check_blocks(data_dir, meta, split, seq_len)
         self.data_dir, self.split, self.seq_len = data_dir, split, seq_len
         self.dtype = np.dtype(meta["dtype"])
-        n_tokens = meta["num_blocks"][split] * prepared
-        path = os.path.join(data_dir, f"{split}.bin")
-        size = os.path.getsize(path) if os.path.isfile(path) else -1
-        if size != n_tokens * self.dtype.itemsize:
-            raise DataError(f"{path!r} has {size} bytes, meta.json expects "
-                            f"{n_tokens * self.dtype.itemsize}; re-run tools/prepare_data.py")
         self._path, self._n_tokens = path, n_tokens
         self._open()
 

@@ -12,7 +12,27 @@ import torch
 
 from relora_dist.data.blocks import DataError, PackedBlocks
 
-__all__ = ["BlockLoader", "DistributedBlockSampler", "eval_batches"]
+__all__ = ["BlockLoader", "DistributedBlockSampler", "eval_batches", "check_train_blocks", "check_eval_blocks"]
+
+
+def check_train_blocks(n_blocks: int, global_batch: int, what: str, batch: str, fix: str) -> None:
+    """Training needs at least one global batch of blocks (an incomplete last batch is dropped).
+    `what` names the data, `batch` how the global batch is made, `fix` the fix."""
+    if n_blocks < global_batch:
+        raise DataError(f"{what} has {n_blocks} training sequences, fewer than one global batch ({batch}); {fix}")
+
+
+def check_eval_blocks(n_blocks: int, micro_batch_size: int, world_size: int, max_blocks: int | None, what: str,
+                      fix: str) -> int:
+    """The blocks one evaluation reads: the first `max_blocks` (all if None) rounded down to a
+    multiple of world_size x micro_batch_size, so every rank runs the same number of batches;
+    DataError if that leaves none."""
+    n = n_blocks if max_blocks is None else min(max_blocks, n_blocks)
+    unit = world_size * micro_batch_size
+    if n // unit == 0:
+        raise DataError(f"{what} has {n_blocks} validation sequences (max_blocks={max_blocks}), fewer than world_size "
+                        f"x micro_batch_size = {unit}; {fix}")
+    return n // unit * unit
 
 
 class BlockLoader:
@@ -35,11 +55,9 @@ class BlockLoader:
         self.blocks, self.mb, self.ga = blocks, micro_batch_size, grad_accum
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.global_batch = micro_batch_size * grad_accum * world_size
-        if len(blocks) < self.global_batch:
-            raise DataError(f"split {blocks.split!r} has {len(blocks)} blocks of {blocks.seq_len} "
-                            f"tokens, fewer than one global batch ({micro_batch_size} x "
-                            f"{grad_accum} x {world_size} = {self.global_batch}); lower the "
-                            f"batch size / grad_accum or use more data")
+        check_train_blocks(len(blocks), self.global_batch, f"split '{blocks.split}'",
+                           f"{micro_batch_size} x {grad_accum} x {world_size} = {self.global_batch}",
+                           "lower the batch size / grad_accum or use more data")
         self.epoch, self.step_in_epoch = 0, 0
         self._perm_epoch, self._perm = None, None
 
@@ -97,13 +115,8 @@ def eval_batches(blocks: PackedBlocks, micro_batch_size: int, rank: int, world_s
     Every rank yields the same number of batches (needed for collective loss averaging).
     Raises DataError (eagerly) when that leaves no block at all.
     """
-    n = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
-    unit = world_size * micro_batch_size
-    n = n // unit * unit
-    if n == 0:
-        raise DataError(f"split {blocks.split!r} has {len(blocks)} blocks (max_blocks="
-                        f"{max_blocks}), fewer than world_size x micro_batch_size = {unit}; "
-                        f"raise val_fraction / max_blocks or lower the eval micro batch size")
+    n = check_eval_blocks(len(blocks), micro_batch_size, world_size, max_blocks, f"split '{blocks.split}'",
+                          "raise val_fraction / max_blocks or lower the eval micro batch size")
     share = n // world_size
     lo = rank * share
 

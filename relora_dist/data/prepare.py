@@ -15,86 +15,16 @@ import numpy as np
 import torch
 
 from relora_dist import resources
-from relora_dist.data.blocks import FORMAT_VERSION, SPLITS, DataError
+from relora_dist.data.blocks import FORMAT_VERSION, SPLITS, DataError, check_seq_len
+from relora_dist.documents import load_documents
 from relora_dist.tokenizer import load_tokenizer, tokenizer_checksum
 
-__all__ = ["DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "load_documents", "prepare_dataset",
-           "ensure_prepared"]
+__all__ = ["DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "prepare_dataset", "ensure_prepared"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = resources.CORPUS
 DEFAULT_TOKENIZER = resources.TOKENIZER
-
-_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json",
-             ".jsonl": "json", ".parquet": "parquet"}
-_COMPRESSION = (".xz", ".gz", ".bz2", ".zst", ".lz4")
-
-
-# ----------------------------------------------------------------------------- loading
-def _builder_for(path: str) -> str:
-    name = path.lower()
-    for ext in _COMPRESSION:  # datasets decompresses these transparently
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    for ext, builder in _BUILDERS.items():
-        if name.endswith(ext):
-            return builder
-    raise DataError(f"unsupported data file {path!r}; use .txt, .jsonl, .jsonl.xz or .parquet")
-
-
-def load_documents(sources: list[str] | None, text_field: str = "text",
-                   txt_split: str = "paragraph", hf_dataset: str | None = None,
-                   hf_split: str = "train"):
-    """Load documents as a ``datasets.Dataset`` with one column ``"text"``, in source order.
-
-    Local files go through ``datasets.load_dataset("text"|"json"|"parquet")``; ``text_field``
-    names the column of json/parquet files. In text files a document is a blank-line
-    separated paragraph (``txt_split="paragraph"``), a line (``"line"``) or the whole file
-    (``"document"``). ``hf_dataset`` ("name" or "name:config") is loaded with ``hf_split``.
-    Empty documents are dropped (they would only add a lone EOS).
-    """
-    import datasets
-
-    if txt_split not in ("paragraph", "line", "document"):
-        raise DataError(f"txt_split={txt_split!r} is invalid; use paragraph, line or document")
-    sources = list(sources or [])
-    if not sources and not hf_dataset:
-        raise DataError("no data given; pass source files (e.g. DEFAULT_CORPUS) or hf_dataset")
-    parts = []
-    # Consecutive files of the same kind load in one call (order is preserved inside it).
-    groups: list[tuple[str, list[str]]] = []
-    for src in sources:
-        if not os.path.isfile(src):
-            raise DataError(f"data file {src!r} not found; check the path (or omit it to use "
-                            f"the bundled corpus {DEFAULT_CORPUS})")
-        builder = _builder_for(src)
-        if groups and groups[-1][0] == builder:
-            groups[-1][1].append(os.path.abspath(src))
-        else:
-            groups.append((builder, [os.path.abspath(src)]))
-    for builder, files in groups:
-        kwargs = {"sample_by": txt_split} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-        if builder == "text" and txt_split == "paragraph":
-            # datasets keeps separator newlines on paragraph edges; they belong to no document.
-            ds = ds.map(lambda b: {"text": [t.strip("\n") for t in b["text"]]}, batched=True)
-        parts.append(_text_column(ds, "text" if builder == "text" else text_field, files[0]))
-    if hf_dataset:
-        name, _, config = hf_dataset.partition(":")
-        ds = datasets.load_dataset(name, config or None, split=hf_split)
-        parts.append(_text_column(ds, text_field, hf_dataset))
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    return ds.filter(lambda b: [bool(t) for t in b["text"]], batched=True)
-
-
-def _text_column(ds, field: str, where: str):
-    if field not in ds.column_names:
-        raise DataError(f"{where!r} has no column {field!r} (columns: {ds.column_names}); "
-                        f"pass --text_field with the right one")
-    ds = ds.select_columns([field])
-    return ds.rename_column(field, "text") if field != "text" else ds
-
 
 # ----------------------------------------------------------------------------- preparing
 def _dtype_for(vocab_size: int) -> np.dtype:
@@ -125,8 +55,7 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
     """
     from tqdm.auto import tqdm
 
-    if seq_len < 2:
-        raise DataError(f"seq_len={seq_len} is too small; use a block length of at least 2")
+    check_seq_len(seq_len)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1); e.g. 0.05")
     tok = load_tokenizer(tokenizer_dir)
