@@ -332,3 +332,21 @@ def test_validate_reads_an_fsdp2_stage():
     # per trainable param in the full-rank phase).
     bench["stages"] = {"3": bench["stages"]["fsdp2"]}
     assert mm.validate(bench)[0]["error_pct"] > 20
+
+
+def test_fsdp2_measured_bytes_equal_the_model_by_category():
+    """tools/bench.py's FSDP2 stage (20m, fp32, world 2): every category as predicted, and the
+    measured ReLoRA-phase ratio where the model puts it for fp32: between ZeRO-3's (whose full-rank
+    phase carries an extra fp32 master copy) and ZeRO-2's (replicated params)."""
+    bench = json.loads((REPO / "benchmarks" / "bench_20m_fsdp2.json").read_text())
+    rows = [r for r in mm.validate(bench) if r["stage"] == "fsdp2"]
+    assert len(rows) == 3
+    for row in rows:
+        for cat, (pred, meas) in row["by_category"].items():
+            assert pred == pytest.approx(meas, rel=1e-4, abs=64), (row["phase"], cat)
+        assert row["by_category"]["fp32_master"] == (0.0, 0)
+    ratios = {k: s["state_bytes_ratio"] for k, s in bench["stages"].items()}
+    assert ratios["3"] < ratios["fsdp2"] < ratios["2"]
+    shape = mm.Shape(512, 1376, 4, 8000)
+    assert mm.ratio(shape, 2, "fsdp2", baseline="warm_start", compute="fp32", r=32) == pytest.approx(
+        ratios["fsdp2"], abs=1e-4)
