@@ -11,8 +11,8 @@ allocator slack are NOT modelled):
 | Adam moments (exp_avg, exp_avg_sq) | T x 8 / world | T x 8 / world | T x 8 / world |
 | fp32 merge masters of frozen wrapped W (ReLoRA, bf16 compute) | W x 4 / world | W x 4 / world | 0 (the shards) |
 
-FSDP2 (`fully_shard` per decoder layer, MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)
-under bf16) keeps every param as an fp32 row shard: those shards are the optimizer's masters AND
+FSDP2 (one sharded unit per decoder layer; under bf16 a mixed-precision policy with bf16 compute
+params and fp32 reductions, backends/fsdp2.py) keeps every param as an fp32 row shard: those shards are the optimizer's masters AND
 the frozen weights' merge masters, so nothing is kept beside them, and its sharded grads are fp32
 too. The bf16 copies exist only while a layer is unsharded in forward/backward (transient, like
 activations: not modelled). FSDP2 pads rows (ceil(rows / world) x cols per rank), modelled as
