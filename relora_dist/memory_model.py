@@ -1,15 +1,23 @@
-"""Analytic per-rank memory of the training state under DeepSpeed ZeRO-2/3, both phases.
+"""Analytic per-rank memory of the training state under DeepSpeed ZeRO-2/3 and FSDP2, both phases.
 
 What one rank holds between forward passes, in bytes (activations, communication buckets and
 allocator slack are NOT modelled):
 
-| item | ZeRO-2 | ZeRO-3 |
-|---|---|---|
-| compute params (all: trainable, frozen, adapters) | N x b (replicated) | N x b / world |
-| gradients of trainable params (partition) | T x b / world | T x b / world |
-| fp32 master of trainable params (a copy even with fp32 compute) | T x 4 / world | T x 4 / world |
-| Adam moments (exp_avg, exp_avg_sq) | T x 8 / world | T x 8 / world |
-| fp32 merge masters of frozen wrapped W (ReLoRA, bf16 compute) | W x 4 / world | W x 4 / world |
+| item | ZeRO-2 | ZeRO-3 | FSDP2 |
+|---|---|---|---|
+| params (all: trainable, frozen, adapters) | N x b (replicated) | N x b / world | N x 4 / world (fp32 shards) |
+| gradients of trainable params (partition) | T x b / world | T x b / world | T x 4 / world |
+| fp32 master of trainable params (a copy even with fp32 compute) | T x 4 / world | T x 4 / world | 0 (the shards) |
+| Adam moments (exp_avg, exp_avg_sq) | T x 8 / world | T x 8 / world | T x 8 / world |
+| fp32 merge masters of frozen wrapped W (ReLoRA, bf16 compute) | W x 4 / world | W x 4 / world | 0 (the shards) |
+
+FSDP2 (one sharded unit per decoder layer; under bf16 a mixed-precision policy with bf16 compute
+params and fp32 reductions, backends/fsdp2.py) keeps every param as an fp32 row shard: those shards are the optimizer's masters AND
+the frozen weights' merge masters, so nothing is kept beside them, and its sharded grads are fp32
+too. The bf16 copies exist only while a layer is unsharded in forward/backward (transient, like
+activations: not modelled). FSDP2 pads rows (ceil(rows / world) x cols per rank), modelled as
+ceil(numel / world): the same wherever the world size divides the row count (every preset at 2, 8
+and 64 ranks).
 
 b = 2 (bf16 compute) or 4 (fp32). N counts the adapters whenever the model is wrapped (this system
 wraps before the first engine, so its warm start holds frozen adapters too); T is the trainable
@@ -106,11 +114,14 @@ def _per_rank(sizes: list[int], world: int, sharded: bool) -> float:
     return float(sum(-(-n // world) for n in sizes))
 
 
-def _check(phase: str, stage: int, compute: str, master_device: str) -> None:
+ENGINES = (2, 3, "fsdp2")  # ZeRO stages and FSDP2, as `stage` arguments name them
+
+
+def _check(phase: str, stage: int | str, compute: str, master_device: str) -> None:
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r}: use one of {PHASES}")
-    if stage not in (2, 3):
-        raise ValueError(f"stage {stage}: use 2 or 3")
+    if stage not in ENGINES:
+        raise ValueError(f"stage {stage}: use 2, 3 (ZeRO) or fsdp2")
     if compute not in ("bf16", "fp32"):
         raise ValueError(f"compute {compute!r}: use bf16 or fp32")
     if master_device not in MASTER_DEVICES:
@@ -120,8 +131,9 @@ def _check(phase: str, stage: int, compute: str, master_device: str) -> None:
 def merge_master_bytes(shape: Shape, world: int, stage: int, *, compute: str = "bf16", r: int = 128,
                        merge_precision: str = "fp32", shard_merge_masters: bool = True) -> float:
     """fp32 merge masters per rank in the ReLoRA phase. Only bf16 compute with fp32 merges keeps
-    them: under fp32 the compute weights are the master, and bf16 merges have none."""
-    if compute != "bf16" or merge_precision != "fp32":
+    them: under fp32 the compute weights are the master, and bf16 merges have none. FSDP2 never
+    keeps any: its fp32 shards are the masters."""
+    if compute != "bf16" or merge_precision != "fp32" or stage == "fsdp2":
         return 0.0
     wrapped = shape.tensors(r)["wrapped"]
     return _per_rank(wrapped, world, stage == 3 or shard_merge_masters) * 4
@@ -133,9 +145,10 @@ def per_rank_bytes(shape: Shape, world: int, stage: int, phase: str, *, compute:
     """Bytes per rank by category, 'total' (accelerator-resident) and 'total_with_host'.
     `shard_merge_masters=False`: ZeRO-2's former replicated fp32 masters (ZeRO-3 always shards)."""
     _check(phase, stage, compute, master_device)
-    b = 2 if compute == "bf16" else 4
+    fsdp2 = stage == "fsdp2"
+    b = 4 if fsdp2 else 2 if compute == "bf16" else 4  # FSDP2's shards and grads stay fp32 under bf16
     t = shape.tensors(r)
-    sharded = stage == 3
+    sharded = stage != 2
     present = t["wrapped"] + t["extra"] + (t["adapters"] if phase != "full_rank" else [])
     if phase == "relora":
         trainable = t["adapters"] + (t["extra"] if train_extra else [])
@@ -151,7 +164,8 @@ def per_rank_bytes(shape: Shape, world: int, stage: int, phase: str, *, compute:
     out = {
         "params": _per_rank(present, world, sharded) * b,
         "grads": part * b,
-        "fp32_master": part * 4,  # a separate copy even under fp32 (measured, DeepSpeed 0.19.8)
+        # ZeRO: a separate copy even under fp32 (measured, DeepSpeed 0.19.8); FSDP2: the shards themselves
+        "fp32_master": 0.0 if fsdp2 else part * 4,
         "optimizer_state": part * 8,
         "merge_masters": 0.0 if on_host else masters,
         "host_merge_masters": masters if on_host else 0.0,
@@ -170,7 +184,8 @@ def ratio(shape: Shape, world: int, stage: int, *, baseline: str = "full_rank", 
 
 
 def zero2_options(shape: Shape, world: int, **kw) -> dict[str, float]:
-    """ReLoRA-phase / full-rank ratios of the ways to run a ZeRO-2 job's ReLoRA phase, and ZeRO-3."""
+    """ReLoRA-phase / full-rank ratios of the ways to run a ZeRO-2 job's ReLoRA phase, and ZeRO-3 and
+    FSDP2 (each over its own full-rank phase)."""
     host = dict(kw, master_device="cpu")
     full2 = per_rank_bytes(shape, world, 2, "full_rank", **kw)["total"]
     return {
@@ -180,84 +195,8 @@ def zero2_options(shape: Shape, world: int, **kw) -> dict[str, float]:
         "host_with_host": per_rank_bytes(shape, world, 2, "relora", **host)["total_with_host"] / full2,
         "phase_stage_3": ratio(shape, world, 2, relora_stage=3, **kw),
         "zero3": ratio(shape, world, 3, **kw),
+        "fsdp2": ratio(shape, world, "fsdp2", **kw),
     }
-
-
-# ------------------------------------------------------------------------------------------------
-# Tables
-# ------------------------------------------------------------------------------------------------
-
-def _is_target_case(preset: str, world: int, compute: str, r: int, vocab: int, train_extra: bool) -> bool:
-    return dict(preset=preset, world=world, compute=compute, r=r, vocab=vocab, train_extra=train_extra) == TARGET_CASE
-
-
-def table(presets: list[str], worlds: list[int], stages: list[int], *, compute: str, r: int, vocab: int,
-          train_extra: bool, merge_precision: str = "fp32") -> str:
-    kw = dict(compute=compute, r=r, train_extra=train_extra, merge_precision=merge_precision)
-    masters = ("none (bf16 merges)" if merge_precision != "fp32" else "the fp32 weights themselves"
-               if compute == "fp32" else "fp32, sharded 1/world, on the device")
-    lines = [f"Per-rank training state (GiB), {compute} compute, fp32 masters + AdamW, r={r}, vocab {vocab}, "
-             f"train_extra={str(train_extra).lower()}, merge masters: {masters} (activations not included)", "",
-             "| preset | params (M) | ReLoRA trainable (M) | ranks | ZeRO | full-rank | warm start | ReLoRA "
-             "| of which merge masters | ReLoRA / full-rank | w/o merge masters |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for preset in presets:
-        shape = Shape.of(preset, vocab)
-        c = shape.counts(r)
-        base = c["wrapped"] + c["extra"]
-        trainable = c["adapters"] + (c["extra"] if train_extra else 0)
-        for world in worlds:
-            for stage in stages:
-                full = per_rank_bytes(shape, world, stage, "full_rank", **kw)
-                warm = per_rank_bytes(shape, world, stage, "warm_start", **kw)
-                rel = per_rank_bytes(shape, world, stage, "relora", **kw)
-                lines.append(
-                    f"| {preset} | {base / 1e6:.1f} | {trainable / 1e6:.1f} ({trainable / base:.0%}) | {world} | {stage} "
-                    f"| {full['total'] / GIB:.2f} | {warm['total'] / GIB:.2f} | {rel['total'] / GIB:.2f} "
-                    f"| {rel['merge_masters'] / GIB:.2f} | {rel['total'] / full['total']:.3f} "
-                    f"| {(rel['total'] - rel['merge_masters']) / full['total']:.3f} |")
-    return "\n".join(lines)
-
-
-def _with_target(value: float, key: str, is_target: bool) -> str:
-    if not is_target or key not in TARGETS:
-        return f"{value:.3f}"
-    return f"{value:.3f} (target <= {TARGETS[key]:.2f})"
-
-
-def options_table(presets: list[str], worlds: list[int], *, compute: str, r: int, vocab: int,
-                  train_extra: bool) -> str:
-    """A ZeRO-2 job's ReLoRA phase / its full-rank phase, per way of holding the frozen weights'
-    state, and ZeRO-3 for comparison (accelerator-resident bytes)."""
-    lines = [f"ZeRO-2 ReLoRA phase / full-rank, accelerator-resident, {compute} compute, r={r}, vocab {vocab}, "
-             f"train_extra={str(train_extra).lower()}", "",
-             "| preset | ranks | full-rank ZeRO-2 (GiB) | masters replicated (before) | masters sharded | host masters "
-             "| host masters, host bytes included | phase_stage=3 | ZeRO-3 (both phases) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for preset in presets:
-        shape = Shape.of(preset, vocab)
-        for world in worlds:
-            o = zero2_options(shape, world, compute=compute, r=r, train_extra=train_extra)
-            full = per_rank_bytes(shape, world, 2, "full_rank", compute=compute, r=r)["total"]
-            hit = _is_target_case(preset, world, compute, r, vocab, train_extra)
-            cells = [_with_target(o["replicated"], "replicated", hit), _with_target(o["sharded"], "sharded", hit),
-                     _with_target(o["host"], "host", hit), f"{o['host_with_host']:.3f}",
-                     _with_target(o["phase_stage_3"], "phase_stage_3", hit), _with_target(o["zero3"], "zero3", hit)]
-            lines.append(f"| {preset} | {world} | {full / GIB:.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def detail(preset: str, world: int, stage: int, *, compute: str, r: int, vocab: int, train_extra: bool,
-           master_device: str = "device") -> str:
-    shape = Shape.of(preset, vocab)
-    lines = [f"{preset}, {world} ranks, ZeRO-{stage}, {compute}, r={r}, vocab {vocab}, merge masters on "
-             f"{master_device}: bytes per rank (GiB)",
-             "| category | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]
-    data = {ph: per_rank_bytes(shape, world, stage, ph, compute=compute, r=r, train_extra=train_extra,
-                               master_device=master_device) for ph in PHASES}
-    for cat in CATEGORIES + ("total",) + HOST_CATEGORIES + ("total_with_host",):
-        lines.append(f"| {cat} | " + " | ".join(f"{data[ph][cat] / GIB:.3f}" for ph in PHASES) + " |")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,7 +252,7 @@ def validate(bench: dict) -> list[dict]:
     world = bench["config"]["world_size"]
     options = bench_relora_options(bench["config"])
     for stage_key, s in bench["stages"].items():
-        stage = int(stage_key)
+        stage = stage_key if stage_key == "fsdp2" else int(stage_key)
         opts = dict(options, relora_stage=s.get("relora_stage") or (3 if options["phase_stage"] == "3" else stage))
         phases = [("full_rank", s["state_bytes_per_rank"]["full_rank"], True),
                   ("relora", s["state_bytes_per_rank"]["relora"], bench["config"].get("train_extra", True))]
@@ -336,7 +275,7 @@ def format_validation(rows: list[dict], bench: dict) -> str:
     lines = [f"memory model vs measured (tools/bench.py, preset {bench['config']['preset']}, hidden {m['hidden_size']}, "
              f"{m['num_layers']} layers, vocab {m['vocab_size']}, r {m['r']}, {m['precision']}, world "
              f"{bench['config']['world_size']}): per-rank state bytes (MiB)", "",
-             "| ZeRO | phase | train_extra | predicted | measured | predicted / measured | error |",
+             "| engine | phase | train_extra | predicted | measured | predicted / measured | error |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {r['phase']} | {str(r['train_extra']).lower()} | {r['predicted'] / MIB:.2f} "
@@ -393,15 +332,24 @@ def plan(shape: Shape, world: int, stage: int, *, compute: str, r: int, train_ex
 # CLI
 # ------------------------------------------------------------------------------------------------
 
+def _engine(name: str) -> int | str:
+    if name not in ("2", "3", "fsdp2"):
+        raise argparse.ArgumentTypeError(f"unknown engine {name!r}: use 2, 3 or fsdp2")
+    return name if name == "fsdp2" else int(name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Analytic per-rank memory of ReLoRA vs full-rank under ZeRO-2/3.")
+    from relora_dist.memory_tables import detail, options_table, table
+
+    p = argparse.ArgumentParser(description="Analytic per-rank memory of ReLoRA vs full-rank under ZeRO-2/3 and FSDP2.")
     p.add_argument("mode", nargs="?", default="table", choices=["table", "validate"],
                    help="table: Markdown tables (default); validate: compare with a tools/bench.py JSON")
     p.add_argument("--bench", default="benchmarks/bench_tiny.json", help="validate: bench JSON (tools/bench.py --out)")
     p.add_argument("--max-error-pct", type=float, default=10.0, help="validate: exit 1 above this error")
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     p.add_argument("--worlds", type=int, nargs="+", default=[8, 64])
-    p.add_argument("--stages", type=int, nargs="+", default=[2, 3], choices=[2, 3])
+    p.add_argument("--stages", type=_engine, nargs="+", default=list(ENGINES), metavar="STAGE",
+                   help="engines: 2, 3 (ZeRO) and fsdp2")
     p.add_argument("--compute", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     p.add_argument("--r", type=int, default=128, help="ReLoRA rank (paper 128)")
     p.add_argument("--vocab", type=int, default=32000)
@@ -426,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.detail:
         preset, world, stage = a.detail
         for compute in a.compute:
-            print(detail(preset, int(world), int(stage), compute=compute, r=a.r, vocab=a.vocab,
+            print(detail(preset, int(world), _engine(stage), compute=compute, r=a.r, vocab=a.vocab,
                          train_extra=a.train_extra != "false", master_device=a.master_device))
             print()
     return 0

@@ -202,3 +202,50 @@ def test_counter_counts_once_per_outermost_call_and_restores():
     finally:
         counter.uninstall()
     assert dist.all_reduce is original
+
+
+def test_stages_name_zero_and_fsdp2():
+    a = bench.build_parser().parse_args(["--out", "x.json", "--stages", "2", "zero3", "fsdp2"])
+    assert a.stages == ["2", "3", "fsdp2"]
+    assert bench.build_parser().parse_args(["--out", "x.json"]).stages == ["2", "3"]  # the old default
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--out", "x.json", "--stages", "1"])
+
+
+def _engine_stage(tok_s: float, state_ratio: float, gathers: float) -> dict:
+    comm = {"grad_bytes": 8.0, "param_gather_bytes": gathers}
+    return {"tokens_per_s": {"full_rank": tok_s, "relora": tok_s * 1.1}, "state_bytes_ratio": state_ratio,
+            "step_time_full_rank_s": 1000 / tok_s, "step_cpu_time_full_rank_s": 0.5,
+            "comm_bytes_per_step": {"full_rank": comm}, "ctx_switches_per_step": {"full_rank": {"voluntary": 50.0}}}
+
+
+def test_fsdp2_vs_zero2_throughput_is_judged_as_a_minimum():
+    stages = {"2": _engine_stage(1000.0, 0.64, 8.0), "3": _engine_stage(900.0, 0.57, 16.0),
+              "fsdp2": _engine_stage(960.0, 0.60, 24.0)}
+    e = bench.compare_engines(stages)
+    v = e["fsdp2_vs_zero2_tok_s"]
+    assert v["value"] == pytest.approx(0.96) and v["status"] == "met" and not v["reason"]
+    assert e["state_bytes_ratio"] == {"2": 0.64, "3": 0.57, "fsdp2": 0.60}
+    assert e["full_rank_tokens_per_s"]["fsdp2"] == 960.0
+    stages["fsdp2"] = _engine_stage(500.0, 0.60, 24.0)
+    v = bench.compare_engines(stages)["fsdp2_vs_zero2_tok_s"]
+    assert v["status"] == "missed" and "all-gathers each layer" in v["reason"] and "ZeRO-3" in v["reason"]
+    assert "fsdp2_vs_zero2_tok_s" not in bench.compare_engines({"2": stages["2"], "3": stages["3"]})
+
+
+def test_committed_fsdp2_benchmark_compares_the_engines():
+    result = json.loads((REPO / "benchmarks" / "bench_20m_fsdp2.json").read_text())
+    assert set(result["stages"]) == {"2", "3", "fsdp2"}
+    f2 = result["stages"]["fsdp2"]
+    assert f2["relora_stage"] == "fsdp2" and f2["run_config"]["backend"] == "fsdp2"
+    # The same threads per rank in every stage, so the throughput comparison is like with like.
+    assert len({s["run_config"]["torch_threads"] for s in result["stages"].values()}) == 1
+    for phase in ("full_rank", "relora"):
+        sb = f2["state_bytes_per_rank"][phase]
+        assert sb["fp32_master"] == 0 and sb["merge_masters"] == 0  # the fp32 shards are both
+    e = result["engines"]
+    v = e["fsdp2_vs_zero2_tok_s"]
+    assert v["value"] == pytest.approx(e["full_rank_tokens_per_s"]["fsdp2"] / e["full_rank_tokens_per_s"]["2"])
+    assert v["status"] == ("met" if v["value"] >= 0.95 else "missed")
+    # Only trainable params' gradients are reduce-scattered: FSDP2 agrees with ZeRO on the bytes.
+    assert abs(f2["grad_bytes_ratio"] - f2["trainable_fraction"]) < 0.01

@@ -270,3 +270,83 @@ def test_rejects_unknown_phase_stage_and_precision():
         mm.per_rank_bytes(shape, 2, 2, "relora", compute="fp16")
     with pytest.raises(ValueError):
         mm.per_rank_bytes(shape, 2, 2, "relora", master_device="gpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP2
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("phase", mm.PHASES)
+def test_fsdp2_keeps_fp32_shards_and_nothing_beside_them(phase):
+    """Params, grads and Adam moments all 1/world; params and grads fp32 whatever the compute dtype;
+    no fp32 master copy and no merge masters (the shards are both)."""
+    shape = mm.Shape.of("350m")
+    bf16 = mm.per_rank_bytes(shape, 8, "fsdp2", phase, compute="bf16")
+    assert bf16 == mm.per_rank_bytes(shape, 8, "fsdp2", phase, compute="fp32")
+    assert bf16["fp32_master"] == bf16["merge_masters"] == bf16["host_merge_masters"] == 0
+    assert bf16["optimizer_state"] == 2 * bf16["grads"]  # fp32 grads, two fp32 moments
+    z3 = mm.per_rank_bytes(shape, 8, 3, phase, compute="fp32")
+    assert bf16["params"] == z3["params"] and bf16["grads"] == z3["grads"]  # fp32 shards like ZeRO-3's
+    b64 = mm.per_rank_bytes(shape, 64, "fsdp2", phase)["total"]
+    assert bf16["total"] / b64 == pytest.approx(8.0, rel=0.01)
+    # host merge masters and bf16 merges change nothing: there are none to move or drop
+    assert mm.per_rank_bytes(shape, 8, "fsdp2", phase, master_device="cpu", merge_precision="bf16") == bf16
+
+
+def test_fsdp2_relora_ratio_beside_zero():
+    """350m, r=128, 8 ranks: under bf16 FSDP2's ReLoRA phase is the leanest of the three (no
+    merge masters, frozen fp32 shards 1/world) over the same 16 B/param full-rank phase as ZeRO-3;
+    under fp32 ZeRO-3's full-rank phase carries a 4 B fp32 master copy more, so its ratio is lower."""
+    shape = mm.Shape.of("350m")
+    bf16 = mm.zero2_options(shape, 8, compute="bf16", r=128)
+    assert bf16["fsdp2"] == pytest.approx(0.5462, abs=1e-4)
+    assert bf16["fsdp2"] < bf16["zero3"] < bf16["sharded"]
+    full = {e: mm.per_rank_bytes(shape, 8, e, "full_rank", compute="bf16")["total"] for e in (3, "fsdp2")}
+    assert full[3] == full["fsdp2"]
+    fp32 = mm.zero2_options(shape, 8, compute="fp32", r=128)
+    assert fp32["zero3"] < fp32["fsdp2"] == pytest.approx(bf16["fsdp2"])
+
+
+def test_cli_table_has_fsdp2_rows_and_column(capsys):
+    assert mm.main(["--compute", "bf16", "--presets", "350m", "--worlds", "8"]) == 0
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if ln.startswith("| 350m | 368.0 |") and "| 8 | fsdp2 |" in ln)
+    assert row.endswith("| 0.00 | 0.546 | 0.546 |"), row  # no merge masters
+    options = next(ln for ln in out.splitlines() if ln.startswith("| 350m | 8 | "))
+    assert options.endswith("| 0.649 (target <= 0.65) | 0.546 |"), options
+    assert mm.main(["--compute", "bf16", "--presets", "tiny", "--detail", "350m", "8", "fsdp2"]) == 0
+    assert "350m, 8 ranks, FSDP2, bf16" in capsys.readouterr().out
+
+
+def test_validate_reads_an_fsdp2_stage():
+    shape = mm.Shape.of("tiny", vocab=8000)
+    model = {"hidden_size": shape.hidden, "intermediate_size": shape.intermediate, "num_layers": shape.layers,
+             "vocab_size": 8000, "r": 32, "precision": "fp32"}
+    measured = {ph: mm.per_rank_bytes(shape, 2, "fsdp2", "warm_start" if ph == "full_rank" else ph,
+                                      compute="fp32", r=32) for ph in ("full_rank", "relora")}
+    bench = {"config": {"world_size": 2, "preset": "tiny", "train_extra": True, "zero2_merge_masters": "sharded"},
+             "stages": {"fsdp2": {"model": model, "state_bytes_per_rank": measured, "relora_stage": "fsdp2"}}}
+    rows = mm.validate(bench)
+    assert [(r["stage"], abs(r["error_pct"])) for r in rows] == [("fsdp2", 0.0), ("fsdp2", 0.0)]
+    # A ZeRO-3 prediction would be off: under fp32 it keeps a separate fp32 master (20 B vs 16 B
+    # per trainable param in the full-rank phase).
+    bench["stages"] = {"3": bench["stages"]["fsdp2"]}
+    assert mm.validate(bench)[0]["error_pct"] > 20
+
+
+def test_fsdp2_measured_bytes_equal_the_model_by_category():
+    """tools/bench.py's FSDP2 stage (20m, fp32, world 2): every category as predicted, and the
+    measured ReLoRA-phase ratio where the model puts it for fp32: between ZeRO-3's (whose full-rank
+    phase carries an extra fp32 master copy) and ZeRO-2's (replicated params)."""
+    bench = json.loads((REPO / "benchmarks" / "bench_20m_fsdp2.json").read_text())
+    rows = [r for r in mm.validate(bench) if r["stage"] == "fsdp2"]
+    assert len(rows) == 3
+    for row in rows:
+        for cat, (pred, meas) in row["by_category"].items():
+            assert pred == pytest.approx(meas, rel=1e-4, abs=64), (row["phase"], cat)
+        assert row["by_category"]["fp32_master"] == (0.0, 0)
+    ratios = {k: s["state_bytes_ratio"] for k, s in bench["stages"].items()}
+    assert ratios["3"] < ratios["fsdp2"] < ratios["2"]
+    shape = mm.Shape(512, 1376, 4, 8000)
+    assert mm.ratio(shape, 2, "fsdp2", baseline="warm_start", compute="fp32", r=32) == pytest.approx(
+        ratios["fsdp2"], abs=1e-4)

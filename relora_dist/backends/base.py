@@ -1,7 +1,7 @@
 """The backend contract: the only place that knows how parameters are sharded.
 
 The ReLoRA steps in `relora_dist/relora_steps.py` are written once against this contract; ZeRO-2 and
-ZeRO-3 (and later FSDP2) implement it. Shards are described as a contiguous range of the
+ZeRO-3 and FSDP2 implement it. Shards are described as a contiguous range of the
 row-major flattened parameter, which is exactly how ZeRO-3 partitions (`ds_tensor`) and how the
 checkpoint format will slice tensors.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -68,6 +68,29 @@ class Backend(ABC):
     @abstractmethod
     def optimizer_state_numel(self, engine: Any) -> int:
         """Elements of optimizer master state this rank holds (per Adam key, i.e. the fp32 masters)."""
+
+    # --- instrumentation (tools/bench.py) ----------------------------------------------------------
+    HELD_CATEGORIES = ("params", "grads", "fp32_master", "optimizer_state", "comm_buffers", "gathered_params",
+                       "other")
+    """What `held_tensors` sorts tensors into; the first four are the training state."""
+
+    def held_tensors(self, engine: Any, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """(name, tensor, category) of every tensor the engine and the module hold on this rank,
+        category one of HELD_CATEGORIES. A storage may come under several names (a view, a param
+        and its optimizer's reference); the caller counts each storage once. Engines expose
+        `forward`, `backward` and `step` so that a caller can tag the collectives of each."""
+        raise NotImplementedError(f"{self.name} does not list its tensors")
+
+    def collective_bindings(self) -> list[tuple[Any, str, str]]:
+        """(owner, attribute, torch.distributed op it runs) of collectives the engine bound at
+        start-up outside torch.distributed, so that wrapping torch.distributed misses them."""
+        return []
+
+    def gathered_update(self, p: torch.nn.Parameter, fn: Callable[[torch.Tensor], None]) -> None:
+        """Gather the whole module copy of p, let rank 0 modify it in place (`fn(full)`) and
+        re-shard it from rank 0: the gather-based merge the shard-local one is compared with
+        (tools/bench.py). Only ZeRO-3 has one."""
+        raise NotImplementedError(f"{self.name} has no gathered update")
 
     # --- one training step ------------------------------------------------------------------------
     @abstractmethod

@@ -31,14 +31,27 @@ class FSDPEngine:
     no-grad call reshards the root afterwards (FSDP2 keeps the root unsharded after forward for
     the backward that follows, and the backend reads the sharded params)."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
-        self.module, self.optimizer = module, optimizer
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, backend: "FSDP2Backend"):
+        self.module, self.optimizer, self._backend = module, optimizer, backend
 
     def __call__(self, *args, **kwargs):
         out = self.module(*args, **kwargs)
         if not torch.is_grad_enabled():
             self.module.reshard()
         return out
+
+    # A training step is forward / backward / step, as on a DeepSpeed engine, so that a caller
+    # (tools/bench.py) can tell the collectives of each apart: all-gathers in forward, all-gathers
+    # and reduce-scatters in backward, the grad-norm all-reduce in step.
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip, update and zero the grads; the global grad norm."""
+        return self._backend._clip_and_step(self)
 
     def train(self, mode: bool = True):
         self.module.train(mode)
@@ -111,7 +124,7 @@ class FSDP2Backend(Backend):
         else:
             optimizer = torch.optim.AdamW(param_groups)
         self.optimizer = optimizer
-        return FSDPEngine(model, optimizer)
+        return FSDPEngine(model, optimizer, self)
 
     def teardown_engine(self, engine: Any) -> None:
         """Free the optimizer and its state; the sharded module stays (no re-sharding)."""
@@ -122,6 +135,25 @@ class FSDP2Backend(Backend):
         engine.optimizer = None
         engine.module = None
         self.release_memory()
+
+    def held_tensors(self, engine, model):
+        """Sharded params (fp32 whatever the compute dtype: they are also the optimizer's and the
+        merges' masters, so nothing is "fp32_master"), sharded grads, AdamW state. A param that is
+        not a DTensor is unsharded at this moment (between an all-gather and its reshard: a
+        transient full copy in the compute dtype)."""
+        from torch.distributed.tensor import DTensor
+
+        for name, p in model.named_parameters():
+            if isinstance(p, DTensor):
+                yield f"module.{name}", _local(p), "params"
+            else:
+                yield f"module.{name}.unsharded", p.detach(), "gathered_params"
+            if p.grad is not None:
+                yield f"module.{name}.grad", _local(p.grad), "grads"
+        for i, state in enumerate(engine.optimizer.state.values() if engine.optimizer is not None else []):
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    yield f"opt.state[{i}][{key}]", _local(value), "optimizer_state"
 
     def optimizer_params(self, engine):
         return [p for g in engine.optimizer.param_groups for p in g["params"]]
@@ -144,13 +176,16 @@ class FSDP2Backend(Backend):
         engine.module.train()
         losses, n = [], len(micro_batches)
         for i, batch in enumerate(micro_batches):
-            loss = engine.module(input_ids=batch, labels=batch).loss
+            loss = engine.forward(input_ids=batch, labels=batch).loss
             # Mean over micro-batches, like DeepSpeed's loss / gradient_accumulation_steps; every
             # micro-batch's gradients are reduce-scattered into the sharded fp32 grads.
-            (loss / n).backward()
+            engine.backward(loss / n)
             losses.append(loss.detach())
             if before_update is not None and i == n - 1:
                 before_update()
+        return losses, engine.step()
+
+    def _clip_and_step(self, engine: FSDPEngine) -> float:
         params = [p for p in self.optimizer_params(engine) if p.grad is not None]
         norm = self._grad_norm(params)
         if torch.isfinite(torch.tensor(norm)):  # like DeepSpeed: a non-finite step applies no update
@@ -160,7 +195,7 @@ class FSDP2Backend(Backend):
                     _local(p.grad).mul_(coef)
             engine.optimizer.step()
         engine.optimizer.zero_grad(set_to_none=True)
-        return losses, norm
+        return norm
 
     def _grad_norm(self, params) -> float:
         """Global L2 norm of the sharded grads: local sums of squares, one SUM all-reduce."""

@@ -131,6 +131,21 @@ class ZeroBackend(Backend):
         engine.optimizer = None
         self.release_memory()
 
+    def held_tensors(self, engine, model):
+        from relora_dist.backends.zero_tensors import held_tensors
+
+        return held_tensors(engine, model)
+
+    def collective_bindings(self):
+        # DeepSpeed's TorchBackend binds these two torch.distributed functions at start-up
+        # (deepspeed/comm/torch.py), so a wrapper installed on torch.distributed misses them.
+        from deepspeed.comm import comm as ds_comm
+
+        cdb = ds_comm.cdb
+        return [(cdb, attr, op) for attr, op in (("all_gather_function", "all_gather_into_tensor"),
+                                                  ("reduce_scatter_function", "reduce_scatter_tensor"))
+                if cdb is not None and getattr(cdb, attr, None) is not None]
+
     def adam_step(self, engine: Any) -> int | None:
         """Adam's step counter (shared by every flat group), None before the first step."""
         state = engine.optimizer.optimizer.state
@@ -392,6 +407,13 @@ class Zero3Backend(ZeroBackend):
 
     def optimizer_flats(self, engine):
         return list(engine.optimizer.fp32_partitioned_groups_flat)
+
+    def gathered_update(self, p, fn):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if self.rank == 0:
+                fn(p.data)
 
     def write_frozen(self, p, full_value):
         padded = self._padded_local(p, full_value)

@@ -1,0 +1,88 @@
+"""Markdown tables of the analytic memory model (`python tools/memory_model.py`): per-rank state per
+preset, world size and engine; a ZeRO-2 job's ways to hold its ReLoRA phase, with ZeRO-3 and FSDP2
+beside them; one configuration's breakdown. The model itself is relora_dist/memory_model.py.
+"""
+
+from __future__ import annotations
+
+from relora_dist.memory_model import CATEGORIES, GIB, HOST_CATEGORIES, PHASES, TARGET_CASE, TARGETS, Shape, \
+    per_rank_bytes, zero2_options
+
+
+def _is_target_case(preset: str, world: int, compute: str, r: int, vocab: int, train_extra: bool) -> bool:
+    return dict(preset=preset, world=world, compute=compute, r=r, vocab=vocab, train_extra=train_extra) == TARGET_CASE
+
+
+def table(presets: list[str], worlds: list[int], stages: list[int | str], *, compute: str, r: int, vocab: int,
+          train_extra: bool, merge_precision: str = "fp32") -> str:
+    """Per-rank state of each phase per preset, world size and engine (2, 3: ZeRO; fsdp2)."""
+    kw = dict(compute=compute, r=r, train_extra=train_extra, merge_precision=merge_precision)
+    masters = ("none (bf16 merges)" if merge_precision != "fp32" else "the fp32 weights themselves"
+               if compute == "fp32" else "ZeRO: fp32, sharded 1/world, on the device; FSDP2: its fp32 shards")
+    lines = [f"Per-rank training state (GiB), {compute} compute, fp32 masters + AdamW, r={r}, vocab {vocab}, "
+             f"train_extra={str(train_extra).lower()}, merge masters: {masters} (activations not included)", "",
+             "| preset | params (M) | ReLoRA trainable (M) | ranks | ZeRO / fsdp2 | full-rank | warm start | ReLoRA "
+             "| of which merge masters | ReLoRA / full-rank | w/o merge masters |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for preset in presets:
+        shape = Shape.of(preset, vocab)
+        c = shape.counts(r)
+        base = c["wrapped"] + c["extra"]
+        trainable = c["adapters"] + (c["extra"] if train_extra else 0)
+        for world in worlds:
+            for stage in stages:
+                full = per_rank_bytes(shape, world, stage, "full_rank", **kw)
+                warm = per_rank_bytes(shape, world, stage, "warm_start", **kw)
+                rel = per_rank_bytes(shape, world, stage, "relora", **kw)
+                lines.append(
+                    f"| {preset} | {base / 1e6:.1f} | {trainable / 1e6:.1f} ({trainable / base:.0%}) | {world} | {stage} "
+                    f"| {full['total'] / GIB:.2f} | {warm['total'] / GIB:.2f} | {rel['total'] / GIB:.2f} "
+                    f"| {rel['merge_masters'] / GIB:.2f} | {rel['total'] / full['total']:.3f} "
+                    f"| {(rel['total'] - rel['merge_masters']) / full['total']:.3f} |")
+    return "\n".join(lines)
+
+
+def _with_target(value: float, key: str, is_target: bool) -> str:
+    if not is_target or key not in TARGETS:
+        return f"{value:.3f}"
+    return f"{value:.3f} (target <= {TARGETS[key]:.2f})"
+
+
+def options_table(presets: list[str], worlds: list[int], *, compute: str, r: int, vocab: int,
+                  train_extra: bool) -> str:
+    """A ZeRO-2 job's ReLoRA phase / its full-rank phase, per way of holding the frozen weights'
+    state, and ZeRO-3 and FSDP2 for comparison, each over its own full-rank phase
+    (accelerator-resident bytes). FSDP2's full-rank phase holds 16 B per trainable param (fp32
+    shard, fp32 grad, Adam) like ZeRO-3 under bf16 (2 + 2 + 4 + 8) and less than ZeRO-3 under
+    fp32 (4 + 4 + 4 + 8): the same denominator under bf16, a smaller one under fp32."""
+    lines = [f"ZeRO-2 ReLoRA phase / full-rank, accelerator-resident, {compute} compute, r={r}, vocab {vocab}, "
+             f"train_extra={str(train_extra).lower()}", "",
+             "| preset | ranks | full-rank ZeRO-2 (GiB) | masters replicated (before) | masters sharded | host masters "
+             "| host masters, host bytes included | phase_stage=3 | ZeRO-3 (both phases) | FSDP2 (both phases) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for preset in presets:
+        shape = Shape.of(preset, vocab)
+        for world in worlds:
+            o = zero2_options(shape, world, compute=compute, r=r, train_extra=train_extra)
+            full = per_rank_bytes(shape, world, 2, "full_rank", compute=compute, r=r)["total"]
+            hit = _is_target_case(preset, world, compute, r, vocab, train_extra)
+            cells = [_with_target(o["replicated"], "replicated", hit), _with_target(o["sharded"], "sharded", hit),
+                     _with_target(o["host"], "host", hit), f"{o['host_with_host']:.3f}",
+                     _with_target(o["phase_stage_3"], "phase_stage_3", hit), _with_target(o["zero3"], "zero3", hit),
+                     f"{o['fsdp2']:.3f}"]
+            lines.append(f"| {preset} | {world} | {full / GIB:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail(preset: str, world: int, stage: int | str, *, compute: str, r: int, vocab: int, train_extra: bool,
+           master_device: str = "device") -> str:
+    shape = Shape.of(preset, vocab)
+    engine = "FSDP2" if stage == "fsdp2" else f"ZeRO-{stage}"
+    lines = [f"{preset}, {world} ranks, {engine}, {compute}, r={r}, vocab {vocab}, merge masters on "
+             f"{master_device}: bytes per rank (GiB)",
+             "| category | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]
+    data = {ph: per_rank_bytes(shape, world, stage, ph, compute=compute, r=r, train_extra=train_extra,
+                               master_device=master_device) for ph in PHASES}
+    for cat in CATEGORIES + ("total",) + HOST_CATEGORIES + ("total_with_host",):
+        lines.append(f"| {cat} | " + " | ".join(f"{data[ph][cat] / GIB:.3f}" for ph in PHASES) + " |")
+    return "\n".join(lines)
