@@ -8,14 +8,14 @@ and the fp32 merge masters are always kept (1/world each, also under fp32 comput
 otherwise alias the weights), on the device or in host memory. ZeRO-3 refuses a quantized base
 (relora_dist/ds_config.py), so its column is the unquantized ZeRO-3 ReLoRA phase for comparison.
 
-    python tools/memory_model.py quant          # the table docs/benchmarks.md shows
+    python tools/memory_model.py quant          # the table docs/benchmarks.md shows (memory_tables.quant_table)
 """
 
 from __future__ import annotations
 
 import re
 
-from relora_dist.memory_model import CATEGORIES, GIB, Shape, per_rank_bytes
+from relora_dist.memory_model import CATEGORIES, Shape, per_rank_bytes
 from relora_dist.quant import quantized_nbytes
 
 TARGET = {"preset": "350m", "world": 8, "kind": "nf4", "master_device": "cpu", "limit": 0.45}
@@ -58,36 +58,3 @@ def quant_ratio(shape: Shape, world: int, kind: str, **kw) -> float:
     """Accelerator-resident ReLoRA-phase bytes with a quantized base / ZeRO-2 full-rank bytes."""
     full = per_rank_bytes(shape, world, 2, "full_rank", compute=kw.get("compute", "bf16"), r=kw.get("r", 128))
     return relora_quant_bytes(shape, world, kind, **kw)["total"] / full["total"]
-
-
-def quant_table(presets: list[str], worlds: list[int], *, compute: str = "bf16", r: int = 128,
-                vocab: int = 32000) -> str:
-    lines = [f"ReLoRA phase / ZeRO-2 full-rank, accelerator-resident training state per rank, {compute} compute, "
-             f"r={r}, vocab {vocab}, train_extra=true, nf4 with double quantization unless marked (ZeRO-3 "
-             f"refuses a quantized base: its column is the unquantized ZeRO-3 ReLoRA phase)", "",
-             "| preset | ranks | full-rank ZeRO-2 (GiB) | bf16 base, masters on device | nf4, masters on device "
-             "| nf4 (single quant), host masters | nf4, host masters | nf4, host masters, adamw8bit "
-             "| int8, host masters | ZeRO-3 bf16 base |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for preset in presets:
-        shape = Shape.of(preset, vocab)
-        for world in worlds:
-            full = per_rank_bytes(shape, world, 2, "full_rank", compute=compute, r=r)["total"]
-            cells = [quant_ratio(shape, world, "none", compute=compute, r=r),
-                     quant_ratio(shape, world, "nf4", compute=compute, r=r),
-                     quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu", double_quant=False),
-                     quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu"),
-                     quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu", optimizer="adamw8bit"),
-                     quant_ratio(shape, world, "int8", compute=compute, r=r, master_device="cpu"),
-                     per_rank_bytes(shape, world, 3, "relora", compute=compute, r=r)["total"]
-                     / per_rank_bytes(shape, world, 3, "full_rank", compute=compute, r=r)["total"]]
-            text = [f"{c:.3f}" for c in cells]
-            if (preset, world) == (TARGET["preset"], TARGET["world"]):
-                text[3] += f" (target <= {TARGET['limit']})"
-            lines.append(f"| {preset} | {world} | {full / GIB:.2f} | " + " | ".join(text) + " |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    print(quant_table(["130m", "350m", "1b3"], [8, 64]))
-    return 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from relora_dist.memory_model import CATEGORIES, GIB, HOST_CATEGORIES, PHASES, TARGET_CASE, TARGETS, Shape, \
     per_rank_bytes, zero2_options
+from relora_dist.memory_quant import TARGET as QUANT_TARGET
+from relora_dist.memory_quant import quant_ratio
 
 
 def _is_target_case(preset: str, world: int, compute: str, r: int, vocab: int, train_extra: bool) -> bool:
@@ -85,4 +87,32 @@ def detail(preset: str, world: int, stage: int | str, *, compute: str, r: int, v
                                master_device=master_device) for ph in PHASES}
     for cat in CATEGORIES + ("total",) + HOST_CATEGORIES + ("total_with_host",):
         lines.append(f"| {cat} | " + " | ".join(f"{data[ph][cat] / GIB:.3f}" for ph in PHASES) + " |")
+    return "\n".join(lines)
+
+
+def quant_table(presets: list[str], worlds: list[int], *, compute: str = "bf16", r: int = 128,
+                vocab: int = 32000) -> str:
+    lines = [f"ReLoRA phase / ZeRO-2 full-rank, accelerator-resident training state per rank, {compute} compute, "
+             f"r={r}, vocab {vocab}, train_extra=true, nf4 with double quantization unless marked (ZeRO-3 "
+             f"refuses a quantized base: its column is the unquantized ZeRO-3 ReLoRA phase)", "",
+             "| preset | ranks | full-rank ZeRO-2 (GiB) | bf16 base, masters on device | nf4, masters on device "
+             "| nf4 (single quant), host masters | nf4, host masters | nf4, host masters, adamw8bit "
+             "| int8, host masters | ZeRO-3 bf16 base |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for preset in presets:
+        shape = Shape.of(preset, vocab)
+        for world in worlds:
+            full = per_rank_bytes(shape, world, 2, "full_rank", compute=compute, r=r)["total"]
+            cells = [quant_ratio(shape, world, "none", compute=compute, r=r),
+                     quant_ratio(shape, world, "nf4", compute=compute, r=r),
+                     quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu", double_quant=False),
+                     quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu"),
+                     quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu", optimizer="adamw8bit"),
+                     quant_ratio(shape, world, "int8", compute=compute, r=r, master_device="cpu"),
+                     per_rank_bytes(shape, world, 3, "relora", compute=compute, r=r)["total"]
+                     / per_rank_bytes(shape, world, 3, "full_rank", compute=compute, r=r)["total"]]
+            text = [f"{c:.3f}" for c in cells]
+            if (preset, world) == (QUANT_TARGET["preset"], QUANT_TARGET["world"]):
+                text[3] += f" (target <= {QUANT_TARGET['limit']})"
+            lines.append(f"| {preset} | {world} | {full / GIB:.2f} | " + " | ".join(text) + " |")
     return "\n".join(lines)

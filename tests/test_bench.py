@@ -16,6 +16,7 @@ import torch
 
 from relora_dist import bench
 from relora_dist import memory_model as mm
+from relora_dist import memory_report as report
 
 REPO = Path(__file__).resolve().parent.parent
 HEADLINE = ("step_time_ratio", "state_bytes_ratio", "grad_bytes_ratio", "trainable_fraction", "reset_over_step")
@@ -141,7 +142,7 @@ def test_judge_applies_targets_to_their_configurations(smoke):
 
 
 def test_measured_state_bytes_equal_the_memory_model(smoke):
-    rows = mm.validate(smoke)
+    rows = report.validate(smoke)
     assert len(rows) == 3  # full rank, ReLoRA, ReLoRA with train_extra=false
     for row in rows:
         assert abs(row["error_pct"]) < 10, row

@@ -9,11 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "relora_dist"
 
 # Edges left out of the graph on purpose, each with the reason; delete an entry once its edge is gone.
-KNOWN_EXCEPTIONS = {
-    # memory_quant extends memory_model (imports its Shape and per-rank formulas); memory_model's
-    # predict_for_bench hands bench rows with a quantized base or adamw8bit to memory_quant.
-    ("relora_dist.memory_model", "relora_dist.memory_quant"),
-}
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from relora_dist import memory_model as mm
+from relora_dist import memory_report as report
 from relora_dist.model import PRESETS, build_model, llama_config
 from relora_dist.relora import wrap_model
 
@@ -171,15 +172,15 @@ def test_validate_reproduces_a_bench_measurement():
     measured["relora"] = {k: v * 1.05 for k, v in measured["relora"].items()}  # a 5% discrepancy
     bench = {"config": {"world_size": 2, "preset": "tiny", "train_extra": True},
              "stages": {"3": {"model": model, "state_bytes_per_rank": measured}}}
-    rows = mm.validate(bench)
+    rows = report.validate(bench)
     assert [r["phase"] for r in rows] == ["full_rank", "relora"]
     assert rows[0]["error_pct"] == pytest.approx(0.0, abs=1e-9)
     assert rows[1]["ratio"] == pytest.approx(1 / 1.05)
-    assert "largest error 4.76%" in mm.format_validation(rows, bench)
+    assert "largest error 4.76%" in report.format_validation(rows, bench)
 
 
 def test_cli_table_lists_every_preset_for_8_and_64_ranks(capsys):
-    assert mm.main(["--compute", "bf16"]) == 0
+    assert report.main(["--compute", "bf16"]) == 0
     out = capsys.readouterr().out
     for preset in PRESETS:
         for world in (8, 64):
@@ -210,30 +211,30 @@ def test_validate_reads_the_merge_master_layout_of_the_bench_json():
     """JSONs measured when ZeRO-2 replicated its masters carry no `zero2_merge_masters` key; newer
     ones say "sharded" and name merge_master_device / phase_stage."""
     sharded = _measured(2, 2)
-    new = mm.validate(_bench(SMALL, sharded, {"zero2_merge_masters": "sharded"}))
+    new = report.validate(_bench(SMALL, sharded, {"zero2_merge_masters": "sharded"}))
     assert [abs(r["error_pct"]) for r in new] == [0.0, 0.0]
-    old = mm.validate(_bench(SMALL, sharded, {}))  # predicted as replicated: over by the full copy
+    old = report.validate(_bench(SMALL, sharded, {}))  # predicted as replicated: over by the full copy
     assert old[1]["predicted"] - old[1]["measured"] == pytest.approx((4 * 100 + 3 * 300) * 4 - 1744)
     replicated = _measured(2, 2, shard_merge_masters=False)
-    assert abs(mm.validate(_bench(SMALL, replicated, {}))[1]["error_pct"]) == 0.0
-    host = mm.validate(_bench(SMALL, _measured(2, 2, master_device="cpu"),
+    assert abs(report.validate(_bench(SMALL, replicated, {}))[1]["error_pct"]) == 0.0
+    host = report.validate(_bench(SMALL, _measured(2, 2, master_device="cpu"),
                               {"zero2_merge_masters": "sharded", "merge_master_device": "cpu"}))
     assert [abs(r["error_pct"]) for r in host] == [0.0, 0.0]
     phase3 = _bench(SMALL, _measured(2, 3), {"zero2_merge_masters": "sharded", "phase_stage": "3"})
-    assert [abs(r["error_pct"]) for r in mm.validate(phase3)] == [0.0, 0.0]
+    assert [abs(r["error_pct"]) for r in report.validate(phase3)] == [0.0, 0.0]
     phase3["config"].pop("phase_stage")
     phase3["stages"]["2"]["relora_stage"] = 3  # the per-stage record alone also says so
-    assert [abs(r["error_pct"]) for r in mm.validate(phase3)] == [0.0, 0.0]
+    assert [abs(r["error_pct"]) for r in report.validate(phase3)] == [0.0, 0.0]
     override = _bench(SMALL, _measured(2, 3), {"zero2_merge_masters": "sharded",
                                                  "override": ["--relora.phase_stage=3"]})
-    assert [abs(r["error_pct"]) for r in mm.validate(override)] == [0.0, 0.0]
+    assert [abs(r["error_pct"]) for r in report.validate(override)] == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("bench_*.json")), ids=lambda p: p.name)
 def test_committed_bench_jsons_validate_to_the_byte(path):
     bench = json.loads(path.read_text())
-    rows = mm.validate(bench)
-    assert rows and max(abs(r["error_pct"]) for r in rows) < 0.01, mm.format_validation(rows, bench)
+    rows = report.validate(bench)
+    assert rows and max(abs(r["error_pct"]) for r in rows) < 0.01, report.format_validation(rows, bench)
 
 
 def _plan(world: int, stage: int = 2, **kw) -> list[str]:
@@ -308,13 +309,13 @@ def test_fsdp2_relora_ratio_beside_zero():
 
 
 def test_cli_table_has_fsdp2_rows_and_column(capsys):
-    assert mm.main(["--compute", "bf16", "--presets", "350m", "--worlds", "8"]) == 0
+    assert report.main(["--compute", "bf16", "--presets", "350m", "--worlds", "8"]) == 0
     out = capsys.readouterr().out
     row = next(ln for ln in out.splitlines() if ln.startswith("| 350m | 368.0 |") and "| 8 | fsdp2 |" in ln)
     assert row.endswith("| 0.00 | 0.546 | 0.546 |"), row  # no merge masters
     options = next(ln for ln in out.splitlines() if ln.startswith("| 350m | 8 | "))
     assert options.endswith("| 0.649 (target <= 0.65) | 0.546 |"), options
-    assert mm.main(["--compute", "bf16", "--presets", "tiny", "--detail", "350m", "8", "fsdp2"]) == 0
+    assert report.main(["--compute", "bf16", "--presets", "tiny", "--detail", "350m", "8", "fsdp2"]) == 0
     assert "350m, 8 ranks, FSDP2, bf16" in capsys.readouterr().out
 
 
@@ -326,12 +327,12 @@ def test_validate_reads_an_fsdp2_stage():
                                       compute="fp32", r=32) for ph in ("full_rank", "relora")}
     bench = {"config": {"world_size": 2, "preset": "tiny", "train_extra": True, "zero2_merge_masters": "sharded"},
              "stages": {"fsdp2": {"model": model, "state_bytes_per_rank": measured, "relora_stage": "fsdp2"}}}
-    rows = mm.validate(bench)
+    rows = report.validate(bench)
     assert [(r["stage"], abs(r["error_pct"])) for r in rows] == [("fsdp2", 0.0), ("fsdp2", 0.0)]
     # A ZeRO-3 prediction would be off: under fp32 it keeps a separate fp32 master (20 B vs 16 B
     # per trainable param in the full-rank phase).
     bench["stages"] = {"3": bench["stages"]["fsdp2"]}
-    assert mm.validate(bench)[0]["error_pct"] > 20
+    assert report.validate(bench)[0]["error_pct"] > 20
 
 
 def test_fsdp2_measured_bytes_equal_the_model_by_category():
@@ -339,7 +340,7 @@ def test_fsdp2_measured_bytes_equal_the_model_by_category():
     measured ReLoRA-phase ratio where the model puts it for fp32: between ZeRO-3's (whose full-rank
     phase carries an extra fp32 master copy) and ZeRO-2's (replicated params)."""
     bench = json.loads((REPO / "benchmarks" / "bench_20m_fsdp2.json").read_text())
-    rows = [r for r in mm.validate(bench) if r["stage"] == "fsdp2"]
+    rows = [r for r in report.validate(bench) if r["stage"] == "fsdp2"]
     assert len(rows) == 3
     for row in rows:
         for cat, (pred, meas) in row["by_category"].items():

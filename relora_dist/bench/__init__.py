@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["config"].update(
         world_size=rc["world_size"], precision=rc["precision"], merge_master_device=rc["merge_master_device"],
         phase_stage=rc["phase_stage"], effective_rank_every=rc["effective_rank_every"],
+        quant_double_quant=rc["quant_double_quant"],
         relora_stage={k: s["relora_stage"] for k, s in result["stages"].items()},
         # ZeRO-2 keeps fp32 merge masters of its rank_slice of each frozen W only (not the whole W).
         zero2_merge_masters="sharded")

@@ -193,6 +193,7 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
                          "merge_master_device": cfg.relora.merge_master_device,
                          "phase_stage": str(cfg.relora.phase_stage),
                          "effective_rank_every": cfg.relora.effective_rank_every,
+                         "quant_double_quant": cfg.relora.quant_double_quant,
                          "torch_threads": torch.get_num_threads(), "backend": trainer.backend.name}
     warmup, n = args["warmup"], args["steps"]
 
