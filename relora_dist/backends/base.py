@@ -258,6 +258,17 @@ class Backend(ABC):
     def link_optimizer_fragments(self, engine: Any) -> None:
         """Make per-param views of the optimizer state valid (ZeRO-2 needs it; see there)."""
 
+    def exact_local_state(self, engine: Any) -> dict[str, torch.Tensor]:
+        """Optimizer state of this rank that the per-parameter fields cannot restore bit for bit
+        (8-bit Adam's codes and block scales, whose blocks span parameters), by name. Saved beside
+        them; read back only at the same world size, where the partition is the same."""
+        return {}
+
+    def load_exact_local_state(self, engine: Any, tensors: dict[str, torch.Tensor]) -> bool:
+        """Overwrite this rank's optimizer state with `exact_local_state`'s tensors after the
+        per-parameter writes; False (nothing changed) when they do not fit this partition."""
+        return False
+
     # --- shared helpers ---------------------------------------------------------------------------
     def master_slice_of(self, p: torch.nn.Parameter, full_value: torch.Tensor) -> torch.Tensor:
         start, end = self.master_range(p)

@@ -18,6 +18,9 @@ import torch
 
 KEYS = {"exp_avg": ("state1", "absmax1", "qmap1"), "exp_avg_sq": ("state2", "absmax2", "qmap2")}
 BLOCK = 256  # bitsandbytes' blockwise optimizer-state block
+# Everything AdamW8bit keeps per stepped tensor besides `step`: the codes and block scales of both
+# moments (qmap1/qmap2 are the fixed dynamic maps, rebuilt by init_state)
+STATE8_KEYS = ("state1", "absmax1", "state2", "absmax2")
 
 
 def dequantize_fragment(state: dict, start: int, numel: int, key: str) -> torch.Tensor:
