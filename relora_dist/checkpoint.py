@@ -30,10 +30,11 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from relora_dist.state import ADAM_KEYS, CheckpointState  # noqa: F401  (ADAM_KEYS: resume.py and tests)
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 OLDER = ("resume an older one with --checkpoint.resume=previous (the newest that verifies) or "
@@ -65,65 +66,6 @@ def step_dir_name(step: int) -> str:
 
 
 # --- saving ----------------------------------------------------------------------------------------
-def _rank_fragments(trainer) -> tuple[dict[str, torch.Tensor], dict]:
-    """This rank's tensors for the safetensors file and the index of what they are."""
-    backend, engine, masters = trainer.backend, trainer.engine, trainer.masters
-    if engine is not None:
-        backend.link_optimizer_fragments(engine)
-    tensors: dict[str, torch.Tensor] = {}
-    index: dict[str, dict] = {}
-
-    def put(name: str, field: str, start: int, frag: torch.Tensor | None) -> None:
-        if frag is None or frag.numel() == 0:
-            return
-        tensors[f"{name}/{field}"] = frag.detach().reshape(-1).contiguous().cpu().clone()
-        index.setdefault(name, {})[field] = [start, start + frag.numel()]
-
-    module_of = {f"{n}.weight": n for n in trainer.modules}
-    for name, p in trainer.model.named_parameters():
-        if p.requires_grad and engine is not None:
-            start, _, frag = backend.fp32_fragment(p)
-            put(name, "master", start, frag)
-            for key in ADAM_KEYS:
-                put(name, key, start, backend.state_fragment(p, key))
-        else:
-            start, end = backend.save_range(p)
-            lstart, _ = backend.local_range(p)
-            put(name, "weight", start, backend.local_view(p)[start - lstart:end - lstart])
-        module = module_of.get(name)
-        if module is not None and masters is not None:
-            start, _ = backend.master_range(p)  # masters and W_switch hold exactly this range
-            if masters.kept:
-                put(name, "merge_master", start, masters.shards[module])
-            if masters.at_switch:
-                put(name, "w_switch", start, masters.at_switch[module])
-    for module, m in trainer.modules.items():
-        # A quantized base is no Parameter: its fp32 master is what is saved (never the quantized
-        # bytes), so a resume requantizes exactly and any world size / quantization setting can load it.
-        if m.qweight is not None:
-            start, _ = backend.master_range(m.weight)
-            put(f"{module}.weight", "merge_master", start, masters.shards[module])
-            if masters.at_switch:
-                put(f"{module}.weight", "w_switch", start, masters.at_switch[module])
-    rng = {"rng/cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["rng/cuda"] = torch.cuda.get_rng_state()
-    tensors.update(rng)
-    return tensors, index
-
-
-def _tensor_meta(trainer) -> dict[str, dict]:
-    backend = trainer.backend
-    meta = {name: {"shape": list(backend.shape(p)), "dtype": str(backend.storage_dtype(p)).replace("torch.", ""),
-                   "trainable": bool(p.requires_grad)}
-            for name, p in trainer.model.named_parameters()}
-    for module, m in trainer.modules.items():
-        if m.qweight is not None:  # stored as its fp32 master
-            meta[f"{module}.weight"] = {"shape": [m.out_features, m.in_features], "dtype": "float32",
-                                        "trainable": False, "base_quant": m.qweight.kind}
-    return meta
-
-
 def _write_synced(path: Path, text: str) -> None:
     """Write and fsync a small file (a rename publishes it only after its bytes are on disk)."""
     with open(path, "w") as f:
@@ -164,34 +106,35 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
-def save_checkpoint(trainer, root: str | Path, keep_last: int) -> Path:
+def save_checkpoint(state: CheckpointState, root: str | Path, keep_last: int) -> Path:
     """Write this step's checkpoint collectively; publish it atomically; keep the last K. A rank
     that cannot write (disk full, permissions) or holds a non-finite value fails the save on every
     rank at the same point; nothing is published and no older checkpoint is deleted."""
     from relora_dist.faults import RunAborted, progress
 
     root = Path(root)
-    st, info = trainer.state, trainer.info
-    final = root / step_dir_name(st.step)
-    tmp = root / f".tmp-{step_dir_name(st.step)}"
+    step = state.progress.step
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}"
     error = None
-    if info.is_main:
+    if state.is_main:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         except OSError as e:
             error = _describe(e)
-    failure = _failed(_agreed(error), st.step, root)
+    failure = _failed(_agreed(error), step, root)
     if failure:
         raise failure
-    tensors, index = _rank_fragments(trainer)
+    tensors, index = state.model.fragments()
+    tensors.update(state.rng.state_dict())
     finite = all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
-    file = f"rank{info.rank:05d}.safetensors"
-    entry = {"rank": info.rank, "file": file, "index": index, "finite": finite, "error": None}
+    file = f"rank{state.rank:05d}.safetensors"
+    entry = {"rank": state.rank, "file": file, "index": index, "finite": finite, "error": None}
     try:
         if finite:
             save_file(tensors, str(tmp / file),
-                      metadata={"format_version": str(FORMAT_VERSION), "rank": str(info.rank)})
+                      metadata={"format_version": str(FORMAT_VERSION), "rank": str(state.rank)})
             with open(tmp / file, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp / file, 0o644)  # safetensors creates it 0600; a checkpoint is for others to read
@@ -200,60 +143,60 @@ def save_checkpoint(trainer, root: str | Path, keep_last: int) -> Path:
         entry["error"] = _describe(e)
     del tensors
     progress()  # a long save is progress: the SIGTERM grace period restarts after each stage
-    entries: list = [None] * info.world_size
+    entries: list = [None] * state.world_size
     dist.all_gather_object(entries, entry)
     progress()
-    failure = _failed([e["error"] for e in entries], st.step, root)
+    failure = _failed([e["error"] for e in entries], step, root)
     nonfinite = [e["rank"] for e in entries if not e["finite"]]
-    if (failure or nonfinite) and info.is_main:
+    if (failure or nonfinite) and state.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     if failure:
         raise failure
     if nonfinite:
-        raise RunAborted(f"step {st.step}: the model holds non-finite values (rank {nonfinite[0]}); not saved, the "
+        raise RunAborted(f"step {step}: the model holds non-finite values (rank {nonfinite[0]}); not saved, the "
                          f"newest checkpoint is still {find_latest(root) or 'none'}; lower optimizer.lr / relora.lr")
-    stats = trainer.rank_stats(measure=False)
     error = None
-    if info.is_main:
+    if state.is_main:
         try:
-            _publish(trainer, tmp, final, root, entries, stats, keep_last)
+            _publish(state, tmp, final, root, entries, keep_last)
         except Exception as e:  # noqa: BLE001 - OSError from any of the writes
             shutil.rmtree(tmp, ignore_errors=True)
             error = _describe(e)
-    failure = _failed(_agreed(error), st.step, root)
+    failure = _failed(_agreed(error), step, root)
     if failure:
         raise failure
     return final
 
 
-def _publish(trainer, tmp: Path, final: Path, root: Path, entries: list[dict], stats: dict, keep_last: int) -> None:
-    """Rank 0: manifest, config and tokenizer into `tmp`, fsync, rename, point `latest`, retention."""
-    from relora_dist.config import dump_config
-    from relora_dist.relora import cumulative_rank
-
-    st, c = trainer.state, trainer.cfg
-    tensors_meta = _tensor_meta(trainer)
+def manifest_of(state: CheckpointState, entries: list[dict]) -> dict:
+    """The manifest: every component's state_dict, every tensor's shape and which rank holds which
+    flat range of it (from each rank's `entries`), and a sha256 per file."""
+    tensors_meta = state.model.tensor_meta()
     for e in entries:
         for name, fields in e["index"].items():
             for field, (start, end) in fields.items():
                 tensors_meta[name].setdefault("fields", {}).setdefault(field, []).append([e["rank"], start, end])
-    cum = {n: cumulative_rank(m.r, st.restart_index, m.out_features, m.in_features)
-           for n, m in trainer.modules.items()} if st.phase == "relora" else {}
-    manifest = {
-        "format_version": FORMAT_VERSION, "global_step": st.step, "phase": st.phase,
-        "restart_index": st.restart_index, "cumulative_rank": {"per_module": cum, "total": sum(cum.values())},
-        "relora": {"r": c.relora.r, "alpha": c.relora.alpha, "targets": c.relora.targets,
-                   "wrapped_modules": sorted(trainer.modules)},
-        "tokens_seen": st.tokens_seen, "skipped_steps": st.skipped_steps, "data_loader": trainer.loader.state_dict(),
-        "lr_schedule": {"step": st.step, "last_lr": st.history[-1]["lr"] if st.history else 0.0},
-        "adam_step": trainer.backend.adam_step(trainer.engine) if trainer.engine is not None else None,
-        "world_size": trainer.info.world_size, **trainer.backend.describe(), "precision": trainer.precision,
-        "model_config": trainer.model_config.to_dict(), "adapters_active": st.phase == "relora",
-        "rank_stats": stats, "tensors": tensors_meta,
+    progress, relora = state.progress.state_dict(), state.relora.state_dict()
+    return {
+        "format_version": FORMAT_VERSION, "global_step": progress["global_step"], "phase": progress["phase"],
+        "restart_index": progress["restart_index"], "cumulative_rank": relora["cumulative_rank"],
+        "relora": relora["relora"], "tokens_seen": progress["tokens_seen"],
+        "skipped_steps": progress["skipped_steps"], "data_loader": state.loader.state_dict(),
+        "lr_schedule": progress["lr_schedule"], "adam_step": state.model.adam_step(),
+        "world_size": state.world_size, **state.model.backend.describe(), "precision": state.precision,
+        "model_config": state.model_config.to_dict(), "adapters_active": relora["adapters_active"],
+        "rank_stats": relora["rank_stats"], "tensors": tensors_meta,
         "files": [{"rank": e["rank"], "file": e["file"], "sha256": e["sha256"]} for e in entries],
     }
-    dump_config(c, tmp / "config.yaml")
-    shutil.copytree(trainer.tokenizer_dir, tmp / "tokenizer")
+
+
+def _publish(state: CheckpointState, tmp: Path, final: Path, root: Path, entries: list[dict], keep_last: int) -> None:
+    """Rank 0: manifest, config and tokenizer into `tmp`, fsync, rename, point `latest`, retention."""
+    from relora_dist.config import dump_config
+
+    manifest = manifest_of(state, entries)
+    dump_config(state.cfg, tmp / "config.yaml")
+    shutil.copytree(state.tokenizer_dir, tmp / "tokenizer")
     _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
     _fsync_tree(tmp)
     _fsync_dir(tmp)
@@ -392,25 +335,30 @@ class ShardReader:
 
 
 def consolidated_state_dict(reader: ShardReader, merge_adapters: bool = True) -> dict[str, torch.Tensor]:
-    """fp32 HF-named weights: fp32 masters where they exist, live adapters merged (W + s*B*A)."""
-    from relora_dist.relora import lora_delta
+    """fp32 HF-named weights of a checkpoint: fp32 masters where they exist, live adapters merged
+    by export.merged_state_dict (the same merge as the live export's)."""
+    from relora_dist.export import merged_state_dict
 
-    m = reader.manifest
-    sd = {}
-    for name, meta in m["tensors"].items():
+    return merged_state_dict(_saved_weights(reader), _saved_adapters(reader) if merge_adapters else ())
+
+
+def _saved_weights(reader: ShardReader):
+    for name in reader.manifest["tensors"]:
         if ".lora_" in name:
             continue
         for field in ("master", "merge_master", "weight"):
             if reader.has(name, field):
-                sd[name] = reader.full(name, field).float()
+                yield name, reader.full(name, field).float()
                 break
-    if merge_adapters and m["adapters_active"]:
-        scale = m["relora"]["alpha"] / m["relora"]["r"]
-        for module in m["relora"]["wrapped_modules"]:
-            A = _first(reader, f"{module}.lora_A")
-            B = _first(reader, f"{module}.lora_B")
-            sd[f"{module}.weight"] = sd[f"{module}.weight"] + lora_delta(A, B, scale)
-    return sd
+
+
+def _saved_adapters(reader: ShardReader):
+    m = reader.manifest
+    if not m["adapters_active"]:
+        return
+    scale = m["relora"]["alpha"] / m["relora"]["r"]
+    for module in m["relora"]["wrapped_modules"]:
+        yield module, _first(reader, f"{module}.lora_A"), _first(reader, f"{module}.lora_B"), scale
 
 
 def _first(reader: ShardReader, name: str) -> torch.Tensor:

@@ -1,9 +1,20 @@
-"""Hugging Face export of a live run: consolidate shards, merge live adapters in fp32, save."""
+"""Hugging Face export: one consolidation and one writer for both ways a model leaves a run.
+
+    live     the warm-start export during training: full_state_dict(ModelState), collective
+    offline  relora-convert (tools/convert_ckpt.py): checkpoint.consolidated_state_dict(ShardReader)
+
+Both give `merged_state_dict` the same two things, fp32 full weights by HF name and the live
+adapters (A, B, scale), so an adapter is merged as W + relora.lora_delta(A, B, scale) the same way
+whichever side reads it; a quantized frozen base contributes its fp32 master (quant_steps.full_master),
+never dequantized bytes. `write_hf` then writes config.json, model.safetensors (sharded above
+max_shard_size), generation_config.json and the tokenizer files, or a bitsandbytes-quantized folder.
+"""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -11,49 +22,126 @@ import torch.distributed as dist
 from relora_dist.quant_steps import full_master
 from relora_dist.relora import lora_delta
 
+Adapter = tuple[str, torch.Tensor, torch.Tensor, float]
+"""(wrapped module name, full fp32 A, full fp32 B, scale)"""
 
-def full_state_dict(trainer) -> dict[str, torch.Tensor]:
-    """fp32 HF-named state dict with live adapters merged (W + s*B*A). Collective: every rank calls
-    it; the result is complete on every rank. Trainable params come from the optimizer's fp32
-    masters, frozen wrapped weights from the fp32 merge masters when kept."""
-    backend, engine, masters = trainer.backend, trainer.engine, trainer.masters
-    sd: dict[str, torch.Tensor] = {}
-    for name, p in trainer.model.named_parameters():
+
+class ModelConfigMismatch(ValueError):
+    """The model config does not describe the state dict's tensors (names or shapes)."""
+
+
+def merged_state_dict(weights: Iterable[tuple[str, torch.Tensor]], adapters: Iterable[Adapter]) -> dict[str, torch.Tensor]:
+    """fp32 HF-named state dict: the weights, each live adapter merged into its module's weight."""
+    sd = dict(weights)
+    for module, A, B, scale in adapters:
+        sd[f"{module}.weight"] = sd[f"{module}.weight"] + lora_delta(A, B, scale)
+    return sd
+
+
+# --- live: from the sharded state of a running job -----------------------------------------------------
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """fp32 HF-named state dict of a state.ModelState, live adapters merged. Collective: every rank
+    calls it (in the same order: the generators gather one tensor at a time) and gets all of it.
+    Trainable params come from the optimizer's fp32 masters, frozen wrapped weights from the fp32
+    merge masters when kept."""
+    return merged_state_dict(_live_weights(model), _live_adapters(model))
+
+
+def _live_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    backend, engine, masters = model.backend, model.engine, model.masters
+    for name, p in model.model.named_parameters():
         if ".lora_" in name:
             continue
         module_name = name.rsplit(".", 1)[0]
         if engine is not None and p.requires_grad:
-            sd[name] = backend.full_fp32(p).reshape(backend.shape(p)).cpu()
+            yield name, backend.full_fp32(p).reshape(backend.shape(p)).cpu()
         elif masters is not None and masters.kept and module_name in masters.shards and name.endswith("weight"):
             shape = backend.shape(p)
-            sd[name] = backend.gather_owned(p, masters.shards[module_name].to(p.device)).view(shape).cpu()
+            yield name, backend.gather_owned(p, masters.shards[module_name].to(p.device)).view(shape).cpu()
         else:
-            sd[name] = backend.gather_full(p).cpu()
-    for module_name, m in trainer.modules.items():
+            yield name, backend.gather_full(p).cpu()
+    for module_name, m in model.modules.items():
         if m.qweight is not None:  # a quantized base: its fp32 master is the weight (never dequantized bytes)
-            sd[f"{module_name}.weight"] = full_master(backend, m, masters.shards[module_name]).cpu()
-    for module_name, m in trainer.modules.items():
+            yield f"{module_name}.weight", full_master(backend, m, masters.shards[module_name]).cpu()
+
+
+def _live_adapters(model) -> Iterator[Adapter]:
+    for module_name, m in model.modules.items():
         if m.adapter_active:
-            A, B = backend.full_fp32(m.lora_A).cpu(), backend.full_fp32(m.lora_B).cpu()
-            sd[f"{module_name}.weight"] = sd[f"{module_name}.weight"] + lora_delta(A, B, m.scale)
-    return sd
+            yield module_name, model.backend.full_fp32(m.lora_A).cpu(), model.backend.full_fp32(m.lora_B).cpu(), m.scale
 
 
-def export_hf(trainer, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path | None:
-    """Write config.json, model.safetensors (sharded above 2 GB), generation_config.json and the
-    tokenizer files to out_dir on rank 0. Collective."""
-    from transformers import LlamaForCausalLM
-
-    sd = full_state_dict(trainer)
+def export_hf(state, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Export a running job (a state.CheckpointState) to out_dir, written by rank 0. Collective."""
+    sd = full_state_dict(state.model)
     out_dir = Path(out_dir)
-    if trainer.info.is_main:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(trainer.model_config)
-        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
-        model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="2GB")
-        for f in Path(trainer.tokenizer_dir).iterdir():
-            if f.is_file():
-                shutil.copy2(f, out_dir / f.name)
+    if state.is_main:
+        write_hf(sd, state.model_config.to_dict(), state.tokenizer_dir, out_dir, dtype)
     if dist.is_initialized():
         dist.barrier()
     return out_dir
+
+
+# --- the writer ----------------------------------------------------------------------------------------
+def write_hf(state_dict: dict[str, torch.Tensor], model_config: dict, tokenizer_dir: str | Path, out_dir: str | Path,
+             dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB", quantize: str = "none") -> Path:
+    """A folder AutoModelForCausalLM.from_pretrained loads: the LLaMA of `model_config` (a
+    LlamaConfig.to_dict(), as a manifest records it) holding `state_dict` in `dtype`, and every file
+    of `tokenizer_dir`. quantize nf4|int8: a bitsandbytes folder made from the merged weights.
+    Raises ModelConfigMismatch when the config does not fit the tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    try:
+        config = LlamaConfig(**model_config)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ModelConfigMismatch(f"model_config does not describe the saved tensors "
+                                  f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    model.config.torch_dtype = dtype
+    if quantize == "none":
+        model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+    else:
+        quantize_hf(model, out_dir, quantize, max_shard_size)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file():
+            shutil.copy2(f, out_dir / f.name)
+    return out_dir
+
+
+def nf4_unpackable(model) -> list[str]:
+    """Linear layers bitsandbytes' CPU 4-bit inference layout cannot hold (it packs rows in groups
+    of 32 and needs in_features a multiple of the 64-element block: functional.
+    _convert_weight_packed_for_cpu asserts both in bitsandbytes 0.50.2)."""
+    return sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                  and (m.out_features % 32 or m.in_features % 64))
+
+
+def quantize_hf(model, out_dir: Path, kind: str, max_shard_size: str) -> None:
+    """The merged full-precision model re-loaded by transformers with a bitsandbytes config (nf4:
+    4-bit NF4, bf16 compute; int8: LLM.int8) and saved: a folder AutoModelForCausalLM.from_pretrained
+    loads with its quantization config. lm_head stays unquantized (transformers' default), and for
+    nf4 so does every layer nf4_unpackable lists (one line says which)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from relora_dist.quant import bnb
+
+    bnb()  # silences its import-time log
+    skip = ["lm_head"] + (nf4_unpackable(model) if kind == "nf4" else [])
+    if kind == "nf4":
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                llm_int8_skip_modules=skip)
+    else:
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    kept = [n for n in skip if n != "lm_head"]
+    if kept:
+        print(f"note: {len(kept)} linear layers stay in full precision (shape not packable by bitsandbytes' "
+              f"4-bit CPU layout: out % 32 or in % 64): {', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''}")
+    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
+        model.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qc)
+        quantized.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)

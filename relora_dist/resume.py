@@ -1,16 +1,13 @@
 """Resuming a run from the project's sharded checkpoints (checkpoint.py): which checkpoint, whether
-it belongs to this run (the run identity), and loading it into a Trainer at any world size and ZeRO
-stage. Loading reads safetensors and JSON only: nothing is unpickled."""
+it belongs to this run (the run identity), and loading it into a run's components (state.py) at any
+world size and ZeRO stage. Loading reads safetensors and JSON only: nothing is unpickled."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-import torch
-
 from relora_dist.checkpoint import (
-    ADAM_KEYS,
     LATEST,
     MANIFEST,
     OLDER,
@@ -21,87 +18,47 @@ from relora_dist.checkpoint import (
     read_manifest,
 )
 from relora_dist.config import SECTIONS, ConfigError, _suggest, to_dict
-from relora_dist.quant_steps import requantize_all
+from relora_dist.state import CheckpointState
 
 # --- loading ---------------------------------------------------------------------------------------
 MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def check_compatible(manifest: dict, trainer, ckpt_dir: Path) -> None:
+def check_compatible(manifest: dict, state: CheckpointState, ckpt_dir: Path) -> None:
     """Refuse a checkpoint of another model or adapter layout (before anything is written)."""
-    ours = trainer.model_config.to_dict()
+    ours = state.model_config.to_dict()
     for key in MODEL_KEYS:
         if manifest["model_config"].get(key) != ours.get(key):
             raise CheckpointError(
                 f"{ckpt_dir / MANIFEST}: model {key}={manifest['model_config'].get(key)} but this run has "
                 f"{ours.get(key)}; resume with the checkpoint's config ({ckpt_dir / 'config.yaml'}) or use a new output_dir")
-    if manifest["phase"] == "relora":
-        theirs = manifest["relora"]
-        if theirs["r"] != trainer.cfg.relora.r or theirs["wrapped_modules"] != sorted(trainer.modules):
-            raise CheckpointError(
-                f"{ckpt_dir / MANIFEST}: adapters r={theirs['r']} over {len(theirs['wrapped_modules'])} modules but "
-                f"this run has r={trainer.cfg.relora.r} over {len(trainer.modules)}; keep relora.r and relora.targets")
+    problem = state.relora.compatibility_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{ckpt_dir / MANIFEST}: {problem}")
 
 
-def load_checkpoint(trainer, ckpt_dir: str | Path) -> dict:
-    """Restore params, fp32 masters, merge masters, Adam moments and step, data position, RNG and
-    counters into a Trainer built for the checkpoint's phase, at any world size and ZeRO stage.
-    Every rank reads the full tensors it needs from all files and keeps only its own shard."""
+def load_checkpoint(state: CheckpointState, ckpt_dir: str | Path) -> dict:
+    """Restore every component of `state` (built for the checkpoint's phase) from a checkpoint
+    written at any world size and ZeRO stage: the sharded tensors, then Adam's step, the data
+    position, the counters and this rank's RNG. Returns the manifest."""
     ckpt_dir = Path(ckpt_dir)
     reader = ShardReader(ckpt_dir)
     m = reader.manifest
-    check_compatible(m, trainer, ckpt_dir)
-    backend, engine, masters = trainer.backend, trainer.engine, trainer.masters
-    frozen_fields = ("merge_master", "weight", "master")
-    for name, p in trainer.model.named_parameters():
-        if p.requires_grad and engine is not None:
-            field = "master" if reader.has(name, "master") else "merge_master" if reader.has(name, "merge_master") else "weight"
-            backend.write_trainable(p, reader.full(name, field).float())
-        else:
-            field = next(f for f in frozen_fields if reader.has(name, f) or f == "master")
-            backend.write_frozen(p, reader.full(name, field))
-    if masters is not None:
-        for module, mod in trainer.modules.items():
-            name = f"{module}.weight"
-            # Fields hold full tensors whatever layout wrote them (replicated or sharded masters, any
-            # world size): each rank copies out its own slice, in place (keeps pinned host memory).
-            if masters.kept:
-                field = "merge_master" if reader.has(name, "merge_master") else "weight"
-                masters.shards[module].copy_(backend.master_slice_of(mod.weight, reader.full(name, field).float()))
-            if reader.has(name, "w_switch") and masters.at_switch:
-                masters.at_switch[module] = backend.master_slice_of(
-                    mod.weight, reader.full(name, "w_switch").float()).clone()
-    if masters is not None and any(mod.qweight is not None for mod in trainer.modules.values()):
-        requantize_all(backend, trainer.modules, masters)
-    _say_quant_change(trainer, ckpt_dir)
-    if engine is not None and m.get("adam_step") is not None:
-        backend.init_optimizer_state(engine, int(m["adam_step"]))
-        for name, p in trainer.model.named_parameters():
-            if p.requires_grad:
-                for key in ADAM_KEYS:
-                    if reader.has(name, key):
-                        backend.write_optimizer_state(p, key, reader.full(name, key))
-        backend.finish_optimizer_state_writes()
-    trainer.loader.load_state_dict(m["data_loader"])
-    st = trainer.state
-    st.step, st.tokens_seen, st.restart_index, st.phase = (
-        m["global_step"], m["tokens_seen"], m["restart_index"], m["phase"])
-    st.skipped_steps = int(m.get("skipped_steps", 0))
-    rng = reader.rng_state(trainer.info.rank)
-    if rng is not None:
-        torch.set_rng_state(rng)
-    cuda_rng = reader.rng_state(trainer.info.rank, "rng/cuda")
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_rng)
+    check_compatible(m, state, ckpt_dir)
+    state.model.load_fragments(reader, m.get("adam_step"), lambda: _say_quant_change(state, ckpt_dir))
+    state.loader.load_state_dict(m["data_loader"])
+    state.progress.load_state_dict(m)
+    # A resume at another world size: a rank with no shard of its own takes rank 0's generators.
+    state.rng.load_state_dict({key: reader.rng_state(state.rank, key) for key in ("rng/cpu", "rng/cuda")})
     return m
 
 
-def _say_quant_change(trainer, ckpt_dir: Path) -> None:
+def _say_quant_change(state: CheckpointState, ckpt_dir: Path) -> None:
     """One line when the checkpoint's relora.base_quant differs from this run's: allowed, because the
     checkpoint holds the fp32 masters, not quantized bytes."""
     theirs = (saved_config(ckpt_dir).get("relora") or {}).get("base_quant", "none")
-    ours = trainer.cfg.relora.base_quant
-    if theirs != ours and trainer.info.is_main and trainer.state.phase == "relora":
+    ours = state.cfg.relora.base_quant
+    if theirs != ours and state.is_main and state.progress.phase == "relora":
         print(f"note: {ckpt_dir} was written with relora.base_quant={theirs}, this run uses {ours}: the frozen "
               f"weights come from the checkpoint's fp32 masters" + (f" and are quantized to {ours} from them"
                                                                     if ours != "none" else ""), flush=True)

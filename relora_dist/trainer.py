@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,28 +35,9 @@ from relora_dist.faults import is_finite
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, flops_per_token, llama_config
 from relora_dist.relora import freeze_for_full_rank, relora_modules, wrap_model
+from relora_dist.state import CheckpointState, ModelState, ReLoRAState, RNGState, TrainState
 from relora_dist.tokenizer import load_tokenizer
 from relora_dist.validation import validate
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    """Optimizer steps done (global; engines restart their own counters, so we keep ours)."""
-    restart_index: int = 0
-    """Resets done in the ReLoRA phase (= index of the live adapter)."""
-    tokens_seen: int = 0
-    phase: str = "full_rank"
-    history: list[dict] = field(default_factory=list)
-    """Per-step logged records (loss, lr, ...) kept for tests and summaries."""
-    evals: list[dict] = field(default_factory=list)
-    """Every evaluation {step, eval_loss, eval_ppl}, including the one before training."""
-    stopped: bool = False
-    """True when the run stopped early on SIGTERM (after saving a checkpoint)."""
-    skipped_steps: int = 0
-    """Steps whose loss or gradient norm was non-finite, so no update was applied (train.on_nonfinite=skip)."""
-    skipped_in_a_row: int = 0
-    """Consecutive such steps up to now (the run stops past train.max_skipped_steps)."""
 
 
 def param_groups(model: torch.nn.Module, cfg: Config, lr: float, shape=lambda p: p.shape) -> list[dict]:
@@ -135,7 +115,7 @@ class Trainer:
             freeze_for_full_rank(self.model) if c.relora.enabled else None
             self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr, self.backend.shape))
         if manifest is not None:
-            resume.load_checkpoint(self, self.resumed_from)
+            resume.load_checkpoint(self.checkpoint_state(), self.resumed_from)
         if info.is_main:  # each resumed segment's config is kept beside the first one's
             dump_config(c, self.output_dir / (f"config.{self.resumed_from.name}.yaml" if self.resumed_from
                                               else "config.yaml"))
@@ -302,8 +282,22 @@ class Trainer:
         return on_device.cpu()
 
     # --- checkpoints and preemption -------------------------------------------------------------
+    def model_state(self) -> ModelState:
+        """The sharded state as it is now (the switch to ReLoRA replaces engine, backend and masters)."""
+        return ModelState(self.backend, self.engine, self.model, self.modules, self.masters)
+
+    def checkpoint_state(self) -> CheckpointState:
+        """The components a checkpoint saves and a resume restores (state.py)."""
+        r = self.cfg.relora
+        return CheckpointState(
+            model=self.model_state(), progress=self.state, loader=self.loader, rng=RNGState(),
+            relora=ReLoRAState(r.r, r.alpha, r.targets, self.modules, self.state,
+                               stats=lambda: self.rank_stats(measure=False)),
+            cfg=self.cfg, tokenizer_dir=self.tokenizer_dir, model_config=self.model_config,
+            precision=self.precision, rank=self.info.rank, world_size=self.info.world_size)
+
     def save_checkpoint(self) -> Path:
-        return ckpt.save_checkpoint(self, self.checkpoint_root, self.cfg.checkpoint.keep_last)
+        return ckpt.save_checkpoint(self.checkpoint_state(), self.checkpoint_root, self.cfg.checkpoint.keep_last)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True  # acted on at the next step boundary, on every rank at once
@@ -378,4 +372,4 @@ class Trainer:
         if self.cfg.run.export_warm_start:
             from relora_dist.export import export_hf
 
-            export_hf(self, self.output_dir / "warm_start")
+            export_hf(self.checkpoint_state(), self.output_dir / "warm_start")

@@ -74,7 +74,7 @@ def relora_run(cfg, template, info, stop_at: int | None = None) -> dict:
     return {"logits_batch": batch, "logits": logits,"losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
             "steps": torch.tensor([h["step"] for h in st.history]),
             "lrs": torch.tensor([h["lr"] for h in st.history]),
-            "restart_index": st.restart_index, "phase": st.phase, "state_dict": full_state_dict(t)}
+            "restart_index": st.restart_index, "phase": st.phase, "state_dict": full_state_dict(t.model_state())}
 
 
 def relora_checks(cfg, template, info) -> dict:

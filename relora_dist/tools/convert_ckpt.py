@@ -23,12 +23,10 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 def convert(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_size: str = "2GB",
             overwrite: bool = False, quantize: str = "none") -> Path:
-    import shutil
-
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from relora_dist.checkpoint import MANIFEST, ShardReader, consolidated_state_dict, find_latest
+    from relora_dist.export import ModelConfigMismatch, write_hf
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not (ckpt_dir / MANIFEST).is_file():
@@ -40,63 +38,11 @@ def convert(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
         raise CheckpointError(f"{out_dir} is not empty: pass an empty or new directory, or --overwrite")
     reader = ShardReader(ckpt_dir)
     state_dict = consolidated_state_dict(reader, merge_adapters=True)
-    torch_dtype = getattr(torch, DTYPES[dtype])
     try:
-        config = LlamaConfig(**reader.manifest["model_config"])
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        model.load_state_dict({k: v.to(torch_dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-    except (TypeError, ValueError, RuntimeError) as e:  # the manifest's model_config does not fit its tensors
-        raise CheckpointError(f"{ckpt_dir / MANIFEST}: model_config does not describe the saved tensors "
-                              f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); the checkpoint is damaged") from None
-    model.config.torch_dtype = torch_dtype
-    if quantize == "none":
-        model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    else:
-        quantize_hf(model, out_dir, quantize, max_shard_size)
-    for f in (ckpt_dir / "tokenizer").iterdir():
-        if f.is_file():
-            shutil.copy2(f, out_dir / f.name)
-    return out_dir
-
-
-def nf4_unpackable(model) -> list[str]:
-    """Linear layers bitsandbytes' CPU 4-bit inference layout cannot hold (it packs rows in groups
-    of 32 and needs in_features a multiple of the 64-element block: functional.
-    _convert_weight_packed_for_cpu asserts both in bitsandbytes 0.50.2)."""
-    import torch
-
-    return sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                  and (m.out_features % 32 or m.in_features % 64))
-
-
-def quantize_hf(model, out_dir: Path, kind: str, max_shard_size: str) -> None:
-    """The merged full-precision model re-loaded by transformers with a bitsandbytes config (nf4:
-    4-bit NF4, bf16 compute; int8: LLM.int8) and saved: a folder AutoModelForCausalLM.from_pretrained
-    loads with its quantization config. lm_head stays unquantized (transformers' default), and for
-    nf4 so does every layer nf4_unpackable lists (one line says which)."""
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from relora_dist.quant import bnb
-
-    bnb()  # silences its import-time log
-    skip = ["lm_head"] + (nf4_unpackable(model) if kind == "nf4" else [])
-    if kind == "nf4":
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                                llm_int8_skip_modules=skip)
-    else:
-        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    kept = [n for n in skip if n != "lm_head"]
-    if kept:
-        print(f"note: {len(kept)} linear layers stay in full precision (shape not packable by bitsandbytes' "
-              f"4-bit CPU layout: out % 32 or in % 64): {', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''}")
-    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
-        model.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
-        quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qc)
-        quantized.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+        return write_hf(state_dict, reader.manifest["model_config"], ckpt_dir / "tokenizer", out_dir,
+                        getattr(torch, DTYPES[dtype]), max_shard_size, quantize)
+    except ModelConfigMismatch as e:  # the manifest's model_config does not fit its tensors
+        raise CheckpointError(f"{ckpt_dir / MANIFEST}: {e}; the checkpoint is damaged") from None
 
 
 def main(argv: list[str] | None = None) -> int:
