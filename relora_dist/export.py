@@ -76,31 +76,34 @@ def export_hf(state, out_dir: str | Path, dtype: torch.dtype = torch.float32) ->
     sd = full_state_dict(state.model)
     out_dir = Path(out_dir)
     if state.is_main:
-        write_hf(sd, state.model_config.to_dict(), state.tokenizer_dir, out_dir, dtype)
+        write_hf(sd, state.model_config, state.tokenizer_dir, out_dir, dtype)
     if dist.is_initialized():
         dist.barrier()
     return out_dir
 
 
 # --- the writer ----------------------------------------------------------------------------------------
-def write_hf(state_dict: dict[str, torch.Tensor], model_config: dict, tokenizer_dir: str | Path, out_dir: str | Path,
+def write_hf(state_dict: dict[str, torch.Tensor], model_config, tokenizer_dir: str | Path, out_dir: str | Path,
              dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB", quantize: str = "none") -> Path:
-    """A folder AutoModelForCausalLM.from_pretrained loads: the LLaMA of `model_config` (a
-    LlamaConfig.to_dict(), as a manifest records it) holding `state_dict` in `dtype`, and every file
-    of `tokenizer_dir`. quantize nf4|int8: a bitsandbytes folder made from the merged weights.
-    Raises ModelConfigMismatch when the config does not fit the tensors."""
+    """A folder AutoModelForCausalLM.from_pretrained loads: the LLaMA of `model_config` (a LlamaConfig,
+    or its to_dict() as a manifest records it) holding `state_dict` in `dtype`, and every file of
+    `tokenizer_dir`. quantize nf4|int8: a bitsandbytes folder made from the merged weights.
+    Raises ModelConfigMismatch when the config does not fit the tensors.
+
+    A LlamaConfig is used as it is, not copied: saving records the architecture and dtype in it,
+    and the live export has always left those in the run's config (later manifests record them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     try:
-        config = LlamaConfig(**model_config)
+        config = LlamaConfig(**model_config) if isinstance(model_config, dict) else model_config
         with torch.device("meta"):
             model = LlamaForCausalLM(config)
         model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ModelConfigMismatch(f"model_config does not describe the saved tensors "
                                   f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
-    model.config.torch_dtype = dtype
+    # save_pretrained records the weights' dtype in config.json (no deprecated torch_dtype setter needed)
     if quantize == "none":
         model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     else:
