@@ -1,13 +1,6 @@
-"""Console entry points (pyproject `[project.scripts]`) and the pretraining launcher's logic.
-
-    relora-pretrain          = python launchers/pretrain.py      (deepspeed/torchrun run the launcher file)
-    relora-convert           = python tools/convert_ckpt.py
-    relora-inspect           = python tools/inspect_ckpt.py
-    relora-prepare-data      = python tools/prepare_data.py
-    relora-train-tokenizer   = python tools/train_tokenizer.py
-
-Each console function reads sys.argv and exits with the tool's status; `main(argv)` functions
-return it (used by the launcher file and the tests).
+"""The pretraining launcher's logic: `relora-pretrain` (pyproject `[project.scripts]` points at
+`main`) = `python launchers/pretrain.py` (the file deepspeed/torchrun run). `main(argv)` returns the
+exit status. The other commands are relora_dist/tools/*.py, each with its own `main`.
 """
 
 from __future__ import annotations
@@ -287,44 +280,5 @@ def _newest(cfg: Config) -> str:
     return str(find_latest(root) or "none")
 
 
-def _exit(code: int | None) -> None:
-    sys.exit(code or 0)
-
-
-# --- console scripts: `[project.scripts]` in pyproject.toml ------------------------------------------
-
-def pretrain() -> None:
-    """relora-pretrain: one process by default; under deepspeed/torchrun each rank runs this."""
-    _exit(main())
-
-
-def convert() -> None:
-    """relora-convert: sharded checkpoint -> Hugging Face folder."""
-    from relora_dist.tools.convert_ckpt import main as tool_main
-
-    _exit(tool_main())
-
-
-def inspect_ckpt() -> None:
-    """relora-inspect: a checkpoint's manifest summary (optionally verifying every sha256)."""
-    from relora_dist.tools.inspect_ckpt import main as tool_main
-
-    _exit(tool_main())
-
-
-def prepare_data() -> None:
-    """relora-prepare-data: tokenize and pack a corpus into train/val blocks."""
-    from relora_dist.tools.prepare_data import main as tool_main
-
-    _exit(tool_main())
-
-
-def train_tokenizer() -> None:
-    """relora-train-tokenizer: train a SentencePiece tokenizer."""
-    from relora_dist.tools.train_tokenizer import main as tool_main
-
-    _exit(tool_main())
-
-
 if __name__ == "__main__":
-    pretrain()
+    sys.exit(main())

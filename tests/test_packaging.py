@@ -20,22 +20,23 @@ from relora_dist.config import SECTIONS
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = {
-    "relora-pretrain": "relora_dist.cli:pretrain",
-    "relora-convert": "relora_dist.cli:convert",
-    "relora-inspect": "relora_dist.cli:inspect_ckpt",
-    "relora-prepare-data": "relora_dist.cli:prepare_data",
-    "relora-train-tokenizer": "relora_dist.cli:train_tokenizer",
+    "relora-pretrain": "relora_dist.cli:main",
+    "relora-convert": "relora_dist.tools.convert_ckpt:main",
+    "relora-inspect": "relora_dist.tools.inspect_ckpt:main",
+    "relora-prepare-data": "relora_dist.tools.prepare_data:main",
+    "relora-train-tokenizer": "relora_dist.tools.train_tokenizer:main",
 }
 TOOLS = ["convert_ckpt", "inspect_ckpt", "prepare_data", "train_tokenizer"]
 
 
 def _command(script: str) -> list[str]:
-    """The installed script when `pip install -e .` put it on PATH, else the same function."""
+    """The installed script when `pip install -e .` put it on PATH, else the same function, called
+    the way a console script calls it (its return value is the exit status)."""
     exe = shutil.which(script)
     if exe:
         return [exe]
     module, func = SCRIPTS[script].split(":")
-    return [sys.executable, "-c", f"from {module} import {func}; {func}()"]
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_built_wheel_carries_working_entry_points(wheel, tmp_path):
     site = tmp_path / "site"
     probe = (f"import sys; sys.path.insert(0, {str(site)!r}); import relora_dist; "
              f"assert relora_dist.__file__.startswith({str(site)!r}), relora_dist.__file__; "
-             f"from relora_dist.cli import inspect_ckpt; inspect_ckpt()")
+             f"from relora_dist.tools.inspect_ckpt import main; sys.exit(main())")
     out = subprocess.run([sys.executable, "-c", probe, "--help"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "--verify" in out.stdout, out.stderr[-2000:]

@@ -1,7 +1,5 @@
-"""The project's command-line tools, inside the package so installed console scripts find them.
-
-`relora-convert`, `relora-inspect`, `relora-prepare-data` and `relora-train-tokenizer`
-(pyproject `[project.scripts]`, dispatched by `relora_dist.cli`) call the `main(argv)` of
-`convert_ckpt`, `inspect_ckpt`, `prepare_data` and `train_tokenizer`; `tools/*.py` in a checkout
-are thin wrappers around the same functions.
+"""The project's commands other than pretraining, one module each: its logic and its `main(argv)`,
+which returns the exit status. pyproject `[project.scripts]` points straight at these (relora-convert,
+relora-inspect, relora-prepare-data, relora-train-tokenizer); `tools/*.py` in a checkout are shims
+that run the same `main`, for the paths README documents.
 """

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from relora_dist.data import DEFAULT_CORPUS, DEFAULT_TOKENIZER, prepare_dataset
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="*", default=None,
                     help=f"data files: .txt / .jsonl / .jsonl.xz / .parquet "
@@ -34,9 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num_proc", type=int, default=1, help="tokenizer threads (default: 1)")
     args = ap.parse_args(argv)
     sources = args.input if args.input or args.hf_dataset else [DEFAULT_CORPUS]
-    meta = prepare_dataset(sources, args.tokenizer, args.out, args.seq_len,
-                           val_fraction=args.val_fraction, seed=args.seed,
-                           hf_dataset=args.hf_dataset, hf_split=args.hf_split,
-                           text_field=args.text_field, num_proc=args.num_proc,
-                           txt_split=args.txt_split)
+    try:
+        meta = prepare_dataset(sources, args.tokenizer, args.out, args.seq_len,
+                               val_fraction=args.val_fraction, seed=args.seed,
+                               hf_dataset=args.hf_dataset, hf_split=args.hf_split,
+                               text_field=args.text_field, num_proc=args.num_proc,
+                               txt_split=args.txt_split)
+    except (ValueError, FileNotFoundError) as e:  # DataError and a missing input or tokenizer: one line each
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(json.dumps({k: meta[k] for k in ("num_documents", "num_tokens", "num_blocks", "dtype")}))
+    return 0

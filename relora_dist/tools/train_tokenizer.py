@@ -7,12 +7,13 @@ Example (rebuilds the bundled tokenizer):
 from __future__ import annotations
 
 import argparse
+import sys
 
 from relora_dist.data import DEFAULT_CORPUS
 from relora_dist.tokenizer import load_tokenizer, tokenizer_checksum, train_tokenizer
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", default=[DEFAULT_CORPUS],
                     help=f"training files: .txt / .jsonl / .jsonl.xz / .parquet (default: {DEFAULT_CORPUS})")
@@ -28,9 +29,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num_threads", type=int, default=None,
                     help="training threads (default: min(8, cpu count))")
     args = ap.parse_args(argv)
-    path = train_tokenizer(args.input, args.out, vocab_size=args.vocab_size,
-                           model_type=args.model_type, text_field=args.text_field,
-                           txt_split=args.txt_split, input_sentence_size=args.input_sentence_size,
-                           num_threads=args.num_threads)
+    try:
+        path = train_tokenizer(args.input, args.out, vocab_size=args.vocab_size,
+                               model_type=args.model_type, text_field=args.text_field,
+                               txt_split=args.txt_split, input_sentence_size=args.input_sentence_size,
+                               num_threads=args.num_threads)
+    except (ValueError, FileNotFoundError) as e:  # DataError and a missing input: one line each
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     tok = load_tokenizer(args.out)
     print(f"wrote {path}: vocab_size={tok.vocab_size} sha256={tokenizer_checksum(args.out)}")
+    return 0
