@@ -15,6 +15,9 @@ Fields per parameter: `master` (fp32 master of a trainable param), `exp_avg`, `e
 target of a frozen wrapped weight), `w_switch` (W at the switch, for the effective-rank diagnostic).
 Every fragment is a contiguous range of the row-major flattened tensor, so any world size and ZeRO
 stage can reassemble it. Loading reads safetensors and JSON only: nothing is unpickled.
+
+What is written comes from the components of state.py: save_checkpoint takes a state.CheckpointState
+and resume.load_checkpoint restores the same set.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from relora_dist.state import ADAM_KEYS, CheckpointState  # noqa: F401  (ADAM_KEYS: resume.py and tests)
+from relora_dist.state import CheckpointState
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -1,7 +1,8 @@
 """One Trainer for both phases: full-rank warm start, then ReLoRA cycles with collective resets.
 
 Model code (model.py, relora.py) knows nothing about sharding; the Trainer talks to DeepSpeed only
-through the backend contract (backends/), and the ReLoRA steps live in relora_steps.py.
+through the backend contract (backends/), and the ReLoRA steps live in relora_steps.py. Checkpoints
+and exports never see the Trainer: it hands them its components (state.py, Trainer.checkpoint_state).
 """
 
 from __future__ import annotations
