@@ -336,6 +336,14 @@ class ShardReader:
         handle = self.handles.get(rank, self.handles[0])
         return handle.get_tensor(key) if key in handle.keys() else None
 
+    def rank_tensors(self, rank: int, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors named `prefix`... in `rank`'s own file (none when the checkpoint has no such
+        rank), keyed without the prefix."""
+        handle = self.handles.get(rank)
+        if handle is None:
+            return {}
+        return {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+
 
 def consolidated_state_dict(reader: ShardReader, merge_adapters: bool = True) -> dict[str, torch.Tensor]:
     """fp32 HF-named weights of a checkpoint: fp32 masters where they exist, live adapters merged

@@ -24,6 +24,9 @@ import torch
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+# Name prefix, in a rank's file, of the optimizer state Backend.exact_local_state returns.
+EXACT = "exact_state/"
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -170,6 +173,9 @@ class ModelState:
                 put(f"{module}.weight", "merge_master", start, masters.shards[module])
                 if masters.at_switch:
                     put(f"{module}.weight", "w_switch", start, masters.at_switch[module])
+        if engine is not None:  # outside the index, like the RNG: this rank's partition only
+            for key, t in backend.exact_local_state(engine).items():
+                tensors[f"{EXACT}{key}"] = t.detach().contiguous().cpu().clone()
         return tensors, index
 
     def tensor_meta(self) -> dict[str, dict]:
@@ -224,6 +230,11 @@ class ModelState:
                         if reader.has(name, key):
                             backend.write_optimizer_state(p, key, reader.full(name, key))
             backend.finish_optimizer_state_writes()
+            # Same world size and engine: the partition is the same, so state the per-parameter
+            # fields restore only approximately (8-bit Adam) is copied back bit for bit.
+            m = reader.manifest
+            if m.get("world_size") == backend.world_size and m.get("backend", backend.name) == backend.name:
+                backend.load_exact_local_state(engine, reader.rank_tensors(backend.rank, EXACT))
 
 
 @dataclass

@@ -113,10 +113,33 @@ def adam8_checks(cfg, template, info) -> dict:
     out["pre"] = _moments(t)
     steps.prune_adapter_moments(t.backend, t.modules, "magnitude", cfg.relora.prune_ratio, cfg.train.seed, 1)
     out["post"] = _moments(t)
+    # Empty one whole block the way a prune that removes all of its entries does (codes set to the
+    # map's exact 0, block scale kept): requantizing it gives scale 0, so only the raw state saved
+    # beside the per-parameter moments restores it as it was.
+    from relora_dist.backends.state8bit import mask_fragment
+
+    inner_state = next(s for s in inner.state.values() if s.get("state1") is not None and s["state1"].dtype == torch.uint8)
+    for key in ("exp_avg", "exp_avg_sq"):
+        mask_fragment(inner_state, 0, 256, key, torch.zeros(256, dtype=torch.bool))
+    out["saved"] = _moments(t)
+    out["raw_post"] = {k: v.clone() for k, v in t.backend.exact_local_state(t.engine).items()}
     t.save_checkpoint()
     dist.barrier()
     t2 = Trainer(cfg, template, info)  # resumes the checkpoint just written
     t2.backend.link_optimizer_fragments(t2.engine)
     out["resumed"] = _moments(t2)
+    out["raw_resumed"] = {k: v.clone() for k, v in t2.backend.exact_local_state(t2.engine).items()}
     out["resumed_loss"] = t2.train_step(t2.loader.next_batch())["loss"]
+    # What a resume at another world size does (the raw 8-bit state does not fit another partition):
+    # requantize the per-parameter moments.
+    backend_class = type(t.backend)
+    exact = backend_class.load_exact_local_state
+    backend_class.load_exact_local_state = lambda self, engine, tensors: False
+    try:
+        t3 = Trainer(cfg, template, info)
+    finally:
+        backend_class.load_exact_local_state = exact
+    t3.backend.link_optimizer_fragments(t3.engine)
+    out["requantized"] = _moments(t3)
+    out["raw_requantized"] = {k: v.clone() for k, v in t3.backend.exact_local_state(t3.engine).items()}
     return out
