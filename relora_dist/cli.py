@@ -150,11 +150,11 @@ def _prepare(argv: list[str]) -> tuple[Config, dict, argparse.Namespace]:
 
 def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
     """--dry_run's memory plan: relora_dist/memory_model.py's per-rank training state of this run's
-    phases at this world size, ZeRO stage and precision, with a warning when the ReLoRA phase would
+    phases at this world size, engine (ZeRO stage or FSDP2) and precision, with a warning when the ReLoRA phase would
     hold more than the full-rank one."""
     from relora_dist import memory_model as mm
     from relora_dist.data import DEFAULT_TOKENIZER
-    from relora_dist.ds_config import resolve_precision, zero_stage
+    from relora_dist.ds_config import resolve_backend, resolve_precision
     from relora_dist.tokenizer import load_tokenizer
     from relora_dist.model import check_model_config
 
@@ -163,7 +163,8 @@ def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
     shape = mm.Shape(mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers, mc.vocab_size,
                      tuple(cfg.relora.targets))
     r = cfg.relora
-    lines = mm.plan(shape, world, zero_stage(template), compute=resolve_precision(cfg.train.precision), r=r.r,
+    backend = resolve_backend(template, cfg)  # zero2, zero3 or fsdp2
+    lines = mm.plan(shape, world, "fsdp2" if backend == "fsdp2" else int(backend[-1]), compute=resolve_precision(cfg.train.precision), r=r.r,
                     train_extra=r.train_extra, merge_precision=r.merge_precision,
                     master_device=r.merge_master_device, phase_stage=str(r.phase_stage), relora=r.enabled,
                     warm_start=r.warm_start_steps > 0)
@@ -172,9 +173,6 @@ def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
            for k in ("offload_optimizer", "offload_param")):
         lines.append("note: ZeRO offload is not modelled: these figures count the offloaded state as on the "
                      "accelerator")
-    if cfg.parallel.backend == "fsdp2":
-        lines.append("note: parallel.backend=fsdp2 is not modelled: these figures are the ZeRO stage's of --ds_config; "
-                     "FSDP2 shards every weight 1/world and keeps it fp32 (no separate merge masters)")
     return lines
 
 

@@ -209,7 +209,8 @@ def plan(shape: Shape, world: int, stage: int, *, compute: str, r: int, train_ex
     """A few lines: per-rank bytes of each phase this run has, a warning when the ReLoRA phase
     holds more than the full-rank one, and a hint when ZeRO-3 for the ReLoRA phase would hold less."""
     kw = dict(compute=compute, r=r, train_extra=train_extra, merge_precision=merge_precision)
-    what = (f"{world} rank{'s' if world > 1 else ''}, ZeRO-{stage}, {compute}, hidden {shape.hidden}, "
+    engine = "FSDP2" if stage == "fsdp2" else f"ZeRO-{stage}"
+    what = (f"{world} rank{'s' if world > 1 else ''}, {engine}, {compute}, hidden {shape.hidden}, "
             f"{shape.layers} layers, vocab {shape.vocab}")
     if not relora:
         full = per_rank_bytes(shape, world, stage, "full_rank", **kw)["total"]
@@ -217,7 +218,7 @@ def plan(shape: Shape, world: int, stage: int, *, compute: str, r: int, train_ex
     # Without a warm start there is no full-rank phase: compare with plain full-rank training.
     base_phase = "warm_start" if warm_start else "full_rank"
     full = per_rank_bytes(shape, world, stage, base_phase, **kw)["total"]
-    rel_stage = 3 if phase_stage == "3" else stage
+    rel_stage = 3 if phase_stage == "3" and stage == 2 else stage
     rel = per_rank_bytes(shape, world, rel_stage, "relora", master_device=master_device, **kw)
     host = rel["host_merge_masters"]
     host = f" + {fmt_bytes(host)} fp32 merge masters in host memory" if host else ""

@@ -68,6 +68,17 @@ def test_phase_stage_3_and_host_masters_are_planned(dry_run):
             f"fp32 merge masters in host memory") in out[1]
 
 
+def test_fsdp2_is_planned_as_fsdp2(dry_run):
+    """parallel.backend=fsdp2: fp32 row shards of every param (they are the merge masters), sharded
+    grads and moments; no ZeRO-2 hint."""
+    out = dry_run(8, *BIG, "--parallel.backend=fsdp2")
+    shape = mm.Shape.of("350m", _vocab())
+    warm = mm.per_rank_bytes(shape, 8, "fsdp2", "warm_start", compute="bf16", r=128)["total"]
+    rel = mm.per_rank_bytes(shape, 8, "fsdp2", "relora", compute="bf16", r=128)["total"]
+    assert len(out) == 2 and "8 ranks, FSDP2, bf16" in out[1]
+    assert f"full-rank warm start {mm.fmt_bytes(warm)}, ReLoRA phase {mm.fmt_bytes(rel)}" in out[1] and rel < warm
+
+
 def test_zero3_template_full_rank_only_and_other_ranks(dry_run):
     out = dry_run(8, *BIG, "--ds_config", str(REPO / "ds_configs" / "zero3.json"))
     assert len(out) == 2 and "8 ranks, ZeRO-3, bf16" in out[1]
