@@ -137,7 +137,7 @@ def prepare(argv: list[str]) -> tuple[Config, dict]:
 
 def _prepare(argv: list[str]) -> tuple[Config, dict, argparse.Namespace]:
     from relora_dist.validation import validate
-    from relora_dist.ds_config import build_ds_config, load_ds_template
+    from relora_dist.backends.ds_config import build_ds_config, load_ds_template
 
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
@@ -154,7 +154,7 @@ def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
     hold more than the full-rank one."""
     from relora_dist import memory_model as mm
     from relora_dist.data import DEFAULT_TOKENIZER
-    from relora_dist.ds_config import resolve_backend, resolve_precision
+    from relora_dist.backends.ds_config import resolve_backend, resolve_precision
     from relora_dist.tokenizer import load_tokenizer
     from relora_dist.model import check_model_config
 

@@ -6,7 +6,7 @@ of absmax per 64 elements, or 1 byte with double quantization, the default; int8
 per row, relora_dist.quant.quantized_nbytes),
 and the fp32 merge masters are always kept (1/world each, also under fp32 compute, where they
 otherwise alias the weights), on the device or in host memory. ZeRO-3 refuses a quantized base
-(relora_dist/ds_config.py), so its column is the unquantized ZeRO-3 ReLoRA phase for comparison.
+(relora_dist/backends/ds_config.py), so its column is the unquantized ZeRO-3 ReLoRA phase for comparison.
 
     python tools/memory_model.py quant          # the table docs/benchmarks.md shows (memory_tables.quant_table)
 """

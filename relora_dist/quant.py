@@ -140,7 +140,7 @@ def check_kind(kind: str, key: str = "base quantization", quantized: bool = Fals
 def check_quant_config(cfg) -> None:
     """relora.base_quant, quant_compute_dtype and quant_merge, and that a quantized base has an fp32
     master to requantize from (relora.merge_precision=fp32). The ZeRO-3 and FSDP2 refusals need the
-    DeepSpeed config and live in ds_config.py."""
+    DeepSpeed config and live in backends/ds_config.py."""
     r = cfg.relora
     try:
         check_kind(r.base_quant, "relora.base_quant")

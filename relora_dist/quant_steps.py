@@ -73,6 +73,6 @@ def quantized_nbytes(modules: dict[str, ReLoRALinear]) -> int:
 
 
 def _precision(cfg) -> str:
-    from relora_dist.ds_config import resolve_precision
+    from relora_dist.backends.ds_config import resolve_precision
 
     return resolve_precision(cfg.train.precision)

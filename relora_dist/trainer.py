@@ -31,7 +31,7 @@ from relora_dist.data import (
     eval_batches,
 )
 from relora_dist.dist import DistInfo
-from relora_dist.ds_config import build_ds_config, resolve_backend, resolve_precision
+from relora_dist.backends.ds_config import build_ds_config, resolve_backend, resolve_precision
 from relora_dist.faults import is_finite
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, flops_per_token, llama_config

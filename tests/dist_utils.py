@@ -26,7 +26,7 @@ def _worker(rank: int, world_size: int, port: int, scenario: str, overrides: lis
 
     from relora_dist.config import load_config
     from relora_dist.dist import init_distributed
-    from relora_dist.ds_config import load_ds_template
+    from relora_dist.backends.ds_config import load_ds_template
     from tests import scenarios
 
     info = init_distributed(timeout_s=240)

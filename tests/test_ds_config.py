@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from relora_dist.config import Config, ConfigError, load_config
-from relora_dist.ds_config import build_ds_config, load_ds_template
+from relora_dist.backends.ds_config import build_ds_config, load_ds_template
 
 REPO = Path(__file__).resolve().parent.parent
 AUTO = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",

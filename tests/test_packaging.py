@@ -188,7 +188,7 @@ def test_bundled_names_and_relative_paths(tmp_path, monkeypatch):
     """Away from a checkout a bare name (`zero3`, `60m_paper`) picks a bundled file; a path stays relative
     to the working directory and wins over a bundled name; a missing one is a one-line error naming them."""
     from relora_dist.config import ConfigError, load_config
-    from relora_dist.ds_config import DEFAULT_DS_CONFIG, load_ds_template
+    from relora_dist.backends.ds_config import DEFAULT_DS_CONFIG, load_ds_template
 
     monkeypatch.chdir(tmp_path)
     assert load_ds_template(None) == json.loads((REPO / "ds_configs" / "zero2.json").read_text())

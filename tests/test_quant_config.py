@@ -3,7 +3,7 @@
 import pytest
 
 from relora_dist.config import ConfigError, load_config
-from relora_dist.ds_config import build_ds_config
+from relora_dist.backends.ds_config import build_ds_config
 from relora_dist.validation import validate
 
 

@@ -54,7 +54,7 @@ class ZeroBackend(Backend):
         return engine.optimizer.optimizer
 
     def relora_phase_backend(self, cfg):
-        from relora_dist.ds_config import relora_phase_ds_config
+        from relora_dist.backends.ds_config import relora_phase_ds_config
 
         phase_ds = relora_phase_ds_config(self.ds_config, cfg)
         return self if phase_ds is self.ds_config else make_backend(

@@ -170,7 +170,7 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
 
     from relora_dist import relora_steps as steps
     from relora_dist.config import load_config
-    from relora_dist.ds_config import load_ds_template
+    from relora_dist.backends.ds_config import load_ds_template
     from relora_dist.relora import freeze_for_relora_phase
     from relora_dist.trainer import Trainer, param_groups
 
