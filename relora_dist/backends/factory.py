@@ -10,6 +10,10 @@ def make_backend(name: str, ds_config: dict, rank: int, world_size: int, optimiz
         from relora_dist.backends.fsdp2 import FSDP2Backend
 
         return FSDP2Backend(ds_config, rank, world_size, optimizer_name)
-    from relora_dist.backends.zero import Zero2Backend, Zero3Backend
+    if name == "zero3":
+        from relora_dist.backends.zero3 import Zero3Backend
 
-    return {"zero2": Zero2Backend, "zero3": Zero3Backend}[name](ds_config, rank, world_size, optimizer_name)
+        return Zero3Backend(ds_config, rank, world_size, optimizer_name)
+    from relora_dist.backends.zero2 import Zero2Backend
+
+    return Zero2Backend(ds_config, rank, world_size, optimizer_name)
