@@ -191,7 +191,8 @@ def test_other_runs_checkpoints_are_refused_and_kept(resumed, tiny_data):
     assert after == before
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_data, tmp_path):
+@pytest.mark.parametrize("backend", ["zero2", "fsdp2"])
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_data, tmp_path, backend):
     import os
     import signal
     import subprocess
@@ -201,8 +202,9 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_data, tmp_path):
     from tests.dist_utils import REPO
 
     run_dir = tmp_path / "run"
+    _, selects = engine(backend)
     args = _overrides(tiny_data, run_dir, "fp32", **{"train.max_steps": 400, "relora.cycle_length": 4,
-                                                     "logging.log_every": 1})
+                                                     "logging.log_every": 1, **selects})
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "launchers/pretrain.py", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
