@@ -88,7 +88,7 @@ class TrainConfig:
 class OptimizerConfig:
     name: str = "adamw"
     """adamw (torch.optim.AdamW, decoupled decay), adamw8bit (bitsandbytes AdamW8bit: blockwise
-    8-bit moments, 2 bytes of state per parameter instead of 8; ZeRO-2 only) or sgd (torch.optim.SGD, momentum 0.9, L2 weight
+    8-bit moments, 2 bytes of state per parameter instead of 8; ZeRO-2 and FSDP2) or sgd (torch.optim.SGD, momentum 0.9, L2 weight
     decay; a baseline). ReLoRA's optimizer reset prunes Adam moments: with sgd set
     relora.optimizer_reset=none."""
     lr: float = 3e-3

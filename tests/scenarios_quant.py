@@ -118,9 +118,12 @@ def adam8_checks(cfg, template, info) -> dict:
     # beside the per-parameter moments restores it as it was.
     from relora_dist.backends.state8bit import mask_fragment
 
-    inner_state = next(s for s in inner.state.values() if s.get("state1") is not None and s["state1"].dtype == torch.uint8)
+    inner_state = next(s for s in inner.state.values() if s.get("state1") is not None and s["state1"].dtype == torch.uint8
+                       and s["absmax1"][0] > 0 and s["absmax2"][0] > 0)  # (unseen embedding rows have none)
     for key in ("exp_avg", "exp_avg_sq"):
         mask_fragment(inner_state, 0, 256, key, torch.zeros(256, dtype=torch.bool))
+    raw = t.backend.exact_local_state(t.engine)  # the live tensors: find the emptied state's name
+    out["emptied"] = next(k.rpartition("/")[0] for k, v in raw.items() if v is inner_state["state1"])
     out["saved"] = _moments(t)
     out["raw_post"] = {k: v.clone() for k, v in t.backend.exact_local_state(t.engine).items()}
     t.save_checkpoint()

@@ -30,8 +30,6 @@ CASES = {
                                       "relora.phase_stage=3", {}),
     "fsdp2 with a quantized base": (["--parallel.backend=fsdp2", "--relora.base_quant=nf4"],
                                     "relora.base_quant=nf4 is not supported under parallel.backend=fsdp2", {}),
-    "fsdp2 with adamw8bit": (["--parallel.backend=fsdp2", "--optimizer.name=adamw8bit"],
-                             "optimizer.name=adamw8bit is not supported under parallel.backend=fsdp2", {}),
     "unknown backend": (["--parallel.backend=fsdp"], "parallel.backend='fsdp'", {}),
     "backend vs ZeRO stage": (["--parallel.backend=zero3"], "zero_optimization.stage=2", {}),
 }

@@ -109,9 +109,6 @@ def resolve_backend(template: dict, cfg: Config) -> str:
     if r.enabled and r.base_quant != "none":
         raise ConfigError(f"relora.base_quant={r.base_quant} is not supported under parallel.backend=fsdp2 yet; "
                           f"use parallel.backend=zero2 (ds_configs/zero2.json) or relora.base_quant=none")
-    if cfg.optimizer.name == "adamw8bit":
-        raise ConfigError("optimizer.name=adamw8bit is not supported under parallel.backend=fsdp2 yet; "
-                          "use parallel.backend=zero2 or optimizer.name=adamw")
     return name
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from relora_dist.backends.base import Backend
+from relora_dist.backends.state8bit import dequantize_fragment, mask_fragment, quantize_into
 
 
 class FSDPEngine:
@@ -121,6 +122,10 @@ class FSDP2Backend(Backend):
             param_groups = [{**g, "params": [by_name[names[id(p)]] for p in g["params"]]} for g in param_groups]
         if self.optimizer_name == "sgd":
             optimizer = torch.optim.SGD(param_groups, momentum=0.9)
+        elif self.optimizer_name == "adamw8bit":
+            from relora_dist.backends.fsdp2_8bit import LocalShardOptimizer
+
+            optimizer = LocalShardOptimizer(param_groups)
         else:
             optimizer = torch.optim.AdamW(param_groups)
         self.optimizer = optimizer
@@ -156,7 +161,12 @@ class FSDP2Backend(Backend):
                     yield f"opt.state[{i}][{key}]", _local(value), "optimizer_state"
 
     def optimizer_params(self, engine):
+        if self.optimizer_name == "adamw8bit":  # its groups hold the aliases of the local shards
+            return list(engine.optimizer.sharded)
         return [p for g in engine.optimizer.param_groups for p in g["params"]]
+
+    def inner_optimizer(self, engine):
+        return engine.optimizer.inner if self.optimizer_name == "adamw8bit" else engine.optimizer
 
     def optimizer_state_numel(self, engine):
         return sum(_local(p).numel() for p in self.optimizer_params(engine))
@@ -237,6 +247,10 @@ class FSDP2Backend(Backend):
         return out[:numel]
 
     def _state(self, p, key):
+        """p's local moment `key` (flat): a view of AdamW's state; a dequantized copy under adamw8bit."""
+        if self.optimizer_name == "adamw8bit":
+            state = self.optimizer.state_of(p) if self.optimizer is not None else None
+            return None if state is None else dequantize_fragment(state, 0, _local(p).numel(), key)
         state = self.optimizer.state.get(p) if self.optimizer is not None else None
         if not state or key not in state:
             return None
@@ -272,10 +286,17 @@ class FSDP2Backend(Backend):
         return None if local is None else (self.local_range(p)[0], local)
 
     def mask_local_state(self, p, key, keep):
+        if self.optimizer_name == "adamw8bit":  # pruned codes set to the map's exact 0
+            mask_fragment(self.optimizer.state_of(p), 0, _local(p).numel(), key, keep)
+            return
         local = self._state(p, key)
         local.mul_(keep.to(local))
 
     def write_optimizer_state(self, p, key, full_value):
+        if self.optimizer_name == "adamw8bit":  # the shard is its own stepped tensor: quantize it
+            start, end = self.local_range(p)
+            quantize_into(self.optimizer.state_of(p), key, full_value.reshape(-1)[start:end].float())
+            return
         self._write_local(self._state(p, key), p, full_value)
 
     def gather_full(self, p):
@@ -296,7 +317,25 @@ class FSDP2Backend(Backend):
     def optimizer_flats(self, engine):
         return [_local(p) for p in self.optimizer_params(engine)]
 
+    def exact_local_state(self, engine):
+        # as under ZeRO-2: requantizing dequantized moments need not give back the same bytes
+        return engine.optimizer.raw_state() if self.optimizer_name == "adamw8bit" else {}
+
+    def load_exact_local_state(self, engine, tensors):
+        if self.optimizer_name != "adamw8bit" or not tensors:
+            return False
+        targets = engine.optimizer.raw_state()
+        if set(targets) != set(tensors) or any(targets[k].shape != tensors[k].shape
+                                                 or targets[k].dtype != tensors[k].dtype for k in targets):
+            return False
+        for k, t in targets.items():
+            t.copy_(tensors[k])
+        return True
+
     def adam_step(self, engine):
+        if self.optimizer_name == "adamw8bit":
+            found = [engine.optimizer.state_of(p) for p in self.optimizer_params(engine)]
+            return next((int(s["step"]) for s in found if s is not None), None)
         for p in self.optimizer_params(engine):
             state = engine.optimizer.state.get(p)
             if state and "step" in state:
@@ -306,6 +345,9 @@ class FSDP2Backend(Backend):
     def init_optimizer_state(self, engine, step):
         """Adam's lazily-built state (zero moments, the saved step) for every param, so resume and
         the switch can overwrite the moments. One step count for all params, as DeepSpeed keeps."""
+        if self.optimizer_name == "adamw8bit":
+            engine.optimizer.init_state(step)
+            return
         if not isinstance(engine.optimizer, torch.optim.AdamW):
             raise TypeError(f"resuming optimizer state supports AdamW, not {type(engine.optimizer).__name__}")
         for p in self.optimizer_params(engine):

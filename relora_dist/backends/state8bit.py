@@ -28,7 +28,7 @@ def dequantize_fragment(state: dict, start: int, numel: int, key: str) -> torch.
     from relora_dist.quant import bnb
 
     codes_key, absmax_key, qmap_key = KEYS[key]
-    codes = state[codes_key]
+    codes = state[codes_key].view(-1)  # ZeRO-2's flat partition, or an FSDP2 shard of any shape
     if codes.dtype != torch.uint8:  # a small tensor: fp32 state
         return codes.narrow(0, start, numel).clone()
     b0, b1 = start // BLOCK, -(-(start + numel) // BLOCK)
@@ -42,7 +42,7 @@ def dequantize_fragment(state: dict, start: int, numel: int, key: str) -> torch.
 def mask_fragment(state: dict, start: int, numel: int, key: str, keep: torch.Tensor) -> None:
     """Zero the entries of [start, start + numel) of moment `key` where `keep` is False, in place."""
     codes_key, _, qmap_key = KEYS[key]
-    codes = state[codes_key]
+    codes = state[codes_key].view(-1)
     view = codes.narrow(0, start, numel)
     keep = keep.to(device=view.device, dtype=torch.bool)
     if codes.dtype != torch.uint8:
@@ -65,13 +65,13 @@ def quantize_into(state: dict, key: str, values: torch.Tensor) -> None:
     from relora_dist.quant import bnb
 
     codes_key, absmax_key, qmap_key = KEYS[key]
-    codes = state[codes_key]
+    codes = state[codes_key].view(-1)
     if codes.dtype != torch.uint8:
-        codes.copy_(values)
+        codes.copy_(values.reshape(-1))
         return
     q, qs = bnb().functional.quantize_blockwise(values.contiguous(), code=state[qmap_key], blocksize=BLOCK)
     # bitsandbytes' CPU quantizer maps 0.0 to a neighbouring code (measured: 9.4e-11 instead of 0 for
     # exp_avg_sq), so pruned entries are set to the map's exact 0 again.
     q[values == 0] = int((state[qmap_key] == 0).nonzero().item())
-    codes.copy_(q)
+    codes.copy_(q.reshape(-1))
     state[absmax_key].copy_(qs.absmax)
