@@ -311,3 +311,14 @@ class Backend(ABC):
             pass
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def copy_if_same_layout(targets: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> bool:
+    """Copy `saved` into `targets` (live tensors, same names) when every name, shape and dtype
+    matches; False (nothing copied) otherwise. For Backend.load_exact_local_state."""
+    if not saved or set(targets) != set(saved) or any(
+            targets[k].shape != saved[k].shape or targets[k].dtype != saved[k].dtype for k in targets):
+        return False
+    for k, t in targets.items():
+        t.copy_(saved[k])
+    return True

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from relora_dist.backends.base import Backend
+from relora_dist.backends.base import Backend, copy_if_same_layout
 from relora_dist.backends.state8bit import dequantize_fragment, mask_fragment, quantize_into
 
 
@@ -322,15 +322,7 @@ class FSDP2Backend(Backend):
         return engine.optimizer.raw_state() if self.optimizer_name == "adamw8bit" else {}
 
     def load_exact_local_state(self, engine, tensors):
-        if self.optimizer_name != "adamw8bit" or not tensors:
-            return False
-        targets = engine.optimizer.raw_state()
-        if set(targets) != set(tensors) or any(targets[k].shape != tensors[k].shape
-                                                 or targets[k].dtype != tensors[k].dtype for k in targets):
-            return False
-        for k, t in targets.items():
-            t.copy_(tensors[k])
-        return True
+        return self.optimizer_name == "adamw8bit" and copy_if_same_layout(engine.optimizer.raw_state(), tensors)
 
     def adam_step(self, engine):
         if self.optimizer_name == "adamw8bit":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from relora_dist.backends.base import copy_if_same_layout
 from relora_dist.backends.state8bit import STATE8_KEYS, dequantize_fragment, full_flat, mask_fragment, quantize_into
 from relora_dist.backends.zero import ZeroBackend  # first: it quiets DeepSpeed's import
 from relora_dist.backends.zero3 import Zero3Backend
@@ -149,21 +150,8 @@ class Zero2Backend(ZeroBackend):
         return out
 
     def load_exact_local_state(self, engine, tensors):
-        if self.optimizer_name != "adamw8bit" or not tensors:
-            return False
-        inner, flats = engine.optimizer.optimizer, self.optimizer_flats(engine)
-        targets = {}
-        for i, flat in enumerate(flats):
-            state = inner.state.get(flat) or {}
-            for key in STATE8_KEYS:
-                if key in state:
-                    targets[f"optimizer8/{i}/{key}"] = state[key]
-        if set(targets) != set(tensors) or any(targets[k].shape != tensors[k].shape
-                                                 or targets[k].dtype != tensors[k].dtype for k in targets):
-            return False
-        for k, t in targets.items():
-            t.copy_(tensors[k])
-        return True
+        # exact_local_state returns the live tensors: the targets of the copy
+        return self.optimizer_name == "adamw8bit" and copy_if_same_layout(self.exact_local_state(engine), tensors)
 
     def optimizer_flats(self, engine):
         return list(engine.optimizer.single_partition_of_fp32_groups)
