@@ -94,7 +94,8 @@ HEADLINE_KEYS = ("step_time_ratio", "state_bytes_ratio", "state_bytes_ratio_acce
 
 def main(argv: list[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not a.threads:
         a.threads = max(1, (os.cpu_count() or 1) // a.world_size)
     small = a.preset == "tiny"  # the smoke test: keep it well under a minute
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         "config": config,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                    "cuda": torch.cuda.is_available(), "loadavg_start": os.getloadavg()},
+                    "cuda": torch.cuda.is_available(), "loadavg_start": os.getloadavg(),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "stages": {},
     }
     for stage in a.stages:

@@ -286,6 +286,12 @@ def format_table(result: dict) -> str:
         pk = {ph: max((x["phase_peak_rss_mb"] or float('nan')) for x in s["rss_per_rank"][ph]) for ph in ("full_rank", "relora")}
         row("peak RSS / rank, phase (MiB)", f"{pk['full_rank']:.0f}", f"{pk['relora']:.0f}",
             f"{s.get('peak_rss_ratio', float('nan')):.3f}", "")
+        if "cuda_memory_mb" in s:  # GPU runs: the CUDA allocator's figures
+            cu = s["cuda_memory_mb"]
+            row("CUDA allocated at the state read / rank (MiB)", f"{cu['full_rank']['allocated_at_state_mb']:.0f}",
+                f"{cu['relora']['allocated_at_state_mb']:.0f}", f"{s['cuda_allocated_at_state_ratio']:.3f}", "")
+            row("CUDA peak allocated / rank, phase (MiB)", f"{cu['full_rank']['peak_allocated_mb']:.0f}",
+                f"{cu['relora']['peak_allocated_mb']:.0f}", f"{s['cuda_peak_allocated_ratio']:.3f}", "")
         row("grad bytes / step / rank (MiB)", f"{cm['full_rank']['grad_bytes'] / 2**20:.2f}",
             f"{cm['relora']['grad_bytes'] / 2**20:.2f}", _fmt(s['grad_bytes_ratio'], 4), "grad_bytes_ratio")
         row("trainable params", f"{s['params_full_rank']['trainable']:,}", f"{s['params_relora']['trainable']:,}",

@@ -84,13 +84,39 @@ def _timed_cpu(fn, counter: CommCounter | None = None, region: str = "other") ->
     import torch.distributed as dist
 
     dist.barrier()
+    _sync()
     t0, c0 = time.perf_counter(), time.process_time()
     if counter is not None:
         with counter.region_as(region):
             result = fn()
     else:
         result = fn()
+    _sync()  # on a GPU the kernels a call queued belong to its time
     return time.perf_counter() - t0, time.process_time() - c0, result
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _cuda_memory(at_state: int | None = None) -> dict | None:
+    """The CUDA caching allocator's figures for this rank in MiB (None on CPU): bytes allocated now
+    and at the state snapshot (after the last backward: the state plus buffers, no activations),
+    and the phase's peak allocated and reserved (activations, buckets and workspaces included)."""
+    if not torch.cuda.is_available():
+        return None
+    mib = 1 << 20
+    return {"allocated_mb": torch.cuda.memory_allocated() / mib,
+            "allocated_at_state_mb": at_state / mib if at_state is not None else None,
+            "peak_allocated_mb": torch.cuda.max_memory_allocated() / mib,
+            "peak_reserved_mb": torch.cuda.max_memory_reserved() / mib}
+
+
+def _reset_cuda_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _ctx_switches() -> tuple[int, int]:
@@ -108,6 +134,7 @@ def _run_steps(trainer: Any, counter: CommCounter, warmup: int, steps: int, snap
     of libgomp's throttled spinning (threads that sleep in futex waits instead of spinning)."""
     times, cpu_times = [], []
     counter.reset()
+    _reset_cuda_peak()
     ctx0 = None
     for i in range(warmup + steps):
         batch = trainer.loader.next_batch()
@@ -122,13 +149,18 @@ def _run_steps(trainer: Any, counter: CommCounter, warmup: int, steps: int, snap
     counter.enabled = False
     comm = counter.summary(steps)
     snap: dict = {}
+    at_state: list[int] = []
     if snapshot:
-        trainer.train_step(trainer.loader.next_batch(),
-                           before_update=lambda: snap.update(engine_tensor_bytes(trainer)))
+        def read_state():
+            snap.update(engine_tensor_bytes(trainer))
+            if torch.cuda.is_available():
+                at_state.append(torch.cuda.memory_allocated())
+        trainer.train_step(trainer.loader.next_batch(), before_update=read_state)
     ctx = {"voluntary_per_step": (ctx1[0] - ctx0[0]) / steps if ctx0 else float("nan"),
            "involuntary_per_step": (ctx1[1] - ctx0[1]) / steps if ctx0 else float("nan")}
     return {"step_times": times, "step_cpu_times": cpu_times, "comm": comm, "state": snap,
-            "ctx_switches": ctx, "loadavg": os.getloadavg()}
+            "ctx_switches": ctx, "loadavg": os.getloadavg(),
+            "cuda": _cuda_memory(at_state[0] if at_state else None)}
 
 
 def _param_counts(trainer: Any) -> dict:
@@ -234,10 +266,11 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     resets = []
     for _ in range(args["resets"]):
         _timed(lambda: None)
-        timings = trainer.reset()
-        t0 = time.perf_counter()
-        trainer.rank_stats(measure=measure)
-        timings["rank_stats"] = time.perf_counter() - t0
+        total, timings = _timed(trainer.reset)
+        # The parts are host timings (on a GPU, kernels queued in one part may finish in the next);
+        # the total waits for the device.
+        timings["total"] = total
+        timings["rank_stats"], _ = _timed(lambda: trainer.rank_stats(measure=measure))
         resets.append(timings)
         trainer.train_step(trainer.loader.next_batch())
     res["resets"] = resets
@@ -291,7 +324,8 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
 def _worker(rank: int, world: int, port: int, args: dict, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # The same thread count for every stage (--threads, default cores / world), so that ZeRO and
     # FSDP2 step times compare like with like.
     torch.set_num_threads(args["threads"])

@@ -112,6 +112,14 @@ def summarize_stage(ranks: list[dict]) -> dict:
                                             / out["state_bytes_per_rank"]["full_rank"]["state_accelerator"])
     out["snapshot_bytes_per_rank"] = max(r["snapshot_bytes"] for r in ranks)
     out["rss_per_rank"] = {ph: [r[ph]["rss"] for r in ranks] for ph in ("full_rank", "relora")}
+    # On a GPU: the CUDA allocator's own figures per phase (max over ranks), the memory a user sees.
+    if r0["full_rank"].get("cuda"):
+        cu = {ph: {k: max(r[ph]["cuda"][k] or 0.0 for r in ranks) for k in r0[ph]["cuda"]}
+              for ph in phases if r0[ph].get("cuda")}
+        out["cuda_memory_mb"] = cu
+        out["cuda_peak_allocated_ratio"] = cu["relora"]["peak_allocated_mb"] / cu["full_rank"]["peak_allocated_mb"]
+        out["cuda_allocated_at_state_ratio"] = (cu["relora"]["allocated_at_state_mb"]
+                                                / cu["full_rank"]["allocated_at_state_mb"])
     peaks = {ph: [x["phase_peak_rss_mb"] for x in out["rss_per_rank"][ph]] for ph in ("full_rank", "relora")}
     if all(v is not None for ph in peaks.values() for v in ph):
         out["peak_rss_ratio"] = max(peaks["relora"]) / max(peaks["full_rank"])

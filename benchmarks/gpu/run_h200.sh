@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of docs/benchmarks.md in one go, on a one-GPU machine (an H200, 15 minutes of
+# device time): each run is tools/bench.py at world size 1 on CUDA (NCCL, bf16), and each writes
+# its own JSON, so a run cut short loses only itself. Usage, from the repository root:
+#   OUT=/some/dir bash benchmarks/gpu/run_h200.sh
+# Packages the GPU image lacks (deepspeed, bitsandbytes, pydantic, hjson) are read from $SITE.
+# A smoke test on CPU: PRESET=tiny SEQ=64 MB=4 DS_ACCELERATOR=cpu PY=python OUT=/tmp/x bash ...
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:?set OUT to the folder for the JSONs}
+mkdir -p "$OUT"
+SITE=${SITE:-$PWD/.whl/site}
+export PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cuda}
+PY=${PY:-python3}
+PRESET=${PRESET:-350m} SEQ=${SEQ:-512} MB=${MB:-16}
+BUDGET=${BUDGET:-540}  # seconds for everything; a run that would not fit is skipped
+START=$(date +%s)
+log=$OUT/log.txt
+: > "$log"
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+bench() {  # name, timeout (s), bench arguments...
+  local name=$1 t=$2 l rc; shift 2
+  l=$(left)
+  if [ "$l" -lt 45 ]; then echo "=== skip $name: $l s left" | tee -a "$log"; return 1; fi
+  [ "$t" -gt "$l" ] && t=$l
+  echo "=== $name (timeout $t s) at $(( $(date +%s) - START )) s" | tee -a "$log"
+  timeout "$t" $PY -m relora_dist.bench --out "$OUT/$name.json" "$@" >> "$log" 2>&1
+  rc=$?
+  echo "=== $name rc=$rc at $(( $(date +%s) - START )) s" | tee -a "$log"
+  return $rc
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  $PY -c "import torch, deepspeed, bitsandbytes, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__, 'bitsandbytes', bitsandbytes.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | grep -v Warning | tee -a "$log"
+
+# 1. Smoke test: the whole bench path on the tiny model (stop here if it fails).
+bench smoke 150 --preset tiny --stages 2 --world-size 1 --steps 2 --warmup 1 --resets 1 --precision bf16 \
+  --no-train-extra-false || { tail -60 "$log"; exit 1; }
+
+# 2. What the effective-rank diagnostic (relora.effective_rank_every=0: at every reset, rank 0)
+#    costs per reset on this device: fp64 svdvals of every wrapped weight's shape. The bench runs
+#    below turn it off (-1) to fit the lease; its time is reported apart from the reset anyway.
+$PY - <<'PY' 2>&1 | tee -a "$log"
+import time, torch
+from relora_dist.model import PRESETS
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+p = PRESETS["350m"]
+h, i, L = p.hidden_size, p.intermediate_size, p.num_layers
+total = 0.0
+for shape, n in (((h, h), 4), ((i, h), 2), ((h, i), 1)):
+    x = torch.randn(*shape, device=dev, dtype=torch.float64)
+    torch.linalg.svdvals(x)
+    if dev == "cuda": torch.cuda.synchronize()
+    t0 = time.perf_counter(); torch.linalg.svdvals(x)
+    if dev == "cuda": torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    total += dt * n * L
+    print(f"svdvals fp64 {shape}: {dt:.4f} s")
+print(f"effective-rank diagnostic at 350m: {total:.1f} s per reset (rank 0)")
+PY
+
+COMMON=(--preset "$PRESET" --world-size 1 --precision bf16 --rank 128 --seq-len "$SEQ" --micro-batch "$MB"
+        --steps 10 --warmup 3 --resets 2 --merge-repeats 1 --override=--relora.effective_rank_every=-1)
+# 3. The configuration users run: ZeRO-2, bf16 (with the train_extra=false row).
+bench zero2 150 "${COMMON[@]}" --stages 2
+# 4. NF4 base + host merge masters; 5. the same with AdamW8bit for the trainable params.
+bench zero2_nf4 110 "${COMMON[@]}" --stages 2 --no-train-extra-false --base-quant nf4 \
+  --override=--relora.merge_master_device=cpu
+bench zero2_nf4_adamw8bit 110 "${COMMON[@]}" --stages 2 --no-train-extra-false --base-quant nf4 \
+  --override=--relora.merge_master_device=cpu --override=--optimizer.name=adamw8bit
+# 6. The other engines.
+bench zero3_fsdp2 170 "${COMMON[@]}" --stages 3 fsdp2 --no-train-extra-false
+echo "=== done at $(( $(date +%s) - START )) s" | tee -a "$log"
