@@ -14,6 +14,9 @@ export PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cuda}
 PY=${PY:-python3}
 PRESET=${PRESET:-350m} SEQ=${SEQ:-512} MB=${MB:-16}
+# Prepared data (the GPU image has no `datasets`): the first cached folder for each length.
+DATA_TINY=${DATA_TINY:-$(ls -d "$PWD"/.cache/data/L64-* | head -1)}
+DATA=${DATA:-$(ls -d "$PWD"/.cache/data/L"$SEQ"-* | head -1)}
 BUDGET=${BUDGET:-540}  # seconds for everything; a run that would not fit is skipped
 START=$(date +%s)
 log=$OUT/log.txt
@@ -37,7 +40,7 @@ bench() {  # name, timeout (s), bench arguments...
 } 2>&1 | grep -v Warning | tee -a "$log"
 
 # 1. Smoke test: the whole bench path on the tiny model (stop here if it fails).
-bench smoke 150 --preset tiny --stages 2 --world-size 1 --steps 2 --warmup 1 --resets 1 --precision bf16 \
+bench smoke 150 --prepared-dir "$DATA_TINY" --preset tiny --stages 2 --world-size 1 --steps 2 --warmup 1 --resets 1 --precision bf16 \
   --no-train-extra-false || { tail -60 "$log"; exit 1; }
 
 # 2. What the effective-rank diagnostic (relora.effective_rank_every=0: at every reset, rank 0)
@@ -62,7 +65,7 @@ for shape, n in (((h, h), 4), ((i, h), 2), ((h, i), 1)):
 print(f"effective-rank diagnostic at 350m: {total:.1f} s per reset (rank 0)")
 PY
 
-COMMON=(--preset "$PRESET" --world-size 1 --precision bf16 --rank 128 --seq-len "$SEQ" --micro-batch "$MB"
+COMMON=(--prepared-dir "$DATA" --preset "$PRESET" --world-size 1 --precision bf16 --rank 128 --seq-len "$SEQ" --micro-batch "$MB"
         --steps 10 --warmup 3 --resets 2 --merge-repeats 1 --override=--relora.effective_rank_every=-1)
 # 3. The configuration users run: ZeRO-2, bf16 (with the train_extra=false row).
 bench zero2 150 "${COMMON[@]}" --stages 2

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-quant", default="none", choices=["none", "nf4", "int8"],
                    help="relora.base_quant of the ReLoRA phase (ZeRO-2 only: pass --stages 2)")
     p.add_argument("--cache-dir", default=str(REPO_ROOT / ".cache" / "data"))
+    p.add_argument("--prepared-dir", default="",
+                   help="data already prepared for --seq-len (tools/prepare_data.py's folder), e.g. copied to a "
+                        "machine without the `datasets` package; default: prepare into --cache-dir")
     p.add_argument("--override", action="append", help="extra config override, written --override=--section.key=value (e.g. --override=--relora.phase_stage=3)")
     return p
 
@@ -103,11 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     a.micro_batch = a.micro_batch or (4 if small else 8)
     from relora_dist.data import DEFAULT_CORPUS, DEFAULT_TOKENIZER, ensure_prepared
 
-    data_dir = ensure_prepared([DEFAULT_CORPUS], DEFAULT_TOKENIZER, a.cache_dir, a.seq_len, 0.05, 0)
+    data_dir = a.prepared_dir or ensure_prepared([DEFAULT_CORPUS], DEFAULT_TOKENIZER, a.cache_dir, a.seq_len, 0.05, 0)
     t0 = time.perf_counter()
     import deepspeed
 
-    config = {k: v for k, v in vars(a).items() if k not in ("out", "cache_dir")}
+    config = {k: v for k, v in vars(a).items() if k not in ("out", "cache_dir", "prepared_dir")}
     config["stages"] = [int(s) if s.isdigit() else s for s in a.stages]  # ZeRO stages stay numbers
     result: dict[str, Any] = {
         "config": config,
