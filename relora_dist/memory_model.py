@@ -51,6 +51,7 @@ from relora_dist import relora
 from relora_dist.model import PRESETS
 
 PHASES = ("full_rank", "warm_start", "relora")
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2 + 8 / 256}  # per trainable element
 CATEGORIES = ("params", "grads", "fp32_master", "optimizer_state", "merge_masters")  # on the accelerator
 HOST_CATEGORIES = ("host_merge_masters",)
 MASTER_DEVICES = ("device", "cpu")
@@ -138,9 +139,11 @@ def merge_master_bytes(shape: Shape, world: int, stage: int, *, compute: str = "
 
 def per_rank_bytes(shape: Shape, world: int, stage: int, phase: str, *, compute: str = "bf16", r: int = 128,
                    train_extra: bool = True, merge_precision: str = "fp32", shard_merge_masters: bool = True,
-                   master_device: str = "device") -> dict[str, float]:
+                   master_device: str = "device", optimizer: str = "adamw") -> dict[str, float]:
     """Bytes per rank by category, 'total' (accelerator-resident) and 'total_with_host'.
-    `shard_merge_masters=False`: ZeRO-2's former replicated fp32 masters (ZeRO-3 always shards)."""
+    `shard_merge_masters=False`: ZeRO-2's former replicated fp32 masters (ZeRO-3 always shards).
+    `optimizer="adamw8bit"`: bitsandbytes' blockwise state, 2 bytes of moments per trainable
+    element + 2 fp32 absmax per 256, instead of AdamW's 8."""
     _check(phase, stage, compute, master_device)
     fsdp2 = stage == "fsdp2"
     b = 4 if fsdp2 else 2 if compute == "bf16" else 4  # FSDP2's shards and grads stay fp32 under bf16
@@ -163,7 +166,7 @@ def per_rank_bytes(shape: Shape, world: int, stage: int, phase: str, *, compute:
         "grads": part * b,
         # ZeRO: a separate copy even under fp32 (measured, DeepSpeed 0.19.8); FSDP2: the shards themselves
         "fp32_master": 0.0 if fsdp2 else part * 4,
-        "optimizer_state": part * 8,
+        "optimizer_state": part * (OPTIMIZER_STATE_BYTES[optimizer]),
         "merge_masters": 0.0 if on_host else masters,
         "host_merge_masters": masters if on_host else 0.0,
     }

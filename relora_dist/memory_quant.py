@@ -30,16 +30,11 @@ def quantized_base_bytes(shape: Shape, kind: str, double_quant: bool = True) -> 
 def relora_quant_bytes(shape: Shape, world: int, kind: str, *, compute: str = "bf16", r: int = 128,
                        train_extra: bool = True, master_device: str = "device",
                        optimizer: str = "adamw", double_quant: bool = True) -> dict[str, float]:
-    """ZeRO-2 ReLoRA-phase bytes per rank with the frozen base quantized to `kind`; optimizer
-    adamw8bit: 2 bytes of moments per trainable element + 2 fp32 absmax per 256 (bitsandbytes'
-    blockwise state) instead of AdamW's 8."""
+    """ZeRO-2 ReLoRA-phase bytes per rank with the frozen base quantized to `kind` (optimizer:
+    see memory_model.per_rank_bytes)."""
     out = dict(per_rank_bytes(shape, world, 2, "relora", compute=compute, r=r, train_extra=train_extra,
-                              master_device=master_device))
-    if optimizer == "adamw8bit":
-        out["optimizer_state"] *= (2 + 8 / 256) / 8
+                              master_device=master_device, optimizer=optimizer))
     if kind == "none":
-        out["total"] = sum(out[c] for c in CATEGORIES)
-        out["total_with_host"] = out["total"] + out["host_merge_masters"]
         return out
     b = 2 if compute == "bf16" else 4
     wrapped = shape.tensors(r)["wrapped"]

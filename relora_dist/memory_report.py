@@ -51,16 +51,17 @@ def predict_for_bench(model: dict, world: int, stage: int, phase: str, train_ext
     o.pop("phase_stage", None)
     kind, optimizer = o.pop("base_quant", "none"), o.pop("optimizer", "adamw")
     double_quant = o.pop("double_quant", True)
-    if phase == "relora" and (kind != "none" or optimizer != "adamw"):
+    if phase == "relora" and kind != "none":
         shape = Shape(model["hidden_size"], model["intermediate_size"], model["num_layers"], model["vocab_size"])
         return relora_quant_bytes(shape, world, kind, compute=model["precision"], r=model["r"], train_extra=train_extra,
                                   master_device=o.get("master_device", "device"), optimizer=optimizer,
                                   double_quant=double_quant)
     shape = Shape(model["hidden_size"], model["intermediate_size"], model["num_layers"], model["vocab_size"])
-    if phase == "full_rank":
-        return per_rank_bytes(shape, world, stage, "warm_start", compute=model["precision"], r=model["r"], **o)
+    if phase == "full_rank":  # the bench runs both phases with the same optimizer
+        return per_rank_bytes(shape, world, stage, "warm_start", compute=model["precision"], r=model["r"],
+                              optimizer=optimizer, **o)
     return per_rank_bytes(shape, world, relora_stage, "relora", compute=model["precision"], r=model["r"],
-                          train_extra=train_extra, **o)
+                          train_extra=train_extra, optimizer=optimizer, **o)
 
 
 def validate(bench: dict) -> list[dict]:

@@ -127,10 +127,15 @@ def capture_frozen_masters(backend: Backend, modules: dict[str, ReLoRALinear], c
     if compute_fp32 and relora_cfg.base_quant == "none":  # a quantized base needs separate masters
         return FrozenMasters(alias=True)
     shards = {}
-    for name, m in modules.items():
-        value = (backend.fp32_master_slice(m.weight) if engine_alive
-                 else backend.owned_view(m.weight).float().clone())
-        shards[name] = _place(value, relora_cfg.merge_master_device)
+    # The masters outlive the engine, so they must carry no autograd history: a copy of its fp32
+    # master (a leaf that requires grad) taken with grad enabled keeps, through its CloneBackward
+    # node, the engine's WHOLE flat fp32 partition alive: +1,216 MiB of CUDA memory at 350m,
+    # world 1 (H200, benchmarks/gpu/), the gap between allocated memory and the engine's tensors.
+    with torch.no_grad():
+        for name, m in modules.items():
+            value = (backend.fp32_master_slice(m.weight) if engine_alive
+                     else backend.owned_view(m.weight).float().clone())
+            shards[name] = _place(value, relora_cfg.merge_master_device)
     return FrozenMasters(shards, quant_merge=relora_cfg.quant_merge)
 
 
@@ -322,7 +327,9 @@ def _magnitude_thresholds(backend: Backend, local: dict, numels: list[int], whol
     world, rank, n = backend.world_size, backend.rank, len(numels)
     out = {}
     for key in ADAM_STATE_KEYS:
-        thr = torch.zeros(n, dtype=torch.float32)
+        # On the device that holds the moments: a host tensor here made every threshold a
+        # device-to-host copy and every mask a copy back, each one a synchronization.
+        thr = torch.zeros(n, dtype=torch.float32, device=backend.comm_device)
         for j, (_, frag) in enumerate(local[key]):
             if whole[j] and frag.numel() == numels[j]:
                 thr[j] = magnitude_threshold(frag, ratio)
@@ -334,9 +341,8 @@ def _magnitude_thresholds(backend: Backend, local: dict, numels: list[int], whol
                 mine = list(zip(idx, fulls))
         for j, full in mine:
             thr[j] = magnitude_threshold(full, ratio)
-        shared = thr.to(backend.comm_device)
-        backend.all_reduce_sum_(shared)
-        out[key] = shared.cpu()
+        backend.all_reduce_sum_(thr)
+        out[key] = thr
     return out
 
 

@@ -99,9 +99,17 @@ def relora_checks(cfg, template, info) -> dict:
     offload = getattr(t.engine.optimizer, "parameter_offload", None)  # ZeRO-3's hook owner
     offload_ref = weakref.ref(offload) if offload is not None else (lambda: None)
     del offload
+    # The warm-start engine's fp32 masters and optimizer state, by tensor (not views): each must be
+    # freed by the switch, also when something still refers to it from outside Python (an autograd
+    # node of a copy taken with grad enabled).
+    state_refs = [weakref.ref(x) for _, x, cat in t.backend.held_tensors(t.engine, t.model)
+                  if cat in ("fp32_master", "optimizer_state") and x._base is None]
     t.switch_to_relora()
     gc.collect()
     out["engine1_collected"] = engine_ref() is None and optimizer_ref() is None and offload_ref() is None
+    out["engine1_state_tensors"] = len(state_refs)
+    out["engine1_state_alive"] = sum(ref() is not None for ref in state_refs)
+    out["masters_with_history"] = sum(v.requires_grad or v.grad_fn is not None for v in t.masters.shards.values())
     out["loss_after_switch"] = _fixed_loss(t, fixed)
     t.backend.link_optimizer_fragments(t.engine)
     out["extra_moments_post"] = {n: {k: t.backend.full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}

@@ -107,6 +107,13 @@ def adam8_checks(cfg, template, info) -> dict:
     inner = t.backend.inner_optimizer(t.engine)
     out: dict = {"rank": info.rank, "losses": torch.tensor(losses), "optimizer": type(inner).__name__}
     out["state_dtypes"] = sorted({str(s["state1"].dtype) for s in inner.state.values()})
+    # The engine-neutral listing the bench and the memory model read must see the 8-bit state.
+    from relora_dist.bench.memory import engine_tensor_bytes
+
+    out["listed_optimizer_bytes"] = engine_tensor_bytes(t)["optimizer_state"]
+    out["inner_state_bytes"] = sum({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                                    for s in inner.state.values() for v in s.values()
+                                    if torch.is_tensor(v) and v.numel() > 0}.values())
     t.backend.link_optimizer_fragments(t.engine)
     out["numels"] = {f"{n}.{pn}": p.numel() for n, m in t.modules.items()
                      for pn, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B))}

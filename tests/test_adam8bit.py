@@ -39,6 +39,7 @@ def test_adamw8bit_trains_in_both_phases(adam8):
         assert r["optimizer"] == "AdamW8bit"
         assert "torch.uint8" in r["state_dtypes"]
         assert torch.isfinite(r["losses"]).all() and r["losses"][-1] < r["losses"][0]
+        assert r["listed_optimizer_bytes"] == r["inner_state_bytes"] > 0
 
 
 def test_magnitude_reset_on_8bit_state_matches_full_tensor_reference(adam8):

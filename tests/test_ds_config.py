@@ -128,3 +128,19 @@ def test_template_file_errors(tmp_path):
 
 def test_invalid_world_size():
     assert "WORLD_SIZE" in one_line_error(AUTO, Config(), 0)
+
+
+def test_zero3_buckets_follow_the_model_unless_set():
+    """ZeRO-3's bucket sizes: unset or "auto" -> Hugging Face's rule from the hidden size (DeepSpeed's
+    5e8-element default allocates a 1 GB bf16 reduction bucket per GPU); explicit values stay."""
+    from relora_dist.backends.ds_config import with_model_buckets
+
+    for zero in ({}, {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}):
+        template = {"zero_optimization": {"stage": 3, **zero}}
+        ds = with_model_buckets(build_ds_config(template, cfg_of("--relora.enabled=false"), 1), 1024)
+        assert ds["zero_optimization"]["reduce_bucket_size"] == 1024 * 1024
+        assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
+    ds = build_ds_config({"zero_optimization": {"stage": 3, "reduce_bucket_size": 123}}, cfg_of("--relora.enabled=false"), 1)
+    assert with_model_buckets(ds, 1024)["zero_optimization"]["reduce_bucket_size"] == 123
+    ds2 = build_ds_config({"zero_optimization": {"stage": 2}}, cfg_of("--relora.enabled=false"), 1)
+    assert "reduce_bucket_size" not in with_model_buckets(ds2, 1024)["zero_optimization"]

@@ -67,6 +67,9 @@ def test_switch_frees_first_engine_and_keeps_function(checks):
     precision, results = checks
     for r in results:
         assert r["engine1_collected"], "the full-rank engine (and its optimizer state) must be garbage-collected"
+        assert r["engine1_state_tensors"] > 0
+        assert r["engine1_state_alive"] == 0, "the full-rank engine's fp32 masters / moments outlive the switch"
+        assert r["masters_with_history"] == 0, "merge masters must not carry autograd history"
         # B = 0 at the switch: the wrapped model computes exactly what the full-rank one did.
         assert abs(r["loss_after_switch"] - r["loss_before_switch"]) <= 1e-6
         assert r["switch_weight_maxdiff"] == 0.0

@@ -23,8 +23,12 @@ log=$OUT/log.txt
 : > "$log"
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
+# ONLY="zero2 profile ...": run just these steps (default: all).
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
 bench() {  # name, timeout (s), bench arguments...
   local name=$1 t=$2 l rc; shift 2
+  want "$name" || return 0
   l=$(left)
   if [ "$l" -lt 45 ]; then echo "=== skip $name: $l s left" | tee -a "$log"; return 1; fi
   [ "$t" -gt "$l" ] && t=$l
@@ -46,7 +50,7 @@ bench smoke 150 --prepared-dir "$DATA_TINY" --preset tiny --stages 2 --world-siz
 # 2. What the effective-rank diagnostic (relora.effective_rank_every=0: at every reset, rank 0)
 #    costs per reset on this device: fp64 svdvals of every wrapped weight's shape. The bench runs
 #    below turn it off (-1) to fit the lease; its time is reported apart from the reset anyway.
-$PY - <<'PY' 2>&1 | tee -a "$log"
+want svd && $PY - <<'PY' 2>&1 | tee -a "$log"
 import time, torch
 from relora_dist.model import PRESETS
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,6 +71,11 @@ PY
 
 COMMON=(--prepared-dir "$DATA" --preset "$PRESET" --world-size 1 --precision bf16 --rank 128 --seq-len "$SEQ" --micro-batch "$MB"
         --steps 10 --warmup 3 --resets 2 --merge-repeats 1 --override=--relora.effective_rank_every=-1)
+# 2b. Where a step's time goes, full-rank vs ReLoRA phase (ZeRO-2, torch.profiler).
+want profile && timeout 120 $PY benchmarks/gpu/profile_steps.py --prepared-dir "$DATA" --preset "$PRESET" \
+  --seq-len "$SEQ" --micro-batch "$MB" --rank 128 > "$OUT/profile.txt" 2>&1
+want profile && echo "=== profile rc=$? at $(( $(date +%s) - START )) s" | tee -a "$log"
+
 # 3. The configuration users run: ZeRO-2, bf16 (with the train_extra=false row).
 bench zero2 150 "${COMMON[@]}" --stages 2
 # 4. NF4 base + host merge masters; 5. the same with AdamW8bit for the trainable params.

@@ -137,12 +137,13 @@ class Backend(ABC):
 
     @abstractmethod
     def full_fp32(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """Full fp32 master of a trainable param (collective: every rank must call)."""
+        """Full fp32 master of a trainable param, without autograd history (collective: every rank
+        must call)."""
 
     @abstractmethod
     def fp32_master_slice(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """A copy of the `master_range(p)` slice of the optimizer's fp32 master of a trainable param
-        (collective: every rank must call)."""
+        """A copy of the `master_range(p)` slice of the optimizer's fp32 master of a trainable param,
+        without autograd history (collective: every rank must call)."""
 
     @abstractmethod
     def write_owned_slice(self, p: torch.nn.Parameter, values: torch.Tensor) -> Callable[[], int]:

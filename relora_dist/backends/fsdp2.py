@@ -257,10 +257,10 @@ class FSDP2Backend(Backend):
         return _local(state[key]).view(-1)
 
     def full_fp32(self, p):
-        return self._gather(_local(p).float(), p).view(p.shape)
+        return self._gather(_local(p).detach().float(), p).view(p.shape)
 
     def fp32_master_slice(self, p):
-        return _local(p).float().reshape(-1).clone()
+        return _local(p).detach().float().reshape(-1).clone()
 
     def write_owned_slice(self, p, values):
         view = self.local_view(p)  # the fp32 shard is the merge master: nothing to communicate

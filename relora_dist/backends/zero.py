@@ -82,7 +82,10 @@ class ZeroBackend(Backend):
             optimizer = bnb().optim.AdamW8bit(param_groups)
         else:
             optimizer = torch.optim.AdamW(param_groups)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        from relora_dist.backends.ds_config import with_model_buckets
+
+        config = with_model_buckets(self.ds_config, model.config.hidden_size)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self._optimizer = weakref.ref(engine.optimizer)
         return engine
 
@@ -170,12 +173,12 @@ class ZeroBackend(Backend):
     # At world size 1 the fragments ARE the full tensors: read them without DeepSpeed's full-tensor
     # getters, whose all-reduce / all-gather would be a gloo collective (see gather_flat_slices).
     def full_fp32(self, p):
-        if self.world_size == 1:
-            return self.fp32_fragment(p)[2].reshape(self._shape(p)).float().clone()
-        return safe_get_full_fp32_param(p).float()
+        if self.world_size == 1:  # detached: a copy with history would keep the whole flat alive
+            return self.fp32_fragment(p)[2].detach().reshape(self._shape(p)).float().clone()
+        return safe_get_full_fp32_param(p).detach().float()
 
     def full_optimizer_state(self, p, key):
         if self.world_size == 1:
             frag = self.state_fragment(p, key)
-            return None if frag is None else frag.reshape(self._shape(p)).float().clone()
+            return None if frag is None else frag.detach().reshape(self._shape(p)).float().clone()
         return safe_get_full_optimizer_state(p, key)

@@ -44,7 +44,7 @@ class Zero3Backend(ZeroBackend):
 
     def fp32_master_slice(self, p):
         start, end = self.local_range(p)
-        return safe_get_local_fp32_param(p).float().reshape(-1)[: end - start].clone()
+        return safe_get_local_fp32_param(p).detach().float().reshape(-1)[: end - start].clone()
 
     def write_owned_slice(self, p, values):
         view = self.local_view(p)  # master_range == local_range: nothing to communicate

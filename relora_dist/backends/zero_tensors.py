@@ -33,7 +33,7 @@ def _walk(obj: Any, path: str, out: list, seen: set, depth: int = 0) -> None:
         for i, v in enumerate(obj):
             _walk(v, f"{path}[{i}]", out, seen, depth + 1)
     elif (hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type))
-          and type(obj).__module__.startswith(("deepspeed", "torch.optim"))):
+          and type(obj).__module__.startswith(("deepspeed", "torch.optim", "bitsandbytes"))):
         for k, v in list(vars(obj).items()):
             _walk(v, f"{path}.{k}", out, seen, depth + 1)
 
