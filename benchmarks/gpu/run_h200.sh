@@ -3,7 +3,15 @@
 # device time): each run is tools/bench.py at world size 1 on CUDA (NCCL, bf16), and each writes
 # its own JSON, so a run cut short loses only itself. Usage, from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu/run_h200.sh
-# Packages the GPU image lacks (deepspeed, bitsandbytes, pydantic, hjson) are read from $SITE.
+# Packages the GPU image lacks (deepspeed, bitsandbytes, pydantic, hjson) are read from $SITE, made
+# on any x86-64 machine for the image's Python 3.12:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl bitsandbytes==0.50.2 pydantic==2.13.4 pydantic_core==2.46.4 \
+#     annotated-types typing-inspection hjson
+#   pip wheel --no-deps -w .whl deepspeed==0.19.8
+#   pip install --no-deps --target .whl/site --python-version 3.12 --only-binary=:all: \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 .whl/*.whl
+# and the data with tools/prepare_data.py (the image has no `datasets`): .cache/data/L64-*, L512-*.
 # A smoke test on CPU: PRESET=tiny SEQ=64 MB=4 DS_ACCELERATOR=cpu PY=python OUT=/tmp/x bash ...
 set -u
 cd "$(dirname "$0")/../.."
