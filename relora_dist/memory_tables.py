@@ -94,11 +94,13 @@ def quant_table(presets: list[str], worlds: list[int], *, compute: str = "bf16",
                 vocab: int = 32000) -> str:
     lines = [f"ReLoRA phase / ZeRO-2 full-rank, accelerator-resident training state per rank, {compute} compute, "
              f"r={r}, vocab {vocab}, train_extra=true, nf4 with double quantization unless marked (ZeRO-3 "
-             f"refuses a quantized base: its column is the unquantized ZeRO-3 ReLoRA phase)", "",
+             f"refuses a quantized base: its column is the unquantized ZeRO-3 ReLoRA phase / ZeRO-3 full rank; FSDP2, "
+             f"which refuses a quantized base too, is over ZeRO-2 full rank: every FSDP2 tensor is sharded, so its "
+             f"ReLoRA phase needs no quantization to stay below 0.45)", "",
              "| preset | ranks | full-rank ZeRO-2 (GiB) | bf16 base, masters on device | nf4, masters on device "
              "| nf4 (single quant), host masters | nf4, host masters | nf4, host masters, adamw8bit "
-             "| int8, host masters | ZeRO-3 bf16 base |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| int8, host masters | ZeRO-3 bf16 base | FSDP2 bf16 base, adamw8bit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset in presets:
         shape = Shape.of(preset, vocab)
         for world in worlds:
@@ -110,7 +112,9 @@ def quant_table(presets: list[str], worlds: list[int], *, compute: str = "bf16",
                      quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu", optimizer="adamw8bit"),
                      quant_ratio(shape, world, "int8", compute=compute, r=r, master_device="cpu"),
                      per_rank_bytes(shape, world, 3, "relora", compute=compute, r=r)["total"]
-                     / per_rank_bytes(shape, world, 3, "full_rank", compute=compute, r=r)["total"]]
+                     / per_rank_bytes(shape, world, 3, "full_rank", compute=compute, r=r)["total"],
+                     per_rank_bytes(shape, world, "fsdp2", "relora", compute=compute, r=r,
+                                    optimizer="adamw8bit")["total"] / full]
             text = [f"{c:.3f}" for c in cells]
             if (preset, world) == (QUANT_TARGET["preset"], QUANT_TARGET["world"]):
                 text[3] += f" (target <= {QUANT_TARGET['limit']})"
