@@ -78,8 +78,8 @@ def test_explicit_matching_values_accepted():
     ({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100000}}, [], 1,
      ["zero_optimization.stage3_param_persistence_threshold=100000", "shard-local merges", "requires 0",
       "set zero_optimization.stage3_param_persistence_threshold to \"auto\" or 0"]),
-    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, [], 1,
-     ["zero_optimization.reduce_bucket_size", "set explicit values"]),
+    ({"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}}, [], 1,
+     ["zero_optimization.allgather_bucket_size", "set explicit values"]),
     # the training config itself does not fit the world size
     ({}, ["train.global_batch_size=16", "train.micro_batch_size=8"], 4,
      ["train.global_batch_size=16", "train.micro_batch_size=8 x world size 4", "use a multiple of 32"]),
@@ -130,17 +130,20 @@ def test_invalid_world_size():
     assert "WORLD_SIZE" in one_line_error(AUTO, Config(), 0)
 
 
-def test_zero3_buckets_follow_the_model_unless_set():
-    """ZeRO-3's bucket sizes: unset or "auto" -> Hugging Face's rule from the hidden size (DeepSpeed's
-    5e8-element default allocates a 1 GB bf16 reduction bucket per GPU); explicit values stay."""
-    from relora_dist.backends.ds_config import with_model_buckets
+def test_bucket_sizes_follow_the_model_unless_set():
+    """Unset or "auto": ZeRO-3 takes Hugging Face's rule from the hidden size (DeepSpeed's
+    5e8-element default allocates a 1 GB bf16 reduction bucket per GPU), ZeRO-2 caps the bucket at
+    the trainable elements; explicit values stay."""
+    from relora_dist.backends.ds_config import DS_REDUCE_BUCKET, with_model_buckets
 
+    cfg = cfg_of("--relora.enabled=false")
     for zero in ({}, {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}):
-        template = {"zero_optimization": {"stage": 3, **zero}}
-        ds = with_model_buckets(build_ds_config(template, cfg_of("--relora.enabled=false"), 1), 1024)
+        ds = with_model_buckets(build_ds_config({"zero_optimization": {"stage": 3, **zero}}, cfg, 1), 1024, 10**9)
         assert ds["zero_optimization"]["reduce_bucket_size"] == 1024 * 1024
         assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
-    ds = build_ds_config({"zero_optimization": {"stage": 3, "reduce_bucket_size": 123}}, cfg_of("--relora.enabled=false"), 1)
-    assert with_model_buckets(ds, 1024)["zero_optimization"]["reduce_bucket_size"] == 123
-    ds2 = build_ds_config({"zero_optimization": {"stage": 2}}, cfg_of("--relora.enabled=false"), 1)
-    assert "reduce_bucket_size" not in with_model_buckets(ds2, 1024)["zero_optimization"]
+        zero2 = {k: v for k, v in zero.items() if not k.startswith("stage3")}
+        ds2 = build_ds_config({"zero_optimization": {"stage": 2, **zero2}}, cfg, 1)
+        assert with_model_buckets(ds2, 1024, 76_000_000)["zero_optimization"]["reduce_bucket_size"] == 76_000_000
+        assert with_model_buckets(ds2, 1024, 10**10)["zero_optimization"]["reduce_bucket_size"] == DS_REDUCE_BUCKET
+    ds = build_ds_config({"zero_optimization": {"stage": 3, "reduce_bucket_size": 123}}, cfg, 1)
+    assert with_model_buckets(ds, 1024, 10**9)["zero_optimization"]["reduce_bucket_size"] == 123

@@ -194,10 +194,9 @@ def build_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
         zero.setdefault("stage3_param_persistence_threshold", "auto")
         if zero["stage3_param_persistence_threshold"] == "auto":
             zero.pop("stage3_param_persistence_threshold")
-    if stage == 3:
-        for key in ZERO3_BUCKETS:  # "auto" = absent: sized from the model when the engine is built
-            if zero.get(key) == "auto":
-                zero.pop(key)
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
+        if zero.get(key) == "auto":  # = absent: sized from the model when the engine is built
+            zero.pop(key)
     # We pass a torch optimizer (optimizer.name) as a client optimizer (decoupled decay, param groups).
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
@@ -223,24 +222,36 @@ def relora_phase_ds_config(ds: dict, cfg: Config) -> dict:
     return out
 
 
-# ZeRO-3's bucket sizes, when the DeepSpeed config leaves them out or "auto", follow Hugging Face's
-# DeepSpeed integration (transformers/integrations/deepspeed.py): hidden_size^2 elements per
-# gradient-reduction bucket and 0.9 x that for prefetching. DeepSpeed's own default (5e8 elements)
-# allocates the reduction bucket in full at engine start: 953 MiB of bf16 per GPU, in both phases,
-# measured as CUDA memory at 350m on an H200 (benchmarks/gpu/), more than the model's gradients.
-ZERO3_BUCKETS = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}
+# DeepSpeed's default gradient-reduction bucket, in elements (deepspeed/runtime/zero/config.py).
+DS_REDUCE_BUCKET = 500_000_000
 
 
-def with_model_buckets(ds: dict, hidden_size: int) -> dict:
-    """`ds` with ZeRO-3's unset bucket sizes filled from the model's hidden size (a copy; `ds`
-    itself when it is not ZeRO-3 or sets them)."""
+def model_buckets(stage: int, hidden_size: int, trainable_numel: int) -> dict[str, int]:
+    """The bucket sizes this system gives DeepSpeed when its config leaves them out or "auto".
+
+    Both stages allocate a `reduce_bucket_size`-element gradient bucket in the compute dtype:
+    ZeRO-2 at every backward (a transient 953 MiB of bf16 at the default 5e8, part of each step's
+    peak), ZeRO-3 at engine start for good (953 MiB per GPU measured as CUDA memory at 350m on an
+    H200, benchmarks/gpu/: more than the model's gradients). ZeRO-2 caps it at the trainable
+    elements, all the gradients it can ever hold, so it still reduces once per step: same
+    collectives, less memory (350m: 608 MiB full-rank, 145 MiB in the ReLoRA phase). ZeRO-3 follows
+    Hugging Face's DeepSpeed integration (transformers/integrations/deepspeed.py): hidden_size^2
+    per reduction bucket and 0.9 x that for prefetching."""
+    if stage == 3:
+        return {"reduce_bucket_size": hidden_size * hidden_size,
+                "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size)}
+    return {"reduce_bucket_size": max(1, min(DS_REDUCE_BUCKET, trainable_numel))}
+
+
+def with_model_buckets(ds: dict, hidden_size: int, trainable_numel: int) -> dict:
+    """`ds` with the bucket sizes it leaves unset filled by `model_buckets` (a copy; `ds` itself
+    when it sets them all)."""
     zero = ds.get("zero_optimization", {})
-    missing = [k for k in ZERO3_BUCKETS if k not in zero]
-    if zero_stage(ds) != 3 or not missing:
+    missing = {k: v for k, v in model_buckets(zero_stage(ds), hidden_size, trainable_numel).items() if k not in zero}
+    if not missing:
         return ds
     out = copy.deepcopy(ds)
-    for key in missing:
-        out["zero_optimization"][key] = int(ZERO3_BUCKETS[key] * hidden_size * hidden_size)
+    out["zero_optimization"].update(missing)
     return out
 
 

@@ -84,7 +84,8 @@ class ZeroBackend(Backend):
             optimizer = torch.optim.AdamW(param_groups)
         from relora_dist.backends.ds_config import with_model_buckets
 
-        config = with_model_buckets(self.ds_config, model.config.hidden_size)
+        trainable = sum(self.numel(p) for p in model.parameters() if p.requires_grad)
+        config = with_model_buckets(self.ds_config, model.config.hidden_size, trainable)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self._optimizer = weakref.ref(engine.optimizer)
         return engine
