@@ -168,6 +168,13 @@ def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
                     train_extra=r.train_extra, merge_precision=r.merge_precision,
                     master_device=r.merge_master_device, phase_stage=str(r.phase_stage), relora=r.enabled,
                     warm_start=r.warm_start_steps > 0)
+    if r.enabled and r.base_quant != "none":  # FSDP2 refuses a quantized base before this
+        from relora_dist.memory_quant import quant_plan
+
+        stage = 3 if backend == "zero3" or r.phase_stage == "3" else 2
+        lines += quant_plan(shape, world, stage, r.base_quant, compute=resolve_precision(cfg.train.precision), r=r.r,
+                            train_extra=r.train_extra, master_device=r.merge_master_device,
+                            optimizer=cfg.optimizer.name, double_quant=r.quant_double_quant)
     zero = template.get("zero_optimization", {})
     if any(isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"
            for k in ("offload_optimizer", "offload_param")):

@@ -170,7 +170,8 @@ class ReLoRAConfig:
     """none, nf4 or int8: from the switch on, hold each frozen wrapped weight as a bitsandbytes
     4-bit NF4 (block 64) or 8-bit (row-wise) replica; the adapters train in the compute precision.
     Each reset merges into the fp32 masters and requantizes from them (relora.quant_merge), so the
-    quantized weight is always quantize(master). Needs merge_precision=fp32 and ZeRO-2."""
+    quantized weight is always quantize(master). Needs merge_precision=fp32 and ZeRO-2 or ZeRO-3
+    (there a whole replica per rank: less memory than ZeRO-3's bf16 shards only below 4 ranks)."""
     quant_double_quant: bool = True
     """nf4 only: quantize the per-block absmax to 8 bits too (QLoRA's double quantization,
     bitsandbytes' compress_statistics), 0.516 instead of 0.5625 bytes per weight: -14 MB per rank at

@@ -55,7 +55,7 @@ def predict_for_bench(model: dict, world: int, stage: int, phase: str, train_ext
         shape = Shape(model["hidden_size"], model["intermediate_size"], model["num_layers"], model["vocab_size"])
         return relora_quant_bytes(shape, world, kind, compute=model["precision"], r=model["r"], train_extra=train_extra,
                                   master_device=o.get("master_device", "device"), optimizer=optimizer,
-                                  double_quant=double_quant)
+                                  double_quant=double_quant, stage=relora_stage)
     shape = Shape(model["hidden_size"], model["intermediate_size"], model["num_layers"], model["vocab_size"])
     if phase == "full_rank":  # the bench runs both phases with the same optimizer
         return per_rank_bytes(shape, world, stage, "warm_start", compute=model["precision"], r=model["r"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 from relora_dist.memory_model import CATEGORIES, GIB, HOST_CATEGORIES, PHASES, TARGET_CASE, TARGETS, Shape, \
     per_rank_bytes, zero2_options
 from relora_dist.memory_quant import TARGET as QUANT_TARGET
-from relora_dist.memory_quant import quant_ratio
+from relora_dist.memory_quant import quant_ratio, relora_quant_bytes
 
 
 def _is_target_case(preset: str, world: int, compute: str, r: int, vocab: int, train_extra: bool) -> bool:
@@ -93,26 +93,29 @@ def detail(preset: str, world: int, stage: int | str, *, compute: str, r: int, v
 def quant_table(presets: list[str], worlds: list[int], *, compute: str = "bf16", r: int = 128,
                 vocab: int = 32000) -> str:
     lines = [f"ReLoRA phase / ZeRO-2 full-rank, accelerator-resident training state per rank, {compute} compute, "
-             f"r={r}, vocab {vocab}, train_extra=true, nf4 with double quantization unless marked (ZeRO-3 "
-             f"refuses a quantized base: its column is the unquantized ZeRO-3 ReLoRA phase / ZeRO-3 full rank; FSDP2, "
-             f"which refuses a quantized base too, is over ZeRO-2 full rank: every FSDP2 tensor is sharded, so its "
-             f"ReLoRA phase needs no quantization to stay below 0.45)", "",
+             f"r={r}, vocab {vocab}, train_extra=true, nf4 with double quantization unless marked; the ZeRO-3 "
+             f"columns are over ZeRO-3 full rank (its quantized base is a whole replica on every rank, where "
+             f"ZeRO-3 keeps 1/world of the bf16 weights); FSDP2, which refuses a quantized base, is over ZeRO-2 "
+             f"full rank: every FSDP2 tensor is sharded, so its ReLoRA phase needs no quantization to stay "
+             f"below 0.45", "",
              "| preset | ranks | full-rank ZeRO-2 (GiB) | bf16 base, masters on device | nf4, masters on device "
              "| nf4 (single quant), host masters | nf4, host masters | nf4, host masters, adamw8bit "
-             "| int8, host masters | ZeRO-3 bf16 base | FSDP2 bf16 base, adamw8bit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| int8, host masters | ZeRO-3 bf16 base | ZeRO-3 nf4, host masters | FSDP2 bf16 base, adamw8bit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset in presets:
         shape = Shape.of(preset, vocab)
         for world in worlds:
             full = per_rank_bytes(shape, world, 2, "full_rank", compute=compute, r=r)["total"]
+            full3 = per_rank_bytes(shape, world, 3, "full_rank", compute=compute, r=r)["total"]
             cells = [quant_ratio(shape, world, "none", compute=compute, r=r),
                      quant_ratio(shape, world, "nf4", compute=compute, r=r),
                      quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu", double_quant=False),
                      quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu"),
                      quant_ratio(shape, world, "nf4", compute=compute, r=r, master_device="cpu", optimizer="adamw8bit"),
                      quant_ratio(shape, world, "int8", compute=compute, r=r, master_device="cpu"),
-                     per_rank_bytes(shape, world, 3, "relora", compute=compute, r=r)["total"]
-                     / per_rank_bytes(shape, world, 3, "full_rank", compute=compute, r=r)["total"],
+                     per_rank_bytes(shape, world, 3, "relora", compute=compute, r=r)["total"] / full3,
+                     relora_quant_bytes(shape, world, "nf4", compute=compute, r=r, master_device="cpu",
+                                        stage=3)["total"] / full3,
                      per_rank_bytes(shape, world, "fsdp2", "relora", compute=compute, r=r,
                                     optimizer="adamw8bit")["total"] / full]
             text = [f"{c:.3f}" for c in cells]

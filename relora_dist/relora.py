@@ -133,9 +133,8 @@ class ReLoRALinear(nn.Module):
         meta-device tensor that only carries the shape (reading its values fails loudly: they live
         in the fp32 merge masters). Later calls just swap the quantized tensor (a requantization)."""
         if "weight" in self._parameters:
-            shape = tuple(self.weight.shape)
-            del self._parameters["weight"]
-            object.__setattr__(self, "weight", torch.empty(shape, device="meta"))
+            del self._parameters["weight"]  # (a ZeRO-3 partitioned Parameter's .shape is [0])
+            object.__setattr__(self, "weight", torch.empty(self.out_features, self.in_features, device="meta"))
         self.qweight = qweight
         self.quant_compute_dtype = compute_dtype
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -53,7 +55,7 @@ def quant_checks(cfg, template, info, resets: int = 10, magnitude: float = 0.05)
     out["param_names"] = sorted(n for n, _ in t.model.named_parameters())
     out["state_dict_keys"] = sorted(t.model.state_dict().keys())
     out["optimizer_numel"] = t.backend.optimizer_state_numel(t.engine)
-    out["trainable_numel"] = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+    out["trainable_numel"] = sum(t.backend.numel(p) for p in t.model.parameters() if p.requires_grad)
     out["wrapped_numel"] = sum(m.out_features * m.in_features for m in t.modules.values())
     out["w0"] = {n: full_master(t.backend, m, t.masters.shards[n]).clone() for n, m in t.modules.items()}
     out["codes_switch"] = {n: _codes(m.qweight) for n, m in t.modules.items()}
@@ -62,9 +64,15 @@ def quant_checks(cfg, template, info, resets: int = 10, magnitude: float = 0.05)
     # The base's forward: a ReLoRALinear's output against x @ dequant(Wq)^T + s*B(Ax) computed here.
     name, m = next(iter(t.modules.items()))
     x = torch.randn(5, m.in_features, generator=torch.Generator().manual_seed(7)).to(m.lora_A.dtype)
-    with torch.no_grad():
+    A, B = t.backend.full_fp32(m.lora_A), t.backend.full_fp32(m.lora_B)  # collective
+    gathered = contextlib.nullcontext()
+    if t.backend.name == "zero3":  # the adapters are partitioned outside the engine's forward
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([m.lora_A, m.lora_B])
+    with torch.no_grad(), gathered:
         got = m(x).float()
-        ref = x.float() @ m.qweight.dequantize().t() + m.scale * (x.float() @ m.lora_A.float().t()) @ m.lora_B.float().t()
+        ref = x.float() @ m.qweight.dequantize().t() + m.scale * (x.float() @ A.t()) @ B.t()
     out["forward_maxdiff"] = float((got - ref).abs().max() / ref.abs().max())
 
     start_masters = {n: s.clone() for n, s in t.masters.shards.items()}

@@ -19,10 +19,10 @@ BIG = ["--model.preset=350m", "--relora.r=128", "--train.precision=bf16",  # bf1
 
 @pytest.fixture
 def dry_run(tmp_path, monkeypatch, capsys):
-    def run(world: int, *args: str, rank: str = "0") -> list[str]:
+    def run(world: int, *args: str, rank: str = "0", ds_config: str = "zero2") -> list[str]:
         monkeypatch.setenv("WORLD_SIZE", str(world))
         monkeypatch.setenv("RANK", rank)
-        assert cli.main(["--dry_run", *args, f"--run.output_dir={tmp_path / 'run'}"]) == 0
+        assert cli.main(["--dry_run", "--ds_config", ds_config, *args, f"--run.output_dir={tmp_path / 'run'}"]) == 0
         out = capsys.readouterr().out.splitlines()
         assert not (tmp_path / "run").exists()
         return out
@@ -113,3 +113,19 @@ def test_paper_recipes_validate_at_8_ranks_with_the_stated_tokens(dry_run, name,
     assert c.data.prepared_dir == "data/c4-512" and c.data.seq_len == 512
     assert c.train.max_steps * c.train.global_batch_size * c.data.seq_len == pytest.approx(tokens, rel=0.005)
     assert (c.train.max_steps - c.relora.warm_start_steps) % c.relora.cycle_length == 0
+
+
+@pytest.mark.parametrize("world, warns", [(2, False), (8, True)])
+def test_quantized_base_under_zero3_is_planned_and_warned_where_it_costs_memory(dry_run, world, warns):
+    """ZeRO-3 with an NF4 base: every rank holds the whole quantized base (0.52 bytes per weight)
+    where ZeRO-3 keeps 2/world bytes of bf16 shards: less memory at 2 ranks, more at 8."""
+    from relora_dist.memory_quant import relora_quant_bytes
+
+    out = dry_run(world, *BIG, "--relora.base_quant=nf4", ds_config="zero3")
+    shape = mm.Shape.of("350m", _vocab())
+    q = relora_quant_bytes(shape, world, "nf4", compute="bf16", r=128, stage=3)
+    plain = mm.per_rank_bytes(shape, world, 3, "relora", compute="bf16", r=128)
+    line = next(ln for ln in out if ln.startswith("with relora.base_quant=nf4: "))
+    assert f"ReLoRA phase {mm.fmt_bytes(q['total'])} per rank" in line
+    assert (q["total"] > plain["total"]) == warns
+    assert any(ln.startswith("warning: relora.base_quant=nf4 holds more per rank") for ln in out) == warns

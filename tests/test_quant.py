@@ -14,19 +14,22 @@ QUANT = {"relora.enabled": True, "relora.warm_start_steps": 2, "relora.cycle_len
 RESETS = 10
 
 
-@pytest.fixture(scope="module", params=["nf4", "int8"])
+# (kind, engine): ZeRO-2 holds the quantized replica beside replicated weights; under ZeRO-3 it
+# replaces the frozen weights' bf16 shards (the masters keep ZeRO-3's partition).
+@pytest.fixture(scope="module", params=["nf4", "int8", "nf4-zero3"])
 def quant(request, tiny_data, tmp_path_factory):
+    kind, _, stage = request.param.partition("-")
     out = tmp_path_factory.mktemp(f"quant-{request.param}")
-    overrides = tiny_overrides(tiny_data, out / "run", **QUANT, **{"relora.base_quant": request.param,
+    overrides = tiny_overrides(tiny_data, out / "run", **QUANT, **{"relora.base_quant": kind,
                                                                    "train.precision": "bf16"})
-    return run_world(2, "quant_checks", overrides, out, resets=RESETS)
+    return run_world(2, "quant_checks", overrides, out, resets=RESETS, ds_config=f"ds_configs/{stage or 'zero2'}.json")
 
 
 def test_quantized_base_is_no_parameter_and_holds_no_optimizer_state(quant):
     for r in quant:
         assert not any(n.endswith("_proj.weight") for n in r["param_names"])
         assert not any(n.endswith("_proj.weight") for n in r["state_dict_keys"])
-        # the ZeRO-2 partitions hold 1/2 of the trainable params (+ alignment padding), no frozen W
+        # the partitions hold 1/2 of the trainable params (+ alignment padding), no frozen W
         assert 0 <= 2 * r["optimizer_numel"] - r["trainable_numel"] <= 64
         assert r["wrapped_numel"] > 0
 

@@ -69,3 +69,17 @@ def test_resume_without_quantization_uses_the_masters(quant_run, tiny_data):
     loaded = run_world(1, "loaded_masters", overrides, out / "r2")[0]
     for name, w in loaded["weights"].items():  # fp32 compute: the weights are the checkpoint's masters
         assert torch.equal(w, reader.full(f"{name}.weight", "merge_master").reshape(-1)), name
+
+
+def test_zero3_quantized_run_checkpoints_masters_that_resume_elsewhere(tiny_data, tmp_path):
+    """ZeRO-3 at 2 ranks with an NF4 base: each rank saves its partition of the fp32 masters (no
+    quantized bytes, no weight); resumed unquantized on one ZeRO-2 rank, the weights are those masters."""
+    run_world(2, "relora_run", tiny_overrides(tiny_data, tmp_path / "run", **RUN), tmp_path / "r1",
+              ds_config="ds_configs/zero3.json")
+    reader = ShardReader(find_latest(tmp_path / "run" / "checkpoints"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert reader.has(name, "merge_master") and not reader.has(name, "weight")
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", **{**RUN, "relora.base_quant": "none"})
+    loaded = run_world(1, "loaded_masters", overrides, tmp_path / "r2")[0]
+    for name, w in loaded["weights"].items():
+        assert torch.equal(w, reader.full(f"{name}.weight", "merge_master").reshape(-1)), name

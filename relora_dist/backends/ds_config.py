@@ -168,14 +168,6 @@ def build_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
     if stage not in (2, 3) or isinstance(stage, bool):
         raise ConfigError(f"DeepSpeed config zero_optimization.stage={json.dumps(stage)} is unsupported; set it "
                           f"to 2 or 3 (see ds_configs/zero2.json, zero3.json)")
-    if cfg.relora.enabled and cfg.relora.base_quant != "none" and (stage == 3 or cfg.relora.phase_stage == "3"):
-        # ZeRO-3 gathers each frozen weight from bf16 shards for every forward; a bitsandbytes
-        # replica outside the engine would replace that sharded copy by a full one on every rank
-        # (NF4: 0.56 bytes/element vs ZeRO-3's 2/world: more memory from 4 ranks on).
-        raise ConfigError(f"relora.base_quant={cfg.relora.base_quant} under ZeRO-3 (zero_optimization.stage={stage}, "
-                          f"relora.phase_stage={cfg.relora.phase_stage}): the quantized base is a replica that "
-                          f"ZeRO-3 cannot shard; use ds_configs/zero2.json with relora.phase_stage=same, or "
-                          f"relora.base_quant=none")
     if cfg.optimizer.name == "adamw8bit" and (stage == 3 or (cfg.relora.enabled and cfg.relora.phase_stage == "3")):
         # ZeRO-3's per-parameter optimizer-state API (safe_get/set_local_optimizer_state) reads
         # full-size fp32 state by key; bitsandbytes keeps uint8 codes + per-block absmax instead.

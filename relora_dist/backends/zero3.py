@@ -30,7 +30,8 @@ class Zero3Backend(ZeroBackend):
         return sum(int(f.numel()) for f in engine.optimizer.fp32_partitioned_groups_flat)
 
     def local_range(self, p):
-        return rank_slice(p.ds_numel, self.rank, self.world_size)
+        # self.numel: also a quantized base's shape-only weight, whose master keeps ZeRO-3's partition
+        return rank_slice(self.numel(p), self.rank, self.world_size)
 
     def local_view(self, p):
         start, end = self.local_range(p)

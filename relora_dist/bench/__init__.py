@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per rank, the same for every stage (0 = cores / world)")
     p.add_argument("--base-quant", default="none", choices=["none", "nf4", "int8"],
-                   help="relora.base_quant of the ReLoRA phase (ZeRO-2 only: pass --stages 2)")
+                   help="relora.base_quant of the ReLoRA phase (ZeRO-2 and ZeRO-3; FSDP2 refuses it)")
     p.add_argument("--cache-dir", default=str(REPO_ROOT / ".cache" / "data"))
     p.add_argument("--prepared-dir", default="",
                    help="data already prepared for --seq-len (tools/prepare_data.py's folder), e.g. copied to a "

@@ -285,7 +285,8 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     _timed(trainer.reset)
     merges: dict[str, dict] = {}
     variants = {"shard_local": lambda: steps.merge_adapters(trainer.backend, trainer.modules, trainer.masters)}
-    if trainer.backend.name == "zero3":  # the gather-based merges it replaced (ZeRO-3 partitions)
+    quantized = any(m.qweight is not None for m in trainer.modules.values())  # no compute-dtype W to gather
+    if trainer.backend.name == "zero3" and not quantized:  # the gather-based merges it replaced (ZeRO-3 partitions)
         variants["allgather_fp32"] = lambda: allgather_merge(trainer)
         variants["gathered_params"] = lambda: gathered_params_merge(trainer)
     for name, fn in variants.items():
