@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
@@ -65,12 +63,7 @@ def quant_checks(cfg, template, info, resets: int = 10, magnitude: float = 0.05)
     name, m = next(iter(t.modules.items()))
     x = torch.randn(5, m.in_features, generator=torch.Generator().manual_seed(7)).to(m.lora_A.dtype)
     A, B = t.backend.full_fp32(m.lora_A), t.backend.full_fp32(m.lora_B)  # collective
-    gathered = contextlib.nullcontext()
-    if t.backend.name == "zero3":  # the adapters are partitioned outside the engine's forward
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters([m.lora_A, m.lora_B])
-    with torch.no_grad(), gathered:
+    with torch.no_grad(), t.backend.gathered_params([m.lora_A, m.lora_B]):  # ZeRO-3: partitioned
         got = m(x).float()
         ref = x.float() @ m.qweight.dequantize().t() + m.scale * (x.float() @ A.t()) @ B.t()
     out["forward_maxdiff"] = float((got - ref).abs().max() / ref.abs().max())

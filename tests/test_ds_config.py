@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from relora_dist.config import Config, ConfigError, load_config
-from relora_dist.backends.ds_config import build_ds_config, load_ds_template
+from relora_dist.backends.ds_config import build_ds_config, load_ds_template, with_model_buckets
 
 REPO = Path(__file__).resolve().parent.parent
 AUTO = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
@@ -110,7 +110,8 @@ def test_shipped_templates_build(path, world):
     for cfg in (Config(), cfg_of("relora.enabled=false"), cfg_of("train.precision=bf16")):
         ds = build_ds_config(template, cfg, world)
         assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
-        assert '"auto"' not in json.dumps(ds)
+        # only bucket sizes stay "auto" until the engine is built, which sizes them from the model
+        assert '"auto"' not in json.dumps(with_model_buckets(ds, 64, 10**6))
         assert ds["zero_optimization"]["stage"] in (2, 3)
 
 
@@ -130,20 +131,23 @@ def test_invalid_world_size():
     assert "WORLD_SIZE" in one_line_error(AUTO, Config(), 0)
 
 
-def test_bucket_sizes_follow_the_model_unless_set():
-    """Unset or "auto": ZeRO-3 takes Hugging Face's rule from the hidden size (DeepSpeed's
-    5e8-element default allocates a 1 GB bf16 reduction bucket per GPU), ZeRO-2 caps the bucket at
-    the trainable elements; explicit values stay."""
-    from relora_dist.backends.ds_config import DS_REDUCE_BUCKET, with_model_buckets
+def test_auto_bucket_sizes_follow_the_model_and_absent_ones_stay_deepspeeds():
+    """"auto" (the shipped templates): ZeRO-3 takes Hugging Face's rule from the hidden size
+    (DeepSpeed's 5e8-element default allocates a 1 GB bf16 reduction bucket per GPU), ZeRO-2 caps
+    its bucket at the trainable elements; absent keys keep DeepSpeed's defaults, explicit values stay."""
+    from relora_dist.backends.ds_config import DS_REDUCE_BUCKET
 
     cfg = cfg_of("--relora.enabled=false")
-    for zero in ({}, {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}):
-        ds = with_model_buckets(build_ds_config({"zero_optimization": {"stage": 3, **zero}}, cfg, 1), 1024, 10**9)
-        assert ds["zero_optimization"]["reduce_bucket_size"] == 1024 * 1024
-        assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
-        zero2 = {k: v for k, v in zero.items() if not k.startswith("stage3")}
-        ds2 = build_ds_config({"zero_optimization": {"stage": 2, **zero2}}, cfg, 1)
-        assert with_model_buckets(ds2, 1024, 76_000_000)["zero_optimization"]["reduce_bucket_size"] == 76_000_000
-        assert with_model_buckets(ds2, 1024, 10**10)["zero_optimization"]["reduce_bucket_size"] == DS_REDUCE_BUCKET
-    ds = build_ds_config({"zero_optimization": {"stage": 3, "reduce_bucket_size": 123}}, cfg, 1)
-    assert with_model_buckets(ds, 1024, 10**9)["zero_optimization"]["reduce_bucket_size"] == 123
+    auto = {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}
+    ds = with_model_buckets(build_ds_config({"zero_optimization": {"stage": 3, **auto}}, cfg, 1), 1024, 10**9)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1024 * 1024
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
+    ds2 = build_ds_config({"zero_optimization": {"stage": 2, **auto}}, cfg, 1)
+    filled = with_model_buckets(ds2, 1024, 76_000_000)["zero_optimization"]
+    assert filled["reduce_bucket_size"] == 76_000_000 and "stage3_prefetch_bucket_size" not in filled
+    assert with_model_buckets(ds2, 1024, 10**10)["zero_optimization"]["reduce_bucket_size"] == DS_REDUCE_BUCKET
+    for zero in ({"stage": 3}, {"stage": 3, "reduce_bucket_size": 123}):
+        ds = build_ds_config({"zero_optimization": zero}, cfg, 1)
+        assert with_model_buckets(ds, 1024, 10**9)["zero_optimization"] == ds["zero_optimization"]
+    for name in ("zero2", "zero3", "zero3_offload"):  # the shipped templates ask for it
+        assert load_ds_template(REPO / "ds_configs" / f"{name}.json")["zero_optimization"]["reduce_bucket_size"] == "auto"

@@ -8,6 +8,7 @@ checkpoint format will slice tensors.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator
@@ -85,6 +86,11 @@ class Backend(ABC):
         """(owner, attribute, torch.distributed op it runs) of collectives the engine bound at
         start-up outside torch.distributed, so that wrapping torch.distributed misses them."""
         return []
+
+    def gathered_params(self, params: list[torch.nn.Parameter]):
+        """A context in which the module copies of `params` are whole, for a forward outside the
+        engine (collective where they are sharded). Replicated engines: nothing to do."""
+        return contextlib.nullcontext()
 
     def gathered_update(self, p: torch.nn.Parameter, fn: Callable[[torch.Tensor], None]) -> None:
         """Gather the whole module copy of p, let rank 0 modify it in place (`fn(full)`) and

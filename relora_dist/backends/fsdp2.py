@@ -256,6 +256,9 @@ class FSDP2Backend(Backend):
             return None
         return _local(state[key]).view(-1)
 
+    def gathered_params(self, params):
+        raise NotImplementedError("fsdp2: run forwards through the engine (its params are DTensor shards)")
+
     def full_fp32(self, p):
         return self._gather(_local(p).detach().float(), p).view(p.shape)
 

@@ -83,6 +83,11 @@ class Zero3Backend(ZeroBackend):
     def optimizer_flats(self, engine):
         return list(engine.optimizer.fp32_partitioned_groups_flat)
 
+    def gathered_params(self, params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+
     def gathered_update(self, p, fn):
         import deepspeed
 
