@@ -172,8 +172,8 @@ def build_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
         # ZeRO-3's per-parameter optimizer-state API (safe_get/set_local_optimizer_state) reads
         # full-size fp32 state by key; bitsandbytes keeps uint8 codes + per-block absmax instead.
         raise ConfigError("optimizer.name=adamw8bit under ZeRO-3: this system reads and prunes 8-bit state only "
-                          f"through ZeRO-2's flat partitions; use ds_configs/zero2.json (relora.phase_stage=same) "
-                          f"or optimizer.name=adamw")
+                          "through ZeRO-2's flat partitions; use ds_configs/zero2.json (relora.phase_stage=same) "
+                          "or optimizer.name=adamw")
     if stage == 3 and cfg.relora.enabled:
         # Params below the persistence threshold keep a full replica in p.data that the forward
         # uses, so a shard-local merge into ds_tensor would be silently ignored (checked on
