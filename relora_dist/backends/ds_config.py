@@ -225,16 +225,14 @@ def model_buckets(stage: int, hidden_size: int, trainable_numel: int) -> dict[st
     Both stages allocate a `reduce_bucket_size`-element gradient bucket in the compute dtype:
     ZeRO-2 at every backward (a transient 953 MiB of bf16 at the default 5e8, part of each step's
     peak), ZeRO-3 at engine start for good (953 MiB per GPU measured as CUDA memory at 350m on an
-    H200, benchmarks/gpu/: more than the model's gradients). ZeRO-2 caps it at the trainable
-    elements, all the gradients it can ever hold, so it still reduces once per step: same
-    collectives, less memory (350m: 608 MiB full-rank, 145 MiB in the ReLoRA phase). ZeRO-3 follows
-    Hugging Face's DeepSpeed integration (transformers/integrations/deepspeed.py): hidden_size^2
-    per reduction bucket and 0.9 x that for prefetching: more, smaller reductions (on 2 CPU cores
-    with gloo the tiny preset's full-rank ZeRO-3 step went from 0.092 to 0.149 s; its ReLoRA step
-    stayed at 0.12 s)."""
-    if stage == 3:
-        return {"reduce_bucket_size": hidden_size * hidden_size,
-                "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size)}
+    H200, benchmarks/gpu/: more than the model's gradients). "auto" caps it at the trainable
+    elements, all the gradients one backward can put in it, so the engine reduces exactly as
+    often as with the default: same collectives, less memory (350m: 608 MiB full-rank, 145 MiB in
+    the ReLoRA phase). Hugging Face's rule (hidden_size^2 elements, transformers'
+    integrations/deepspeed.py) cuts ZeRO-3's bucket further (2 MiB at 350m) but reduces in many
+    small pieces: on 2 CPU cores with gloo the tiny preset's full-rank ZeRO-3 step went from 0.092
+    to 0.149 s and the test suite slowed several-fold; set the key explicitly to trade that way.
+    `stage3_prefetch_bucket_size` "auto" keeps DeepSpeed's default. `hidden_size` is unused."""
     return {"reduce_bucket_size": max(1, min(DS_REDUCE_BUCKET, trainable_numel))}
 
 
