@@ -2,7 +2,7 @@
 backend contract (relora_dist/backends/base.py):
 
     wrap (relora.wrap_model) -> switch_to_relora -> [train cycle -> relora_reset:
-    merge_adapters -> reinit_adapters -> prune_adapter_moments] * n, LR from lr_multiplier.
+    merge_adapters -> reinit_adapters -> prune_adapter_moments] * n, LR from schedule.lr_multiplier.
 
 Paper: Lialin et al., arXiv 2307.05695, §3 (Algorithm 1).
 """
@@ -29,7 +29,6 @@ from relora_dist.relora import (
     prune_keep,
     set_adapters_active,
 )
-from relora_dist.schedule import is_reset_step, jagged_cosine, warmup_cosine, whole_run_jagged
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -81,41 +80,6 @@ def _place(t: torch.Tensor, device: str) -> torch.Tensor:
         return t
     t = t.to("cpu")
     return t.pin_memory() if torch.cuda.is_available() else t
-
-
-def lr_multiplier(cfg: Config, step: int) -> float:
-    """LR multiplier for global step `step` (0-based). relora.warm_start_schedule=paper: one
-    warmup+cosine envelope over the whole run, the ReLoRA phase ramping back up to it after the
-    switch and after every reset (schedule.whole_run_jagged). anneal: a complete warmup+cosine
-    inside the warm start, then the jagged cosine over the ReLoRA phase alone, or plain
-    warmup+cosine for the LoRA baseline (relora.resets=false)."""
-    r, s = cfg.relora, cfg.schedule
-    restarts = r.resets if r.lr_restarts == "auto" else r.lr_restarts == "true"
-    # Warmups longer than their phase are clamped to it, so a short debug run (--train.max_steps=4)
-    # needs no other overrides.
-    if not r.enabled:
-        total = cfg.train.max_steps
-        return warmup_cosine(step, min(s.warmup_steps, total), total, s.min_lr_ratio)
-    if r.warm_start_schedule == "paper":
-        switch = r.warm_start_steps
-        warmup = min(s.warmup_steps, switch) if switch else min(r.first_warmup, cfg.relora_steps)
-        return whole_run_jagged(step, cfg.train.max_steps, warmup, switch, min(r.first_warmup, cfg.relora_steps),
-                                r.restart_warmup, r.cycle_length, s.min_lr_ratio, restarts)
-    if step < r.warm_start_steps:
-        return warmup_cosine(step, min(s.warmup_steps, r.warm_start_steps), r.warm_start_steps, s.min_lr_ratio)
-    t = step - r.warm_start_steps
-    if not restarts:
-        return warmup_cosine(t, min(r.first_warmup, cfg.relora_steps), cfg.relora_steps, s.min_lr_ratio)
-    return jagged_cosine(t, cfg.relora_steps, r.first_warmup, r.restart_warmup, r.cycle_length, s.min_lr_ratio)
-
-
-def reset_due(cfg: Config, step: int) -> bool:
-    """Whether a reset follows the optimizer step `step`: the step taken at LR 0 (reference loop
-    order: step at LR 0, then merge + re-init + prune, then the restart warmup)."""
-    r = cfg.relora
-    if not (r.enabled and r.resets) or step < r.warm_start_steps:
-        return False
-    return is_reset_step(step - r.warm_start_steps, r.cycle_length, cfg.relora_steps)
 
 
 def capture_frozen_masters(backend: Backend, modules: dict[str, ReLoRALinear], compute_fp32: bool,

@@ -13,6 +13,9 @@ steps since the ReLoRA phase began) runs at ``lr_max * jagged_cosine(t)``; the m
 that LR-0 step (see ``is_reset_step``) and step t+1 begins the restart warmup.  (The reference checks
 ``(update_step - start) % C == 1`` after incrementing update_step, i.e. the same steps.)  With T
 steps (t = 0..T-1) there are T/C - 1 resets, at t = C, 2C, ..., T - C.
+
+``lr_multiplier`` and ``reset_due`` apply these to a run's config (global step -> multiplier, and
+whether a reset follows the step); the trainer calls nothing else.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from relora_dist.config import ConfigError
+from relora_dist.config import Config, ConfigError
 
 __all__ = ["ScheduleError", "warmup_cosine", "jagged_cosine", "whole_run_jagged", "validate_jagged",
            "check_min_lr_ratio", "check_schedule_config", "is_reset_step"]
@@ -194,3 +197,38 @@ def is_reset_step(t: int, cycle_length: int, total: int | None = None) -> bool:
     if t < c or t % c != 0:
         return False
     return total is None or t < total
+
+
+def lr_multiplier(cfg: Config, step: int) -> float:
+    """LR multiplier for global step `step` (0-based). relora.warm_start_schedule=paper: one
+    warmup+cosine envelope over the whole run, the ReLoRA phase ramping back up to it after the
+    switch and after every reset (schedule.whole_run_jagged). anneal: a complete warmup+cosine
+    inside the warm start, then the jagged cosine over the ReLoRA phase alone, or plain
+    warmup+cosine for the LoRA baseline (relora.resets=false)."""
+    r, s = cfg.relora, cfg.schedule
+    restarts = r.resets if r.lr_restarts == "auto" else r.lr_restarts == "true"
+    # Warmups longer than their phase are clamped to it, so a short debug run (--train.max_steps=4)
+    # needs no other overrides.
+    if not r.enabled:
+        total = cfg.train.max_steps
+        return warmup_cosine(step, min(s.warmup_steps, total), total, s.min_lr_ratio)
+    if r.warm_start_schedule == "paper":
+        switch = r.warm_start_steps
+        warmup = min(s.warmup_steps, switch) if switch else min(r.first_warmup, cfg.relora_steps)
+        return whole_run_jagged(step, cfg.train.max_steps, warmup, switch, min(r.first_warmup, cfg.relora_steps),
+                                r.restart_warmup, r.cycle_length, s.min_lr_ratio, restarts)
+    if step < r.warm_start_steps:
+        return warmup_cosine(step, min(s.warmup_steps, r.warm_start_steps), r.warm_start_steps, s.min_lr_ratio)
+    t = step - r.warm_start_steps
+    if not restarts:
+        return warmup_cosine(t, min(r.first_warmup, cfg.relora_steps), cfg.relora_steps, s.min_lr_ratio)
+    return jagged_cosine(t, cfg.relora_steps, r.first_warmup, r.restart_warmup, r.cycle_length, s.min_lr_ratio)
+
+
+def reset_due(cfg: Config, step: int) -> bool:
+    """Whether a reset follows the optimizer step `step`: the step taken at LR 0 (reference loop
+    order: step at LR 0, then merge + re-init + prune, then the restart warmup)."""
+    r = cfg.relora
+    if not (r.enabled and r.resets) or step < r.warm_start_steps:
+        return False
+    return is_reset_step(step - r.warm_start_steps, r.cycle_length, cfg.relora_steps)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from relora_dist import checkpoint as ckpt
 from relora_dist import faults
 from relora_dist import relora_steps as steps
-from relora_dist import resume
+from relora_dist import resume, schedule
 from relora_dist.backends.factory import make_backend
 from relora_dist.config import Config, dump_config
 from relora_dist.data import (
@@ -166,7 +166,7 @@ class Trainer:
         `lr` overrides the schedule; `before_update()` runs after the last backward, before the
         update (tests read gradients there)."""
         if lr is None:
-            lr = self.peak_lr * steps.lr_multiplier(self.cfg, self.state.step)
+            lr = self.peak_lr * schedule.lr_multiplier(self.cfg, self.state.step)
         self.set_lr(lr)
         losses, grad_norm = self.backend.train_step(self.engine, [b.to(self.device) for b in micro_batches],
                                                     before_update)
@@ -236,7 +236,7 @@ class Trainer:
             record = {"step": st.step, **metrics, "tokens_seen": st.tokens_seen, "tokens_per_s": tok_s,
                       "mfu": tok_s * self.flops_per_token / (self.peak_flops * self.info.world_size),
                       "phase": st.phase, "restart_index": st.restart_index}
-            if steps.reset_due(c, st.step - 1):
+            if schedule.reset_due(c, st.step - 1):
                 timings = self.reset()
                 record.update({f"reset_{k}_s": v for k, v in timings.items()}, restart_index=st.restart_index)
                 record.update(self.rank_stats(measure=r.effective_rank_every >= 0))

@@ -164,7 +164,7 @@ def test_paper_schedule_is_one_envelope_over_the_whole_run():
     after the switch and after each reset, and the LR is 0 exactly at the reset steps; anneal keeps
     the warm start's own complete cosine."""
     from relora_dist.config import load_config
-    from relora_dist.relora_steps import lr_multiplier, reset_due
+    from relora_dist.schedule import lr_multiplier, reset_due
 
     def cfg(schedule):
         return load_config(None, ["--train.max_steps=400", "--relora.warm_start_steps=100", "--schedule.warmup_steps=20",
@@ -192,7 +192,7 @@ def test_lr_restarts_true_gives_the_lora_baseline_the_jagged_lr(schedule):
     (restarts to 0 at each cycle boundary) without merging; auto follows relora.resets; false with
     resets keeps the LR on the envelope through the resets."""
     from relora_dist.config import load_config
-    from relora_dist.relora_steps import lr_multiplier, reset_due
+    from relora_dist.schedule import lr_multiplier, reset_due
 
     def cfg(*extra):
         return load_config(None, ["--train.max_steps=400", "--relora.warm_start_steps=100", "--schedule.warmup_steps=20",
