@@ -111,7 +111,7 @@ def test_shipped_templates_build(path, world):
         ds = build_ds_config(template, cfg, world)
         assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
         # only bucket sizes stay "auto" until the engine is built, which sizes them from the model
-        assert '"auto"' not in json.dumps(with_model_buckets(ds, 64, 10**6))
+        assert '"auto"' not in json.dumps(with_model_buckets(ds, 10**6))
         assert ds["zero_optimization"]["stage"] in (2, 3)
 
 
@@ -141,11 +141,11 @@ def test_auto_bucket_size_is_capped_at_the_trainable_elements_and_absent_stays_d
     auto = {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}
     for stage in (2, 3):
         ds = build_ds_config({"zero_optimization": {"stage": stage, **auto}}, cfg, 1)
-        filled = with_model_buckets(ds, 1024, 76_000_000)["zero_optimization"]
+        filled = with_model_buckets(ds, 76_000_000)["zero_optimization"]
         assert filled["reduce_bucket_size"] == 76_000_000 and "stage3_prefetch_bucket_size" not in filled
-        assert with_model_buckets(ds, 1024, 10**10)["zero_optimization"]["reduce_bucket_size"] == DS_REDUCE_BUCKET
+        assert with_model_buckets(ds, 10**10)["zero_optimization"]["reduce_bucket_size"] == DS_REDUCE_BUCKET
     for zero in ({"stage": 3}, {"stage": 2, "reduce_bucket_size": 123}):
         ds = build_ds_config({"zero_optimization": zero}, cfg, 1)
-        assert with_model_buckets(ds, 1024, 10**9)["zero_optimization"] == ds["zero_optimization"]
+        assert with_model_buckets(ds, 10**9)["zero_optimization"] == ds["zero_optimization"]
     for name in ("zero2", "zero3", "zero3_offload"):  # the shipped templates ask for it
         assert load_ds_template(REPO / "ds_configs" / f"{name}.json")["zero_optimization"]["reduce_bucket_size"] == "auto"

@@ -219,7 +219,7 @@ DS_REDUCE_BUCKET = 500_000_000
 BUCKET_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size")
 
 
-def model_buckets(stage: int, hidden_size: int, trainable_numel: int) -> dict[str, int]:
+def model_buckets(trainable_numel: int) -> dict[str, int]:
     """The bucket sizes a DeepSpeed config gets for "auto" (absent keys keep DeepSpeed's defaults).
 
     Both stages allocate a `reduce_bucket_size`-element gradient bucket in the compute dtype:
@@ -232,18 +232,18 @@ def model_buckets(stage: int, hidden_size: int, trainable_numel: int) -> dict[st
     integrations/deepspeed.py) cuts ZeRO-3's bucket further (2 MiB at 350m) but reduces in many
     small pieces: on 2 CPU cores with gloo the tiny preset's full-rank ZeRO-3 step went from 0.092
     to 0.149 s and the test suite slowed several-fold; set the key explicitly to trade that way.
-    `stage3_prefetch_bucket_size` "auto" keeps DeepSpeed's default. `hidden_size` is unused."""
+    `stage3_prefetch_bucket_size` "auto" keeps DeepSpeed's default."""
     return {"reduce_bucket_size": max(1, min(DS_REDUCE_BUCKET, trainable_numel))}
 
 
-def with_model_buckets(ds: dict, hidden_size: int, trainable_numel: int) -> dict:
+def with_model_buckets(ds: dict, trainable_numel: int) -> dict:
     """`ds` with its "auto" bucket sizes filled by `model_buckets` (a copy); an "auto" key the stage
     does not use is dropped, and `ds` comes back as it is when nothing is "auto"."""
     zero = ds.get("zero_optimization", {})
     auto = [k for k in BUCKET_KEYS if zero.get(k) == "auto"]
     if not auto:
         return ds
-    sizes = model_buckets(zero_stage(ds), hidden_size, trainable_numel)
+    sizes = model_buckets(trainable_numel)
     out = copy.deepcopy(ds)
     for key in auto:
         if key in sizes:

@@ -85,7 +85,7 @@ class ZeroBackend(Backend):
         from relora_dist.backends.ds_config import with_model_buckets
 
         trainable = sum(self.numel(p) for p in model.parameters() if p.requires_grad)
-        config = with_model_buckets(self.ds_config, model.config.hidden_size, trainable)
+        config = with_model_buckets(self.ds_config, trainable)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self._optimizer = weakref.ref(engine.optimizer)
         return engine
