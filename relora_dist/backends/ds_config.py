@@ -231,7 +231,8 @@ def model_buckets(trainable_numel: int) -> dict[str, int]:
     the ReLoRA phase). Hugging Face's rule (hidden_size^2 elements, transformers'
     integrations/deepspeed.py) cuts ZeRO-3's bucket further (2 MiB at 350m) but reduces in many
     small pieces: on 2 CPU cores with gloo the tiny preset's full-rank ZeRO-3 step went from 0.092
-    to 0.149 s and the suite ran 10% of its tests in 7.5 min (all of them take 17.7); set the key explicitly to trade that way.
+    to 0.149 s and the suite ran 10% of its tests in 7.5 min (all of them take 17.7); set the key
+    explicitly to trade that way.
     `stage3_prefetch_bucket_size` "auto" keeps DeepSpeed's default."""
     return {"reduce_bucket_size": max(1, min(DS_REDUCE_BUCKET, trainable_numel))}
 
