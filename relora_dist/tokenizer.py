@@ -25,9 +25,25 @@ import os
 from typing import Iterable, Iterator
 
 __all__ = ["SPTokenizer", "train_tokenizer", "load_tokenizer", "tokenizer_checksum",
-           "MODEL_FILE"]
+           "MODEL_FILE", "TOKENIZER_FILES", "tokenizer_files"]
 
 MODEL_FILE = "tokenizer.model"
+
+# The files a tokenizer folder may hold, for SentencePiece and Hugging Face tokenizers alike.
+# Checkpoints and exports copy only these (as regular files), and the tokenizer's fingerprint
+# covers them: a tokenizer_dir that is a whole model folder must not carry its weights,
+# config.json or code into a checkpoint (an export would then be the starting model, or run
+# code under trust_remote_code).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja")
+
+
+def tokenizer_files(tokenizer_dir: str | os.PathLike) -> list[str]:
+    """The names in TOKENIZER_FILES that exist in `tokenizer_dir` as regular files, not links."""
+    root = os.fspath(tokenizer_dir)
+    return [n for n in TOKENIZER_FILES
+            if os.path.isfile(os.path.join(root, n)) and not os.path.islink(os.path.join(root, n))]
 
 # Written beside tokenizer.model for transformers. add_bos/eos false: our data pipeline adds
 # EOS itself, and encode() must return the same ids as sentencepiece's encode().
