@@ -1,8 +1,26 @@
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def away_from_the_working_directory(tmp_path_factory):
+    """Every test runs in an empty folder of its own, so the user's working directory is never read
+    (README's first command leaves `runs/default` there, which a config's relative default
+    `run.output_dir` would find) nor written. Both are checked at the end of the session."""
+    home = Path.cwd()
+    before = set(os.listdir(home))
+    work = tmp_path_factory.mktemp("cwd")
+    os.chdir(work)
+    yield work
+    os.chdir(home)
+    left = sorted(p.name for p in work.iterdir())
+    assert not left, f"tests wrote {left} into their working directory; use tmp_path"
+    added = sorted(set(os.listdir(home)) - before)
+    assert not added, f"tests wrote {added} into the directory pytest was started in; use tmp_path"
 
 
 @pytest.fixture(scope="session")

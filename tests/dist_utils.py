@@ -7,6 +7,7 @@ Each rank runs `scenarios.<name>(trainer_factory, out)` and writes a dict with t
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -44,6 +45,13 @@ def run_world(world_size: int, scenario: str, overrides: list[str], out_dir: Pat
     mp.spawn(_worker, args=(world_size, free_port(), scenario, overrides, ds_config, str(out_dir), kwargs),
              nprocs=world_size, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+# The launchers as modules of the running interpreter: `deepspeed` and `torchrun` on PATH exist only
+# while the venv is activated, and a test must pass in one that is not (`venv/bin/python -m pytest`).
+LAUNCHERS = {"deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner"],
+             "torchrun": [sys.executable, "-m", "torch.distributed.run"],
+             "python": [sys.executable]}
 
 
 def engine(backend: str) -> tuple[str, dict]:

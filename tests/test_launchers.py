@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from relora_dist.dist import free_port
-from tests.dist_utils import REPO, engine, tiny_overrides
+from tests.dist_utils import LAUNCHERS, REPO, engine, tiny_overrides
 
 RELORA = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_length": 4,
           "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 8, "train.max_steps": 16,
@@ -57,8 +57,8 @@ def test_plain_python_runs_all_phases(single):
 def test_two_process_launchers_match_single_process(single, tiny_data, tmp_path, launcher, backend):
     _, single_stdout = single
     port = str(free_port())
-    prefix = (["deepspeed", "--num_gpus", "2", "--master_port", port] if launcher == "deepspeed"
-              else ["torchrun", "--nproc_per_node", "2", "--master_port", port, "--master_addr", "127.0.0.1"])
+    prefix = LAUNCHERS[launcher] + (["--num_gpus", "2", "--master_port", port] if launcher == "deepspeed"
+                                    else ["--nproc_per_node", "2", "--master_port", port, "--master_addr", "127.0.0.1"])
     ds_config, selects = engine(backend)
     stdout = _launch(prefix, tiny_overrides(tiny_data, tmp_path / "run", **RELORA, **selects) + ["--ds_config", ds_config])
     ours, ref = _evals(stdout), _evals(single_stdout)

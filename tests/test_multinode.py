@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from relora_dist.dist import free_port
-from tests.dist_utils import REPO, tiny_overrides
+from tests.dist_utils import LAUNCHERS, REPO, tiny_overrides
 
 RUN = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_length": 4,
        "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 8, "train.max_steps": 12,
@@ -85,7 +85,7 @@ def _evals(stdout: str) -> dict[int, str]:
 
 
 def _torchrun(nnodes: int, nproc: int, node_rank: int, port: int, args: list[str], *extra: str) -> list[str]:
-    return ["torchrun", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc), "--node_rank", str(node_rank),
+    return [*LAUNCHERS["torchrun"], "--nnodes", str(nnodes), "--nproc_per_node", str(nproc), "--node_rank", str(node_rank),
             "--rdzv_backend", "static", "--master_addr", "127.0.0.1", "--master_port", str(port), *extra,
             "launchers/pretrain.py", *args]
 
@@ -117,7 +117,7 @@ def _start_failures(tiny_data, tmp: Path) -> tuple[dict[str, subprocess.Popen], 
                                _env(**rdzv, RANK="1", MASTER_PORT=str(free_port()))),
         "torchrun node 0 alone": _start(_torchrun(2, 1, 0, free_port(), args("t0"), "--rdzv_conf",
                                                   f"timeout={TIMEOUT_S}"), _env()),
-        "hostfile": _start(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0",
+        "hostfile": _start([*LAUNCHERS["deepspeed"], "--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0",
                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                             "launchers/pretrain.py", *args("hf"), "--train.global_batch_size=12"], _env()),
         "sbatch": _start(["bash", "launchers/slurm.sbatch", *args("sb")],

@@ -30,11 +30,12 @@ TOOLS = ["convert_ckpt", "inspect_ckpt", "prepare_data", "train_tokenizer"]
 
 
 def _command(script: str) -> list[str]:
-    """The installed script when `pip install -e .` put it on PATH, else the same function, called
-    the way a console script calls it (its return value is the exit status)."""
-    exe = shutil.which(script)
-    if exe:
-        return [exe]
+    """The script that pip installed beside the running interpreter (PATH has it only while the venv
+    is activated, and may hold another install's), else the same function, called the way a console
+    script calls it (its return value is the exit status)."""
+    exe = Path(sys.executable).parent / script
+    if exe.is_file():
+        return [str(exe)]
     module, func = SCRIPTS[script].split(":")
     return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
 
