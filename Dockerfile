@@ -5,7 +5,7 @@
 #   CPU (small; the CPU torch wheel from PyTorch's CPU index):
 #     docker build --build-arg BASE=python:3.11-slim -t relora_dist:cpu .
 #
-#   docker run --gpus all --ipc=host -v "$PWD/runs:/opt/relora_dist/runs" relora_dist --train.max_steps=20
+#   docker run --gpus all --ipc=host -v "$PWD/runs:/opt/relora_dist/runs" relora_dist --train.max_steps=150
 #
 # The entry point is `relora-pretrain` (one process, the installed package); for several GPUs start
 # the launcher with torchrun or deepspeed instead:

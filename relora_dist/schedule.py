@@ -26,7 +26,7 @@ import numbers
 from relora_dist.config import Config, ConfigError
 
 __all__ = ["ScheduleError", "warmup_cosine", "jagged_cosine", "whole_run_jagged", "validate_jagged",
-           "check_min_lr_ratio", "check_schedule_config", "is_reset_step"]
+           "check_min_lr_ratio", "check_schedule_config", "is_reset_step", "fitting_phase_lengths"]
 
 
 class ScheduleError(ValueError):
@@ -119,6 +119,9 @@ def check_schedule_config(cfg) -> None:
     r, t = cfg.relora, cfg.train
     if cfg.schedule.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be >= 0")
+    if r.enabled and r.warm_start_steps >= t.max_steps:
+        raise ConfigError(f"relora.warm_start_steps={r.warm_start_steps} leaves no ReLoRA steps in "
+                          f"train.max_steps={t.max_steps}; {_fitting_hint(t.max_steps, r.resets)}")
     try:
         check_min_lr_ratio(cfg.schedule.min_lr_ratio, "schedule.min_lr_ratio")
         if r.enabled and r.resets:
@@ -130,6 +133,28 @@ def check_schedule_config(cfg) -> None:
                             cfg.schedule.min_lr_ratio, keys=keys, offset=r.warm_start_steps)
     except ScheduleError as e:
         raise ConfigError(str(e)) from None
+
+
+def fitting_phase_lengths(max_steps: int) -> dict[str, int] | None:
+    """ReLoRA phase lengths that fit a run of `max_steps` in the default run's proportions (a third
+    warm start, then four cycles, warmups a fifth and a tenth of a cycle: 300 -> 100, 50, 10, 5),
+    so that a short first try (`--train.max_steps=20`) is told a working set. None below 3 steps."""
+    if max_steps < 3:
+        return None
+    cycles = 4 if max_steps >= 12 else 1
+    relora = (max_steps - max_steps // 3) // cycles * cycles
+    c = relora // cycles
+    return {"warm_start_steps": max_steps - relora, "cycle_length": c, "first_warmup": max(1, c // 5),
+            "restart_warmup": max(1, c // 10)}
+
+
+def _fitting_hint(max_steps: int, resets: bool) -> str:
+    fit = fitting_phase_lengths(max_steps)
+    if fit is None:
+        return "use train.max_steps >= 3, or relora.enabled=false for full-rank steps only"
+    keys = fit if resets else {"warm_start_steps": fit["warm_start_steps"]}
+    flags = " ".join(f"--relora.{k}={v}" for k, v in keys.items())
+    return f"for a {max_steps}-step run pass {flags}, or raise train.max_steps"
 
 
 def jagged_cosine(t: int, total: int, first_warmup: int, restart_warmup: int, cycle_length: int,

@@ -97,11 +97,6 @@ def check_run_values(cfg: Config) -> None:
         return
     if r.warm_start_steps < 0:
         raise ConfigError(f"relora.warm_start_steps={r.warm_start_steps} must be >= 0 (0 = no warm start)")
-    if r.warm_start_steps >= t.max_steps:
-        raise ConfigError(
-            f"relora.warm_start_steps={r.warm_start_steps} leaves no ReLoRA steps in "
-            f"train.max_steps={t.max_steps}; lower it or raise train.max_steps"
-        )
     if r.resets and r.optimizer_reset != "none" and o.name == "sgd":
         raise ConfigError(
             f"relora.optimizer_reset={r.optimizer_reset} with optimizer.name={o.name}: the optimizer reset "

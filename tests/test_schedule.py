@@ -207,3 +207,27 @@ def test_lr_restarts_true_gives_the_lora_baseline_the_jagged_lr(schedule):
     assert not any(reset_due(lora_jagged, s) for s in steps)
     assert [lr_multiplier(no_restarts, s) for s in steps] == [lr_multiplier(lora, s) for s in steps]
     assert lr_multiplier(relora, 200) == 0.0 and lr_multiplier(lora, 200) > 0.3
+
+
+def test_a_short_run_is_told_phase_lengths_that_fit():
+    """`--train.max_steps=20` with the default 100-step warm start is refused, and the one-line error
+    gives flags that, added to the same command, make a valid run; for every length from 3 to 400
+    the suggested set passes the schedule's own rules, and at 300 it is the default run's."""
+    import re
+
+    from relora_dist.config import ConfigError, load_config
+    from relora_dist.schedule import check_schedule_config, fitting_phase_lengths
+
+    with pytest.raises(ConfigError) as ei:
+        check_schedule_config(load_config(None, ["--train.max_steps=20"]))
+    msg = str(ei.value)
+    flags = re.findall(r"--relora\.\w+=\d+", msg)
+    assert "\n" not in msg and len(flags) == 4, msg
+    check_schedule_config(load_config(None, ["--train.max_steps=20", *flags]))
+    default = load_config(None, []).relora
+    assert fitting_phase_lengths(300) == {k: getattr(default, k) for k in
+                                          ("warm_start_steps", "cycle_length", "first_warmup", "restart_warmup")}
+    for n in range(3, 401):
+        fit = fitting_phase_lengths(n)
+        check_schedule_config(load_config(None, [f"--train.max_steps={n}", *(f"--relora.{k}={v}" for k, v in fit.items())]))
+    assert fitting_phase_lengths(2) is None
