@@ -9,7 +9,8 @@
 #
 # The entry point is `relora-pretrain` (one process, the installed package); for several GPUs start
 # the launcher with torchrun or deepspeed instead:
-#   docker run --gpus all --ipc=host --entrypoint torchrun relora_dist --nproc_per_node 8 launchers/pretrain.py
+#   docker run --gpus all --ipc=host --entrypoint torchrun relora_dist --nproc_per_node 8 launchers/pretrain.py \
+#     --config configs/60m_paper.yaml
 ARG BASE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel
 FROM ${BASE}
 

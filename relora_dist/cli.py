@@ -18,9 +18,10 @@ Pretrain with a full-rank ZeRO-2/3 warm start followed by ReLoRA phases.
 
     relora-pretrain                                               # 1 process, defaults
     python launchers/pretrain.py                                  # the same, from a checkout
-    deepspeed --num_gpus 8 launchers/pretrain.py --ds_config ds_configs/zero2.json
+    deepspeed --num_gpus 8 launchers/pretrain.py --ds_config ds_configs/zero2.json --config configs/60m_paper.yaml
     torchrun --nproc_per_node 2 launchers/pretrain.py --config configs/default.yaml --train.max_steps=150
-    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr HOST --master_port 29500 launchers/pretrain.py
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr HOST --master_port 29500 launchers/pretrain.py \
+        --config 60m_paper --train.micro_batch_size=15
 """
 
 TIMEOUT_ENV = "RELORA_DIST_TIMEOUT_S"

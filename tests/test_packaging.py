@@ -260,7 +260,7 @@ def test_dockerfile_entry_point_user_and_bases():
         for path in src.split():
             if path != ".":
                 assert (REPO / path).exists() and path.rstrip("/") not in ignored, path
-    for needed in ("assets", "configs", "ds_configs", "launchers", "relora_dist", "pyproject.toml"):
+    for needed in ("assets", "configs", "ds_configs", "launchers", "relora_dist", "pyproject.toml", "Dockerfile"):
         assert needed not in ignored
 
 

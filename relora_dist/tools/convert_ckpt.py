@@ -2,7 +2,7 @@
 
     relora-convert runs/default/checkpoints/step_00000300 hf_out [--dtype bf16]
     relora-convert runs/default/checkpoints hf_nf4 --quantize nf4   # bitsandbytes 4-bit HF folder
-    python tools/convert_ckpt.py runs/default/checkpoints hf_out      # same, from a checkout
+    python tools/convert_ckpt.py runs/default/checkpoints hf_out --overwrite   # the same, from a checkout
 
 Consolidates every rank's shards (fp32 masters where they exist), merges live adapters
 (W + s*B*A in fp32), and writes config.json, model.safetensors (sharded above --max_shard_size),
