@@ -44,8 +44,8 @@ if ((STAND_IN)); then
   command -v debootstrap >/dev/null || { echo "error: --stand-in-base needs debootstrap (apt-get install debootstrap)"; exit 2; }
   BASE=localhost/relora-smoke-base:bookworm
   if ! buildah inspect "$BASE" >/dev/null 2>&1; then
-    # python:3.11-slim's shape: python 3.11 as `python`, pip, no PEP 668 marker (pip installs system-wide).
-    debootstrap --variant=minbase --include=python3,python3-pip,python-is-python3,ca-certificates \
+    # python:3.11-slim's shape: python 3.11 as `python` with its headers, pip, no PEP 668 marker.
+    debootstrap --variant=minbase --include=python3,python3-dev,python3-pip,python-is-python3,ca-certificates \
       bookworm "$WORK/rootfs" >"$WORK/debootstrap.log" 2>&1 || { tail -5 "$WORK/debootstrap.log"; exit 1; }
     rm -f "$WORK"/rootfs/usr/lib/python3*/EXTERNALLY-MANAGED
     # This machine's CA bundle: a TLS proxy that it trusts must be trusted inside the build too.
