@@ -380,7 +380,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:  # not a ValueError: it would escape the one-line error handlers
-            sub, name, typ = _field(cfg, key)  # an unknown key is the first thing to fix
+            sub, name, _ = _field(cfg, key)  # an unknown key is the first thing to fix
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             default = getattr(type(sub)(), name)
             example = ",".join(default) or "a,b" if isinstance(default, list) else default

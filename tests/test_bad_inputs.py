@@ -117,8 +117,7 @@ def _cases(tmp, data):
     bad_ids = tmp / "bad-ids"
     bad_ids.mkdir()
     for name in ("meta.json", "train.bin", "val.bin"):
-        (bad_ids / name).write_bytes((data / name).read_bytes() if isinstance(data, Path) else
-                                     Path(data, name).read_bytes())
+        (bad_ids / name).write_bytes(Path(data, name).read_bytes())
     tokens = bytearray((bad_ids / "train.bin").read_bytes())
     tokens[2000:2002] = (0xFFFF).to_bytes(2, "little")  # id 65535 at token 1000; the vocabulary has 8000
     (bad_ids / "train.bin").write_bytes(bytes(tokens))
