@@ -330,6 +330,12 @@ def _coerce(key: str, value: Any, typ: Any, example: Any = None) -> Any:
 
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:
+    sub, key, typ = _field(cfg, dotted)
+    setattr(sub, key, _coerce(dotted, value, typ, getattr(type(sub)(), key)))
+
+
+def _field(cfg: Config, dotted: str) -> tuple[Any, str, Any]:
+    """(section object, key, type) of `section.key`; ConfigError naming the fix if there is none."""
     if "." not in dotted:
         raise ConfigError(
             f"'{dotted}' is not of the form section.key; sections: {', '.join(SECTIONS)}"
@@ -341,7 +347,7 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     hints = typing.get_type_hints(type(sub))
     if key not in hints:
         raise ConfigError(f"unknown config key '{dotted}': {_suggest(key, list(hints))}")
-    setattr(sub, key, _coerce(dotted, value, hints[key], getattr(type(sub)(), key)))
+    return sub, key, hints[key]
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
@@ -371,7 +377,17 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if "=" not in item:
             raise ConfigError(f"override '{item}' needs a value: write --{item}=VALUE")
         key, raw = item.split("=", 1)
-        _set(cfg, key, yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:  # not a ValueError: it would escape the one-line error handlers
+            sub, name, _ = _field(cfg, key)  # an unknown key is the first thing to fix
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            default = getattr(type(sub)(), name)
+            example = ",".join(default) or "a,b" if isinstance(default, list) else default
+            raise ConfigError(f"--{key}={raw}: the value is not valid YAML ({problem}); write a plain value "
+                              f"(e.g. --{key}={example}), or quote text that must keep these characters "
+                              f"(--{key}='\"{raw}\"')") from None
+        _set(cfg, key, value)
     return cfg
 
 

@@ -74,6 +74,9 @@ class Trainer:
         check_tokenizer_matches(data_dir, self.tokenizer.vocab_size)
         self.train_blocks = PackedBlocks(data_dir, "train", c.data.seq_len)
         self.val_blocks = PackedBlocks(data_dir, "val", c.data.seq_len)
+        # Evaluation's block rule, now rather than at the first evaluation after training steps.
+        eval_batches(self.val_blocks, c.train.micro_batch_size, info.rank, info.world_size,
+                     max(1, c.train.eval_tokens // c.data.seq_len))
         self.loader = BlockLoader(self.train_blocks, c.train.micro_batch_size, self.grad_accum,
                                   info.rank, info.world_size, c.train.seed)
 

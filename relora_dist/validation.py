@@ -17,6 +17,9 @@ What is left here are the value rules of keys that no other module checks.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from relora_dist.config import OPTIMIZERS, Config, ConfigError, _suggest
 from relora_dist.data.check import check_data_config, check_data_values
 from relora_dist.model import check_model_config
@@ -34,6 +37,7 @@ def validate_config(cfg: Config) -> None:
     # Cheap value rules first, then what reads files (checkpoints, data), then what builds the model.
     check_data_values(cfg)  # first: the eval_tokens rule below divides by data.seq_len
     check_run_values(cfg)
+    check_writable_dirs(cfg)
     if cfg.relora.enabled:
         check_relora_config(cfg)
         check_quant_config(cfg)
@@ -129,3 +133,27 @@ def check_run_values(cfg: Config) -> None:
     if r.effective_rank_every < -1:
         raise ConfigError(f"relora.effective_rank_every={r.effective_rank_every} must be >= -1 "
                           f"(0 = at resets, -1 = never)")
+
+
+def check_writable_dirs(cfg: Config) -> None:
+    """The folders a run writes (run.output_dir, checkpoint.dir, and data.cache_dir when it prepares
+    data.sources) can be created and written: otherwise the first write, after the model is built,
+    fails with a traceback. os.access reports a read-only file system even to root."""
+    dirs = {"run.output_dir": cfg.run.output_dir, "checkpoint.dir": cfg.checkpoint.dir}
+    if not cfg.data.prepared_dir:
+        dirs["data.cache_dir"] = cfg.data.cache_dir
+    for key, value in dirs.items():
+        if not value:
+            continue
+        fix = f"point {key} at a writable folder"
+        path = Path(value).absolute()
+        while not path.exists():  # the nearest existing folder is where mkdir starts
+            if path.is_symlink():
+                raise ConfigError(f"{key}={value}: {path} is a symlink to {os.readlink(path)}, which does not "
+                                  f"exist; create its target or {fix}")
+            path = path.parent
+        if not path.is_dir():
+            raise ConfigError(f"{key}={value}: {path} is a file, not a folder; move it away or {fix}")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}={value}: {path} is not writable (a read-only file system, or no "
+                              f"permission); {fix}")

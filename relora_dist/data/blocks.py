@@ -17,7 +17,7 @@ from relora_dist.documents import DataError
 from relora_dist.tokenizer import tokenizer_checksum
 
 __all__ = ["DataError", "FORMAT_VERSION", "SPLITS", "Wording", "check_seq_len", "read_meta", "check_blocks",
-           "check_tokenizer_matches", "PackedBlocks"]
+           "check_tokenizer_matches", "check_token_ids", "PackedBlocks"]
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -111,6 +111,22 @@ def check_tokenizer_matches(data_dir: str, vocab_size_of_model: int,
                         f"checksum); pass the tokenizer the data was prepared with, or re-prepare: {hint}")
 
 
+_SCAN_CHUNK = 1 << 24  # tokens per read: bounded memory for the int64 temporaries of max/argmax
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, what: str, hint: str) -> None:
+    """Every id in `tokens` indexes the embedding (< vocab_size): a larger one (a corrupted .bin, or
+    ids written by another tokenizer) is an IndexError at the first step on CPU and a device assert
+    on GPU. One pass over the file when it is opened (read at page-cache/disk speed)."""
+    for start in range(0, tokens.shape[0], _SCAN_CHUNK):
+        chunk = tokens[start:start + _SCAN_CHUNK]
+        if int(chunk.max()) >= vocab_size:
+            at = start + int(np.argmax(chunk >= vocab_size))
+            raise DataError(f"{what} holds token id {int(tokens[at])} at token {at}, but the vocabulary has "
+                            f"{vocab_size} ids (meta.json vocab_size): the file is corrupted or was written with "
+                            f"another tokenizer; re-prepare it: {hint}")
+
+
 class PackedBlocks(torch.utils.data.Dataset):
     """Read-only view of one split as blocks of ``seq_len`` tokens (``[i]`` -> LongTensor).
 
@@ -125,6 +141,8 @@ class PackedBlocks(torch.utils.data.Dataset):
         self.dtype = np.dtype(meta["dtype"])
         self._path, self._n_tokens = path, n_tokens
         self._open()
+        check_token_ids(self._blocks.reshape(-1), int(meta["vocab_size"]), f"{API.dir} '{data_dir}': {split}.bin",
+                        API.hint.format(dir=data_dir, seq_len=meta["seq_len"]))
 
     def _open(self) -> None:
         # np.memmap cannot map an empty file; an empty split is still a valid (empty) view.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from relora_dist.config import ConfigError
 from relora_dist.data.blocks import (DataError, Wording, check_blocks, check_seq_len, check_tokenizer_matches,
                                      read_meta)
-from relora_dist.data.loader import check_eval_blocks, check_train_blocks
+from relora_dist.data.loader import check_eval_blocks, check_train_blocks, eval_fix
 from relora_dist.documents import check_sources
 from relora_dist.resources import CORPUS, TOKENIZER
 from relora_dist.tokenizer import load_tokenizer
@@ -60,5 +60,6 @@ def _check(cfg) -> int:
                        f"train.global_batch_size={t.global_batch_size} sequences of data.seq_len={d.seq_len}",
                        "lower train.global_batch_size or prepare more data")
     check_eval_blocks(int(meta["num_blocks"]["val"]) * per_block, t.micro_batch_size, 1, None, what,
-                      f"lower train.micro_batch_size={t.micro_batch_size} or re-prepare with a larger --val_fraction")
+                      eval_fix(meta, f"lower train.micro_batch_size={t.micro_batch_size} or re-prepare with a "
+                                     f"larger --val_fraction"))
     return vocab_size

@@ -12,7 +12,8 @@ import torch
 
 from relora_dist.data.blocks import DataError, PackedBlocks
 
-__all__ = ["BlockLoader", "DistributedBlockSampler", "eval_batches", "check_train_blocks", "check_eval_blocks"]
+__all__ = ["BlockLoader", "DistributedBlockSampler", "eval_batches", "check_train_blocks", "check_eval_blocks",
+           "eval_fix"]
 
 
 def check_train_blocks(n_blocks: int, global_batch: int, what: str, batch: str, fix: str) -> None:
@@ -33,6 +34,18 @@ def check_eval_blocks(n_blocks: int, micro_batch_size: int, world_size: int, max
         raise DataError(f"{what} has {n_blocks} validation sequences (max_blocks={max_blocks}), fewer than world_size "
                         f"x micro_batch_size = {unit}; {fix}")
     return n // unit * unit
+
+
+ONE_DOCUMENT = ("the data is a single document and the validation split holds whole documents, so no "
+                "val_fraction can fill it; split the text into documents (in .txt: blank lines between "
+                "paragraphs; in .jsonl: one record each)")
+
+
+def eval_fix(meta: dict, fix: str) -> str:
+    """The fix for too few validation blocks: `fix` (more val_fraction, smaller batches), unless the
+    data is one document, which the split by document cannot divide."""
+    docs = sum(int(v) for v in meta.get("num_documents", {}).values()) if isinstance(meta, dict) else 0
+    return ONE_DOCUMENT if docs == 1 else fix
 
 
 class BlockLoader:
@@ -116,7 +129,8 @@ def eval_batches(blocks: PackedBlocks, micro_batch_size: int, rank: int, world_s
     Raises DataError (eagerly) when that leaves no block at all.
     """
     n = check_eval_blocks(len(blocks), micro_batch_size, world_size, max_blocks, f"split '{blocks.split}'",
-                          "raise val_fraction / max_blocks or lower the eval micro batch size")
+                          eval_fix(getattr(blocks, "meta", {}),
+                                   "raise val_fraction / max_blocks or lower the eval micro batch size"))
     share = n // world_size
     lo = rank * share
 

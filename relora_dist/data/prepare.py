@@ -91,8 +91,11 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
         for f in files.values():
             f.close()
     if val_fraction > 0 and counts["val"]["num_blocks"] == 0:
+        fix = ("the sources are a single document and the split takes whole documents, so no val_fraction "
+               "helps: split the text into documents (blank lines between paragraphs, txt_split='line', or one "
+               "jsonl record each)" if n == 1 else "raise val_fraction to evaluate")
         warnings.warn(f"validation split has {counts['val']['num_tokens']} tokens, fewer than "
-                      f"one block of {seq_len}; raise val_fraction to evaluate")
+                      f"one block of {seq_len}; {fix}")
     meta = {
         "format_version": FORMAT_VERSION,
         "tokenizer_checksum": tokenizer_checksum(tokenizer_dir),
