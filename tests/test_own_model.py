@@ -1,0 +1,81 @@
+"""Continued pretraining of a user's own Hugging Face model (model.init_from): tied embeddings, the
+tested LLaMA-layout model types, checkpoints, resume and the export transformers loads back."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_utils import REPO, run_world, tiny_overrides
+
+VOCAB = 8000  # the bundled tokenizer's
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+# warm start 4 steps, then resets after steps 9 and 13
+RELORA = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_length": 4,
+          "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 8, "train.max_steps": 16}
+
+
+def make_model(folder: Path, model_type: str, **kw) -> Path:
+    """A tiny random model of `model_type` saved with save_pretrained (safetensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**SMALL, **kw})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def convert(ckpt: Path, out: Path) -> Path:
+    proc = subprocess.run([sys.executable, str(REPO / "tools/convert_ckpt.py"), str(ckpt), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def hf_logits(folder: Path, batch: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=batch).logits.float()
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_tied_embeddings_two_ranks_resume_export(tiny_data, tmp_path):
+    """A tied LLaMA (GQA) at 2 ranks under ZeRO-2: warm start, switch, 2 resets, stopped after
+    step 11 and resumed; the embedding is one trainable tensor in the ReLoRA phase (no adapter on
+    lm_head), the resumed run repeats the uninterrupted one exactly, and the export is tied and
+    computes the final state's logits."""
+    src = make_model(tmp_path / "tied", "llama", num_key_value_heads=2, tie_word_embeddings=True)
+    full = tiny_overrides(tiny_data, tmp_path / "full", **RELORA, **{"model.init_from": src,
+                                                                      "run.export_warm_start": True})
+    part = tiny_overrides(tiny_data, tmp_path / "part", **RELORA, **{"model.init_from": src})
+    a = run_world(2, "relora_runs", [], tmp_path / "a", runs=[full])
+    run_world(2, "relora_runs", [], tmp_path / "b1", runs=[part], stop_at=11)
+    b = run_world(2, "relora_runs", [], tmp_path / "b2", runs=[part])
+    ra, rb = a[0][0], b[0][0]
+    assert ra["phase"] == "relora" and ra["restart_index"] == 2 and ra["tied_one_param"]
+    assert "model.embed_tokens.weight" in ra["trainable"] and "lm_head.weight" not in ra["trainable"]
+    assert not any("lm_head" in n for n in ra["wrapped"])
+    assert torch.equal(ra["losses"][11:], rb["losses"])  # the resumed segment: steps 12..16
+    assert torch.equal(a[0][0]["logits"], a[1][0]["logits"])
+    for name, run in (("full", ra), ("part", rb)):
+        out = convert(tmp_path / name / "checkpoints", tmp_path / f"hf_{name}")
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+        w = weights(out)
+        assert "lm_head.weight" not in w or torch.equal(w["lm_head.weight"], w["model.embed_tokens.weight"])
+        diff = float((hf_logits(out, run["logits_batch"]) - run["logits"]).abs().max())
+        print(f"tied llama, 2 ranks ZeRO-2, {name}: max |logits(export) - logits(run)| = {diff:.3g}")
+        assert diff <= 1e-5
+    assert json.loads((tmp_path / "full/warm_start/config.json").read_text())["tie_word_embeddings"] is True
+    assert not torch.equal(weights(tmp_path / "hf_full")["model.embed_tokens.weight"],
+                           weights(src)["model.embed_tokens.weight"])
