@@ -79,3 +79,36 @@ def test_tied_embeddings_two_ranks_resume_export(tiny_data, tmp_path):
     assert json.loads((tmp_path / "full/warm_start/config.json").read_text())["tie_word_embeddings"] is True
     assert not torch.equal(weights(tmp_path / "hf_full")["model.embed_tokens.weight"],
                            weights(src)["model.embed_tokens.weight"])
+
+
+# model_type -> config keywords: MHA and GQA, tied and untied, qwen2's q/k/v biases
+ARCHS = {"llama": dict(num_key_value_heads=4), "mistral": dict(num_key_value_heads=2),
+         "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True)}
+
+
+def test_model_types_train_and_export(tiny_data, tmp_path):
+    """Each tested model type in one process group: init_from, warm start, ReLoRA with 2 resets,
+    relora-convert; transformers loads the export, its logits equal the run's final forward, and
+    its weights moved away from the input's."""
+    runs, srcs = [], {}
+    for arch, kw in ARCHS.items():
+        srcs[arch] = make_model(tmp_path / f"src_{arch}", arch, **kw)
+        runs.append(tiny_overrides(tiny_data, tmp_path / arch, **RELORA, **{"model.init_from": srcs[arch]}))
+    res = run_world(1, "relora_runs", [], tmp_path / "res", runs=runs)[0]
+    for i, (arch, kw) in enumerate(ARCHS.items()):
+        r = res[i]
+        assert r["phase"] == "relora" and r["restart_index"] == 2, arch
+        assert len(r["wrapped"]) == 2 * 7, (arch, r["wrapped"])  # q k v o gate up down per layer
+        assert not any(n.endswith(".bias") for n in r["trainable"]), arch  # biases stay in the frozen base
+        out = convert(tmp_path / arch / "checkpoints", tmp_path / f"hf_{arch}")
+        config = json.loads((out / "config.json").read_text())
+        assert config["model_type"] == arch and config["tie_word_embeddings"] is kw.get("tie_word_embeddings", False)
+        diff = float((hf_logits(out, r["logits_batch"]) - r["logits"]).abs().max())
+        print(f"{arch}: max |logits(export) - logits(run)| = {diff:.3g}")
+        assert diff <= 1e-5, arch
+        before, after = weights(srcs[arch]), weights(out)
+        assert set(after) == set(before), arch
+        assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"],
+                               before["model.layers.0.self_attn.q_proj.weight"]), arch
+        if arch == "qwen2":
+            assert "model.layers.0.self_attn.q_proj.bias" in after
