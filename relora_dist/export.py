@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from relora_dist.quant_steps import full_master
 from relora_dist.relora import lora_delta
+from relora_dist.tokenizer import tokenizer_files
 
 Adapter = tuple[str, torch.Tensor, torch.Tensor, float]
 """(wrapped module name, full fp32 A, full fp32 B, scale)"""
@@ -112,9 +113,8 @@ def write_hf(state_dict: dict[str, torch.Tensor], model_config, tokenizer_dir: s
         model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     else:
         quantize_hf(model, out_dir, quantize, max_shard_size)
-    for f in Path(tokenizer_dir).iterdir():
-        if f.is_file():
-            shutil.copy2(f, out_dir / f.name)
+    for name in tokenizer_files(tokenizer_dir):  # never a model folder's weights or config
+        shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
     return out_dir
 
 

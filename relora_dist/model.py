@@ -15,6 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from relora_dist.config import ConfigError, _suggest
+from relora_dist.tokenizer import has_tokenizer
 
 
 @dataclass(frozen=True)
@@ -167,12 +168,18 @@ def check_model_config(cfg, vocab_size: int):
     if raw.get("model_type") not in MODEL_TYPES:
         raise ConfigError(f"model.init_from '{folder}' is a '{raw.get('model_type')}' model; model_type must be one "
                           f"of {', '.join(MODEL_TYPES)} (the tested LLaMA-layout architectures)")
-    if model_vocab != vocab_size:
-        tok_dir = cfg.data.tokenizer_dir or "the bundled assets/tokenizer"
+    own = not cfg.data.tokenizer_dir or Path(cfg.data.tokenizer_dir).resolve() == folder.resolve()
+    if not cfg.data.tokenizer_dir and not has_tokenizer(folder):
+        raise ConfigError(f"model.init_from '{folder}' holds weights but no tokenizer (tokenizer.model or "
+                          f"tokenizer.json); set data.tokenizer_dir to the tokenizer the model was trained with")
+    # The model's own tokenizer may have fewer ids than embedding rows (rows padded to a multiple,
+    # as Qwen2 ships them); any other tokenizer must match the rows exactly.
+    if model_vocab < vocab_size or (model_vocab != vocab_size and not own):
+        tok_dir = cfg.data.tokenizer_dir or folder
         raise ConfigError(
-            f"model.init_from '{folder}' has vocab_size {model_vocab} but data.tokenizer_dir ({tok_dir}) has "
-            f"{vocab_size}; set data.tokenizer_dir to the tokenizer the model was trained with (an exported "
-            f"folder holds it: data.tokenizer_dir={folder})")
+            f"model.init_from '{folder}' has vocab_size {model_vocab} (embedding rows) but data.tokenizer_dir "
+            f"({tok_dir}) has {vocab_size} ids; set data.tokenizer_dir to the tokenizer the model was trained "
+            f"with (an exported folder holds it: data.tokenizer_dir={folder})")
     try:
         from transformers import AutoConfig
 
