@@ -131,6 +131,10 @@ def check_relora_targets(cfg, model_config) -> None:
         chosen = select_targets(model, cfg.relora.targets, cfg.relora.r, _KEYS, where)
     except ReLoRAConfigError as e:
         raise ConfigError(str(e)) from None
+    if getattr(model_config, "tie_word_embeddings", False) and "lm_head" in chosen:
+        raise ConfigError("relora.targets matches lm_head, which is tied to the input embeddings "
+                          "(tie_word_embeddings): its weight trains as the embedding (relora.train_extra); "
+                          "drop lm_head from relora.targets")
     problem = check_packs({n: (mod.out_features, mod.in_features) for n, mod in chosen.items()},
                           cfg.relora.base_quant)
     if problem:

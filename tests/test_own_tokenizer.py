@@ -169,3 +169,12 @@ def test_cli_error_one_line_nothing_written(folders, tmp_path):
                  f"--run.output_dir={tmp_path / 'run'}", f"--data.cache_dir={tmp_path / 'cache'}"], rc=2)
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_tied_lm_head_is_no_target(folders, tmp_path):
+    from relora_dist.config import ConfigError
+
+    tied = make_model(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    with pytest.raises(ConfigError, match="drop lm_head from relora.targets"):
+        _validate(**{"model.init_from": tied, "data.tokenizer_dir": folders["gpt2"], "run.output_dir": tmp_path / "r",
+                     "relora.enabled": True, "relora.targets": "self_attn\\.q_proj$,lm_head"})
