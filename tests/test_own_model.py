@@ -2,6 +2,7 @@
 tested LLaMA-layout model types, checkpoints, resume and the export transformers loads back."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +20,20 @@ RELORA = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_le
           "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 8, "train.max_steps": 16}
 
 
-def make_model(folder: Path, model_type: str, **kw) -> Path:
-    """A tiny random model of `model_type` saved with save_pretrained (safetensors)."""
+def make_model(folder: Path, model_type: str, tokenizer: str | Path | None = "bundled", **kw) -> Path:
+    """A tiny random model of `model_type` saved with save_pretrained (safetensors), with the files of
+    `tokenizer` beside it (the bundled one by default) as a model folder holds its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from relora_dist.data import DEFAULT_TOKENIZER
+    from relora_dist.tokenizer import tokenizer_files
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **{**SMALL, **kw})
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer = DEFAULT_TOKENIZER if tokenizer == "bundled" else tokenizer
+    for name in tokenizer_files(tokenizer) if tokenizer else []:
+        shutil.copy2(Path(tokenizer) / name, folder / name)
     return folder
 
 
@@ -87,19 +95,26 @@ ARCHS = {"llama": dict(num_key_value_heads=4), "mistral": dict(num_key_value_hea
 
 
 def test_model_types_train_and_export(tiny_data, tmp_path):
-    """Each tested model type in one process group: init_from, warm start, ReLoRA with 2 resets,
-    relora-convert; transformers loads the export, its logits equal the run's final forward, and
+    """Each tested model type in one process group: init_from, warm start, ReLoRA with 2 resets (also
+    stopped between them and resumed: the same losses), relora-convert; transformers loads the export, its logits equal the run's final forward, and
     its weights moved away from the input's."""
     runs, srcs = [], {}
     for arch, kw in ARCHS.items():
         srcs[arch] = make_model(tmp_path / f"src_{arch}", arch, **kw)
         runs.append(tiny_overrides(tiny_data, tmp_path / arch, **RELORA, **{"model.init_from": srcs[arch]}))
     res = run_world(1, "relora_runs", [], tmp_path / "res", runs=runs)[0]
+    # the same runs stopped after step 11 (between the resets) and resumed
+    parts = [tiny_overrides(tiny_data, tmp_path / f"part_{arch}", **RELORA, **{"model.init_from": srcs[arch]})
+             for arch in ARCHS]
+    run_world(1, "relora_runs", [], tmp_path / "res1", runs=parts, stop_at=11)
+    resumed = run_world(1, "relora_runs", [], tmp_path / "res2", runs=parts)[0]
     for i, (arch, kw) in enumerate(ARCHS.items()):
         r = res[i]
         assert r["phase"] == "relora" and r["restart_index"] == 2, arch
         assert len(r["wrapped"]) == 2 * 7, (arch, r["wrapped"])  # q k v o gate up down per layer
         assert not any(n.endswith(".bias") for n in r["trainable"]), arch  # biases stay in the frozen base
+        assert torch.equal(r["losses"][11:], resumed[i]["losses"]), arch
+        assert torch.equal(r["logits"], resumed[i]["logits"]), arch
         out = convert(tmp_path / arch / "checkpoints", tmp_path / f"hf_{arch}")
         config = json.loads((out / "config.json").read_text())
         assert config["model_type"] == arch and config["tie_word_embeddings"] is kw.get("tie_word_embeddings", False)

@@ -5,7 +5,6 @@ of a model folder that does not fit."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,10 +70,8 @@ def test_hf_tokenizer_prepare_train_export(hf_tok, corpus, tmp_path):
     _run([str(REPO / "tools/prepare_data.py"), "--input", str(corpus), "--tokenizer", str(hf_tok),
           "--out", str(tmp_path / "prepared"), "--seq_len", "32"])
     # a tied qwen2 whose folder holds that tokenizer: the run's default tokenizer
-    model_dir = make_model(tmp_path / "model", "qwen2", vocab_size=512, num_key_value_heads=2,
+    model_dir = make_model(tmp_path / "model", "qwen2", tokenizer=hf_tok, vocab_size=512, num_key_value_heads=2,
                            tie_word_embeddings=True)
-    for f in hf_tok.iterdir():
-        shutil.copy2(f, model_dir / f.name)
     run = tmp_path / "run"
     args = ["launchers/pretrain.py", "--init_from", str(model_dir), f"--data.sources={corpus}",
             f"--data.cache_dir={tmp_path / 'cache'}", "--data.seq_len=32", "--train.global_batch_size=8",
@@ -113,8 +110,6 @@ def _validate(**overrides):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, hf_tok) -> dict[str, Path]:
-    from relora_dist.data import DEFAULT_TOKENIZER
-
     root = tmp_path_factory.mktemp("bad")
     out = {}
     out["gpt2"] = make_model(root / "gpt2", "llama")
@@ -126,13 +121,7 @@ def folders(tmp_path_factory, hf_tok) -> dict[str, Path]:
     out["tied_cfg"] = make_model(root / "tied_cfg", "llama")  # lm_head.weight differs from the embedding
     cfg = json.loads((out["tied_cfg"] / "config.json").read_text())
     (out["tied_cfg"] / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
-    out["small"] = make_model(root / "small", "llama", vocab_size=500)  # fewer rows than the tokenizer's ids
-    for f in hf_tok.iterdir():
-        shutil.copy2(f, out["small"] / f.name)
-    for name in ("gpt2", "untied_cfg", "tied_cfg"):
-        for f in Path(DEFAULT_TOKENIZER).iterdir():
-            if f.name.startswith("tokenizer"):
-                shutil.copy2(f, out[name] / f.name)
+    out["small"] = make_model(root / "small", "llama", tokenizer=hf_tok, vocab_size=500)  # fewer rows than ids
     return out
 
 
