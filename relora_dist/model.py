@@ -132,7 +132,8 @@ def _check_tied(folder: Path, tied: bool) -> None:
         found = {}
         for file in files:
             with safe_open(str(file), "pt") as f:
-                found.update({k: f.get_tensor(k) for k in ("lm_head.weight", "model.embed_tokens.weight") if k in f.keys()})
+                found.update({k: f.get_tensor(k) for k in ("lm_head.weight", "model.embed_tokens.weight")
+                              if k in f.keys()})
         if len(found) == 2 and not torch.equal(found["lm_head.weight"], found["model.embed_tokens.weight"]):
             raise ConfigError(f"model.init_from '{folder}': config.json has tie_word_embeddings true but the weights' "
                               f"lm_head.weight differs from model.embed_tokens.weight (an untied model); {fix}")

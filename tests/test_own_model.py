@@ -96,7 +96,8 @@ ARCHS = {"llama": dict(num_key_value_heads=4), "mistral": dict(num_key_value_hea
 
 def test_model_types_train_and_export(tiny_data, tmp_path):
     """Each tested model type in one process group: init_from, warm start, ReLoRA with 2 resets (also
-    stopped between them and resumed: the same losses), relora-convert; transformers loads the export, its logits equal the run's final forward, and
+    stopped between them and resumed: the same losses), relora-convert; transformers loads the
+    export, its logits equal the run's final forward, and
     its weights moved away from the input's."""
     runs, srcs = [], {}
     for arch, kw in ARCHS.items():

@@ -53,7 +53,8 @@ def hf_tok(corpus, tmp_path_factory) -> Path:
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     out = tmp_path_factory.mktemp("hf_tok")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(out)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(out)
     assert not (out / "tokenizer.model").exists() and (out / "tokenizer.json").is_file()
     return out
 
