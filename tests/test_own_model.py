@@ -128,3 +128,21 @@ def test_model_types_train_and_export(tiny_data, tmp_path):
                                before["model.layers.0.self_attn.q_proj.weight"]), arch
         if arch == "qwen2":
             assert "model.layers.0.self_attn.q_proj.bias" in after
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_tied_embeddings_two_ranks_other_engines(backend, tiny_data, tmp_path):
+    """The tied LLaMA at 2 ranks under ZeRO-3 (the embedding partitioned once) and FSDP2: 2 resets,
+    relora-convert, transformers' logits equal the run's."""
+    from tests.dist_utils import engine
+
+    ds_config, extra = engine(backend)
+    src = make_model(tmp_path / "tied", "llama", num_key_value_heads=2, tie_word_embeddings=True)
+    run = tiny_overrides(tiny_data, tmp_path / "run", **RELORA, **extra, **{"model.init_from": src})
+    res = run_world(2, "relora_runs", [], tmp_path / "res", ds_config=ds_config, runs=[run])
+    r = res[0][0]
+    assert r["restart_index"] == 2 and r["tied_one_param"] and "model.embed_tokens.weight" in r["trainable"]
+    out = convert(tmp_path / "run" / "checkpoints", tmp_path / "hf")
+    diff = float((hf_logits(out, r["logits_batch"]) - r["logits"]).abs().max())
+    print(f"tied llama, 2 ranks {backend}: max |logits(export) - logits(run)| = {diff:.3g}")
+    assert diff <= 1e-5
