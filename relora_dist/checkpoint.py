@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from relora_dist.state import CheckpointState
+from relora_dist.tokenizer import tokenizer_files
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -199,7 +200,9 @@ def _publish(state: CheckpointState, tmp: Path, final: Path, root: Path, entries
 
     manifest = manifest_of(state, entries)
     dump_config(state.cfg, tmp / "config.yaml")
-    shutil.copytree(state.tokenizer_dir, tmp / "tokenizer")
+    (tmp / "tokenizer").mkdir()
+    for name in tokenizer_files(state.tokenizer_dir):  # the tokenizer may sit in a model folder: not its weights
+        shutil.copy2(Path(state.tokenizer_dir) / name, tmp / "tokenizer" / name)
     _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
     _fsync_tree(tmp)
     _fsync_dir(tmp)

@@ -154,12 +154,12 @@ def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
     phases at this world size, engine (ZeRO stage or FSDP2) and precision, with a warning when the ReLoRA phase would
     hold more than the full-rank one."""
     from relora_dist import memory_model as mm
-    from relora_dist.data import DEFAULT_TOKENIZER
+    from relora_dist.data import tokenizer_dir_of
     from relora_dist.backends.ds_config import resolve_backend, resolve_precision
     from relora_dist.tokenizer import load_tokenizer
     from relora_dist.model import check_model_config
 
-    vocab = load_tokenizer(cfg.data.tokenizer_dir or DEFAULT_TOKENIZER).vocab_size
+    vocab = load_tokenizer(tokenizer_dir_of(cfg)).vocab_size
     mc = check_model_config(cfg, vocab)  # the LlamaConfig the run builds: preset + overrides, or init_from's
     shape = mm.Shape(mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers, mc.vocab_size,
                      tuple(cfg.relora.targets))

@@ -47,7 +47,8 @@ class DataConfig:
     sources: list[str] = field(default_factory=list)
     """Text/jsonl/jsonl.xz/parquet files to train on; empty = the bundled corpus in assets/corpus."""
     tokenizer_dir: str = ""
-    """SentencePiece tokenizer folder (tokenizer.model); empty = the bundled assets/tokenizer."""
+    """Tokenizer folder: SentencePiece (tokenizer.model) or Hugging Face (tokenizer.json); empty = the
+    model.init_from folder's own tokenizer when it holds one, else the bundled assets/tokenizer."""
     prepared_dir: str = ""
     """Already-prepared data folder (tools/prepare_data.py output); overrides sources when set."""
     cache_dir: str = ".cache/data"

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from relora_dist.quant_steps import full_master
 from relora_dist.relora import lora_delta
+from relora_dist.tokenizer import tokenizer_files
 
 Adapter = tuple[str, torch.Tensor, torch.Tensor, float]
 """(wrapped module name, full fp32 A, full fp32 B, scale)"""
@@ -85,22 +86,26 @@ def export_hf(state, out_dir: str | Path, dtype: torch.dtype = torch.float32) ->
 # --- the writer ----------------------------------------------------------------------------------------
 def write_hf(state_dict: dict[str, torch.Tensor], model_config, tokenizer_dir: str | Path, out_dir: str | Path,
              dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB", quantize: str = "none") -> Path:
-    """A folder AutoModelForCausalLM.from_pretrained loads: the LLaMA of `model_config` (a LlamaConfig,
-    or its to_dict() as a manifest records it) holding `state_dict` in `dtype`, and every file of
+    """A folder AutoModelForCausalLM.from_pretrained loads: the causal LM of `model_config` (a
+    transformers config, or its to_dict() as a manifest records it) holding `state_dict` in `dtype`, and every file of
     `tokenizer_dir`. quantize nf4|int8: a bitsandbytes folder made from the merged weights.
     Raises ModelConfigMismatch when the config does not fit the tensors.
 
-    A LlamaConfig is used as it is, not copied: saving records the architecture and dtype in it,
+    A config object is used as it is, not copied: saving records the architecture and dtype in it,
     and the live export has always left those in the run's config (later manifests record them)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from relora_dist.model import config_from_dict
 
     out_dir = Path(out_dir)
     try:
-        config = LlamaConfig(**model_config) if isinstance(model_config, dict) else model_config
+        config = config_from_dict(model_config) if isinstance(model_config, dict) else model_config
         with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-    except (TypeError, ValueError, RuntimeError) as e:
+            model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(_tie(state_dict, config, dtype), strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.tie_weights()  # assign=True gave lm_head its own Parameter: one tensor again
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise ModelConfigMismatch(f"model_config does not describe the saved tensors "
                                   f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
     # save_pretrained records the weights' dtype in config.json (no deprecated torch_dtype setter needed)
@@ -108,10 +113,23 @@ def write_hf(state_dict: dict[str, torch.Tensor], model_config, tokenizer_dir: s
         model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     else:
         quantize_hf(model, out_dir, quantize, max_shard_size)
-    for f in Path(tokenizer_dir).iterdir():
-        if f.is_file():
-            shutil.copy2(f, out_dir / f.name)
+    for name in tokenizer_files(tokenizer_dir):  # never a model folder's weights or config
+        shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
     return out_dir
+
+
+def _tie(state_dict: dict[str, torch.Tensor], config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict in `dtype`; under tied embeddings lm_head is the embedding tensor itself. A run
+    holds the tied pair as one parameter (named once: model.embed_tokens.weight), so its state dicts
+    have no lm_head.weight; one that has it must hold the same values."""
+    sd = {k: v.to(dtype) for k, v in state_dict.items()}
+    if getattr(config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in sd:
+        emb = sd["model.embed_tokens.weight"]
+        head = sd.get("lm_head.weight")
+        if head is not None and not torch.equal(head, emb):
+            raise ValueError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight")
+        sd["lm_head.weight"] = emb
+    return sd
 
 
 def nf4_unpackable(model) -> list[str]:

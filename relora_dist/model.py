@@ -1,4 +1,5 @@
-"""LLaMA-style model presets built as `transformers.LlamaForCausalLM`.
+"""LLaMA-style model presets built as `transformers.LlamaForCausalLM`, and the Hugging Face folders
+(model.init_from) a run may start from.
 
 Dimensions follow the reference repo's configs (Guitaricet/relora `configs/llama_*.json`); the
 vocabulary size always comes from the tokenizer. Model code knows nothing about parallelism.
@@ -14,6 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from relora_dist.config import ConfigError, _suggest
+from relora_dist.tokenizer import has_tokenizer
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,64 @@ def llama_config(
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
+#: Hugging Face causal LMs of the LLaMA linear layout (q/k/v/o and gate/up/down projections, RMSNorm,
+#: embeddings and lm_head, tied or not) that model.init_from is tested with; qwen2's q/k/v biases stay
+#: in the frozen base, the adapters wrap the Linear.
+MODEL_TYPES = ("llama", "mistral", "qwen2")
 
-def check_model_config(cfg, vocab_size: int) -> LlamaConfig:
-    """The LlamaConfig the run builds, or a ConfigError: the preset with its overrides, or a complete
-    Hugging Face LLaMA folder (model.init_from) whose vocabulary matches the tokenizer's."""
+
+def config_from_dict(d: dict):
+    """A transformers config from its to_dict() (a manifest's model_config): its model_type's class,
+    LLaMA for manifests written before the model type was recorded."""
+    from transformers import AutoConfig
+
+    d = dict(d)
+    return AutoConfig.for_model(d.pop("model_type", None) or "llama", **d)
+
+
+def _weight_names(folder: Path) -> set[str] | None:
+    """Tensor names of a safetensors folder (headers only), None for other formats."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    if (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return set(f.keys())
+    return None
+
+
+def _check_tied(folder: Path, tied: bool) -> None:
+    """config.json's tie_word_embeddings against the weights: untied needs an lm_head.weight
+    (transformers would draw a random one), tied needs none or the embedding's values."""
+    names = _weight_names(folder)
+    if names is None or "model.embed_tokens.weight" not in names:
+        return
+    fix = f"fix tie_word_embeddings in {folder / 'config.json'}"
+    if not tied and "lm_head.weight" not in names:
+        raise ConfigError(f"model.init_from '{folder}': config.json has tie_word_embeddings false but the weights "
+                          f"hold no lm_head.weight (a tied model); {fix}")
+    if tied and "lm_head.weight" in names:
+        from safetensors import safe_open
+
+        files = ([folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else
+                 [folder / f for f in set(json.loads((folder / "model.safetensors.index.json").read_text())
+                                          ["weight_map"][k] for k in ("lm_head.weight", "model.embed_tokens.weight"))])
+        found = {}
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                found.update({k: f.get_tensor(k) for k in ("lm_head.weight", "model.embed_tokens.weight")
+                              if k in f.keys()})
+        if len(found) == 2 and not torch.equal(found["lm_head.weight"], found["model.embed_tokens.weight"]):
+            raise ConfigError(f"model.init_from '{folder}': config.json has tie_word_embeddings true but the weights' "
+                              f"lm_head.weight differs from model.embed_tokens.weight (an untied model); {fix}")
+
+
+def check_model_config(cfg, vocab_size: int):
+    """The transformers config the run builds, or a ConfigError: the preset's LlamaConfig with its
+    overrides, or the config of a complete Hugging Face folder (model.init_from) of a tested
+    model type whose vocabulary matches the tokenizer's and whose tying matches its weights."""
     m = cfg.model
     if not m.init_from:
         try:
@@ -109,28 +165,39 @@ def check_model_config(cfg, vocab_size: int) -> LlamaConfig:
         model_vocab = int(raw["vocab_size"])
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"model.init_from '{folder}': config.json is unreadable or has no vocab_size "
-                          f"({type(e).__name__}); pass a Hugging Face LLaMA model folder") from None
-    if raw.get("model_type", "llama") != "llama":
-        raise ConfigError(f"model.init_from '{folder}' is a '{raw.get('model_type')}' model; pass a LLaMA "
-                          f"(model_type llama) Hugging Face folder")
-    if model_vocab != vocab_size:
-        tok_dir = cfg.data.tokenizer_dir or "the bundled assets/tokenizer"
+                          f"({type(e).__name__}); pass a Hugging Face model folder") from None
+    if raw.get("model_type") not in MODEL_TYPES:
+        raise ConfigError(f"model.init_from '{folder}' is a '{raw.get('model_type')}' model; model_type must be one "
+                          f"of {', '.join(MODEL_TYPES)} (the tested LLaMA-layout architectures)")
+    own = not cfg.data.tokenizer_dir or Path(cfg.data.tokenizer_dir).resolve() == folder.resolve()
+    if not cfg.data.tokenizer_dir and not has_tokenizer(folder):
+        raise ConfigError(f"model.init_from '{folder}' holds weights but no tokenizer (tokenizer.model or "
+                          f"tokenizer.json); set data.tokenizer_dir to the tokenizer the model was trained with")
+    # The model's own tokenizer may have fewer ids than embedding rows (rows padded to a multiple,
+    # as Qwen2 ships them); any other tokenizer must match the rows exactly.
+    if model_vocab < vocab_size or (model_vocab != vocab_size and not own):
+        tok_dir = cfg.data.tokenizer_dir or folder
         raise ConfigError(
-            f"model.init_from '{folder}' has vocab_size {model_vocab} but data.tokenizer_dir ({tok_dir}) has "
-            f"{vocab_size}; set data.tokenizer_dir to the tokenizer the model was trained with (an exported "
-            f"folder holds it: data.tokenizer_dir={folder})")
+            f"model.init_from '{folder}' has vocab_size {model_vocab} (embedding rows) but data.tokenizer_dir "
+            f"({tok_dir}) has {vocab_size} ids; set data.tokenizer_dir to the tokenizer the model was trained "
+            f"with (an exported folder holds it: data.tokenizer_dir={folder})")
     try:
-        return LlamaConfig.from_pretrained(str(folder))
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001 - transformers raises various errors for bad configs
-        raise ConfigError(f"model.init_from '{folder}': config.json does not load as a LlamaConfig "
-                          f"({' '.join(str(e).split())[:120]}); pass a Hugging Face LLaMA model folder") from None
+        raise ConfigError(f"model.init_from '{folder}': config.json does not load as a {raw['model_type']} config "
+                          f"({' '.join(str(e).split())[:120]}); pass a Hugging Face model folder") from None
+    _check_tied(folder, bool(config.tie_word_embeddings))
+    return config
 
 
-def build_model(config: LlamaConfig, seed: int, init_from: str = "") -> LlamaForCausalLM:
+def build_model(config, seed: int, init_from: str = "") -> torch.nn.Module:
     """Random init from `seed` (identical on every rank), or weights from a HF folder, in fp32."""
     if init_from:
-        model = LlamaForCausalLM.from_pretrained(init_from, dtype=torch.float32)
-        return model
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

@@ -118,7 +118,7 @@ def check_relora_config(cfg) -> None:
 def check_relora_targets(cfg, model_config) -> None:
     """relora.targets and relora.r against the model the run builds (on the meta device: no memory),
     and that bitsandbytes can pack every targeted weight when relora.base_quant is set."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from relora_dist.quant import check_packs
 
@@ -126,11 +126,15 @@ def check_relora_targets(cfg, model_config) -> None:
     source = f"model.init_from={m.init_from}" if m.init_from else f"model.preset={m.preset}"
     where = f"{source}, hidden {model_config.hidden_size}, intermediate {model_config.intermediate_size}"
     with torch.device("meta"):
-        model = LlamaForCausalLM(model_config)
+        model = AutoModelForCausalLM.from_config(model_config)
     try:
         chosen = select_targets(model, cfg.relora.targets, cfg.relora.r, _KEYS, where)
     except ReLoRAConfigError as e:
         raise ConfigError(str(e)) from None
+    if getattr(model_config, "tie_word_embeddings", False) and "lm_head" in chosen:
+        raise ConfigError("relora.targets matches lm_head, which is tied to the input embeddings "
+                          "(tie_word_embeddings): its weight trains as the embedding (relora.train_extra); "
+                          "drop lm_head from relora.targets")
     problem = check_packs({n: (mod.out_features, mod.in_features) for n, mod in chosen.items()},
                           cfg.relora.base_quant)
     if problem:

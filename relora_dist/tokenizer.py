@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer: training, loading, checksum.
+"""Tokenizers: SentencePiece (training, loading) and Hugging Face ``tokenizer.json`` (loading, with
+the ``tokenizers`` library), and their checksum.
 
 We use ``sentencepiece`` directly for training and for tokenizing data (fast and exact).
 The tokenizer directory holds ``tokenizer.model`` plus a small ``tokenizer_config.json`` so
@@ -24,10 +25,11 @@ import json
 import os
 from typing import Iterable, Iterator
 
-__all__ = ["SPTokenizer", "train_tokenizer", "load_tokenizer", "tokenizer_checksum",
+__all__ = ["SPTokenizer", "HFTokenizer", "train_tokenizer", "load_tokenizer", "tokenizer_checksum",
            "MODEL_FILE", "TOKENIZER_FILES", "tokenizer_files"]
 
 MODEL_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
 
 # The files a tokenizer folder may hold, for SentencePiece and Hugging Face tokenizers alike.
 # Checkpoints and exports copy only these (as regular files), and the tokenizer's fingerprint
@@ -135,15 +137,92 @@ class SPTokenizer:
         return f"SPTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(tokenizer_dir: str, key: str = "tokenizer directory") -> SPTokenizer:
-    """Load ``<tokenizer_dir>/tokenizer.model``; returns an :class:`SPTokenizer`."""
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (``tokenizer.json``, read by the ``tokenizers`` library, and
+    ``tokenizer_config.json`` for the special tokens), with SPTokenizer's interface: ``encode``
+    adds no special tokens, so ids equal ``AutoTokenizer``'s with ``add_special_tokens=False``."""
+
+    def __init__(self, tokenizer_dir: str, key: str = "tokenizer directory"):
+        from tokenizers import Tokenizer
+
+        self.path = os.path.abspath(tokenizer_dir)
+        try:
+            self.tok = Tokenizer.from_file(os.path.join(self.path, HF_FILE))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
+            raise ValueError(f"{key} '{tokenizer_dir}': {HF_FILE} does not load with the tokenizers library "
+                             f"({' '.join(str(e).split())[:120]}); pass a folder saved by save_pretrained") from None
+        config_file = os.path.join(self.path, "tokenizer_config.json")
+        try:
+            with open(config_file) as f:
+                config = json.load(f) if os.path.isfile(config_file) else {}
+        except ValueError:
+            raise ValueError(f"{key} '{tokenizer_dir}': tokenizer_config.json is not JSON; pass a folder saved "
+                             f"by save_pretrained") from None
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values()) + 1 if vocab else 0
+
+        def token_id(name: str) -> int:
+            token = config.get(name)
+            if isinstance(token, dict):  # an AddedToken serialized with its flags
+                token = token.get("content")
+            found = self.tok.token_to_id(token) if isinstance(token, str) else None
+            return -1 if found is None else int(found)
+
+        self._ids = {name: token_id(f"{name}_token") for name in ("bos", "eos", "pad", "unk")}
+        if self._ids["eos"] < 0:
+            # Documents are packed with an end-of-document id between them.
+            raise ValueError(f"{key} '{tokenizer_dir}': tokenizer_config.json names no eos_token that "
+                             f"{HF_FILE} holds; set eos_token in tokenizer_config.json")
+
+    vocab_size = property(lambda self: self._vocab_size, doc="Number of ids (embedding rows a model needs).")
+    bos_id = property(lambda self: self._ids["bos"])
+    eos_id = property(lambda self: self._ids["eos"])
+    pad_id = property(lambda self: self._ids["pad"])
+    unk_id = property(lambda self: self._ids["unk"])
+    checksum = property(lambda self: tokenizer_checksum(self.path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """Token ids of each text (the library parallelizes on its own; num_threads is unused)."""
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a tokenizer load_tokenizer reads (tokenizer.model or tokenizer.json)."""
+    return any(os.path.isfile(os.path.join(os.fspath(folder), n)) for n in (MODEL_FILE, HF_FILE))
+
+
+def load_tokenizer(tokenizer_dir: str, key: str = "tokenizer directory") -> "SPTokenizer | HFTokenizer":
+    """``<tokenizer_dir>/tokenizer.model`` as an :class:`SPTokenizer`, else ``tokenizer.json`` as an
+    :class:`HFTokenizer`."""
+    if os.path.isdir(tokenizer_dir) and not os.path.isfile(os.path.join(tokenizer_dir, MODEL_FILE)):
+        if os.path.isfile(os.path.join(tokenizer_dir, HF_FILE)):
+            return HFTokenizer(tokenizer_dir, key)
+        raise FileNotFoundError(f"{key} '{tokenizer_dir}' has no {MODEL_FILE} or {HF_FILE}; pass a SentencePiece "
+                                f"or Hugging Face tokenizer folder (train one with tools/train_tokenizer.py "
+                                f"--input FILES --out {tokenizer_dir}) or use the bundled assets/tokenizer")
     return SPTokenizer(tokenizer_dir, key)
 
 
 def tokenizer_checksum(tokenizer_dir: str) -> str:
-    """sha256 hex digest of ``<tokenizer_dir>/tokenizer.model`` (identifies the vocabulary)."""
+    """sha256 hex digest of ``<tokenizer_dir>/tokenizer.model``, or of ``tokenizer.json`` when there
+    is no tokenizer.model (identifies the vocabulary)."""
     h = hashlib.sha256()
-    with open(os.path.join(tokenizer_dir, MODEL_FILE), "rb") as f:
+    name = MODEL_FILE if os.path.isfile(os.path.join(tokenizer_dir, MODEL_FILE)) else HF_FILE
+    with open(os.path.join(tokenizer_dir, name), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

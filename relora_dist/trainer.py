@@ -23,12 +23,12 @@ from relora_dist.backends.factory import make_backend
 from relora_dist.config import Config, dump_config
 from relora_dist.data import (
     DEFAULT_CORPUS,
-    DEFAULT_TOKENIZER,
     BlockLoader,
     PackedBlocks,
     check_tokenizer_matches,
     ensure_prepared,
     eval_batches,
+    tokenizer_dir_of,
 )
 from relora_dist.dist import DistInfo
 from relora_dist.backends.ds_config import build_ds_config, resolve_backend, resolve_precision
@@ -61,7 +61,7 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.device = info.device
         c = cfg
-        tokenizer_dir = c.data.tokenizer_dir or str(DEFAULT_TOKENIZER)
+        tokenizer_dir = tokenizer_dir_of(c)
         self.tokenizer_dir = tokenizer_dir
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.ds_config = build_ds_config(ds_template, c, info.world_size)

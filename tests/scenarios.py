@@ -282,3 +282,30 @@ def killed_run(cfg, template, info, where: str, at_step: int, victim: int) -> di
 
 
 from tests.scenarios_quant import adam8_checks, quant_checks  # noqa: E402,F401  (run_world looks scenarios up here)
+
+
+def relora_runs(cfg, template, info, runs: list[list[str]], stop_at: int | None = None) -> dict:
+    """relora_run once per override list (several models in one process group); `cfg` is unused.
+    Adds whether the tied lm_head is the embedding Parameter itself and what was wrapped."""
+    from relora_dist.config import load_config
+
+    out = {}
+    for i, overrides in enumerate(runs):
+        c = load_config(None, overrides)
+        t = Trainer(c, template, info)
+        st = t.train(stop_at=stop_at)
+        batch = t.val_blocks.get_batch([0, 1])
+        with torch.no_grad():
+            t.engine.eval()
+            logits = t.engine(input_ids=batch).logits.float()
+        inner = t.model
+        out[i] = {"logits_batch": batch, "logits": logits, "phase": st.phase, "restart_index": st.restart_index,
+                  "losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
+                  "tied_one_param": inner.lm_head.weight is inner.model.embed_tokens.weight,
+                  "wrapped": sorted(t.modules),
+                  "trainable": sorted(n for n, p in inner.named_parameters() if p.requires_grad)}
+        t.backend.teardown_engine(t.engine)
+        t.engine = None
+        del t
+        gc.collect()
+    return out

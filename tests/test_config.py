@@ -218,7 +218,8 @@ def test_valid_configs_pass(fakes):
     validate(default)
     validate(load_config(None, _tiny(fakes)))
     validate(load_config(None, _tiny(fakes, **{"data.seq_len": 16})))  # a divisor of the prepared 32
-    validate(load_config(None, _tiny(fakes, **{"model.init_from": fakes["hf"], "relora.r": 16})))
+    validate(load_config(None, _tiny(fakes, **{"model.init_from": fakes["hf"], "relora.r": 16,
+                                               "data.tokenizer_dir": DEFAULT_TOKENIZER})))
     validate(load_config(None, _tiny(fakes, **{"optimizer.name": "sgd", "relora.optimizer_reset": "none"})))
     validate(load_config(None, _tiny(fakes, **{"optimizer.name": "sgd", "relora.resets": False})))
     validate(load_config(None, _tiny(fakes, **{"relora.enabled": False, "relora.r": 10**6})))
@@ -279,7 +280,8 @@ CASES = {
     "r too large": (lambda f: ["relora.r=200"], ["relora.r=200", "min(in, out)=128", "use relora.r <= 128"]),
     "r too large, overridden dims": (lambda f: ["relora.r=100", "model.hidden_size=256", "model.intermediate_size=64"],
                                      ["relora.r=100", "intermediate 64", "use relora.r <= 64"]),
-    "r too large, init_from": (lambda f: _tiny(f, **{"model.init_from": f["hf"], "relora.r": 17}),
+    "r too large, init_from": (lambda f: _tiny(f, **{"model.init_from": f["hf"], "relora.r": 17,
+                                                     "data.tokenizer_dir": DEFAULT_TOKENIZER}),
                                ["relora.r=17", "model.init_from=", "use relora.r <= 16"]),
     "target matches nothing": (lambda f: ["relora.targets=attn\\.query$"],
                                ["relora.targets pattern 'attn\\.query$'", "matches no nn.Linear", "fix or drop it",
@@ -325,8 +327,11 @@ CASES = {
                                       ["model.init_from", "no config.json", "pass a Hugging Face"]),
     "init_from without weights": (lambda f: _tiny(f, **{"model.init_from": f["hf_noweights"]}),
                                   ["model.init_from", "no weights", "pass a complete"]),
-    "init_from vocab differs": (lambda f: _tiny(f, **{"model.init_from": f["hf_vocab"]}),
+    "init_from vocab differs": (lambda f: _tiny(f, **{"model.init_from": f["hf_vocab"],
+                                                      "data.tokenizer_dir": DEFAULT_TOKENIZER}),
                                 ["model.init_from", "vocab_size 1000", "has 8000", "set data.tokenizer_dir"]),
+    "init_from without tokenizer": (lambda f: _tiny(f, **{"model.init_from": f["hf"]}),
+                                    ["model.init_from", "no tokenizer", "set data.tokenizer_dir"]),
 }
 
 

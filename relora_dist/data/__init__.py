@@ -10,7 +10,7 @@ Everything public is importable from ``relora_dist.data``.
 """
 from relora_dist.data.blocks import (FORMAT_VERSION, SPLITS, DataError, PackedBlocks,
                                      check_tokenizer_matches, read_meta)
-from relora_dist.data.check import PREPARE_HINT, check_data_config
+from relora_dist.data.check import PREPARE_HINT, check_data_config, tokenizer_dir_of
 from relora_dist.data.loader import BlockLoader, DistributedBlockSampler, eval_batches
 from relora_dist.data.prepare import DEFAULT_CORPUS, DEFAULT_TOKENIZER, ensure_prepared, prepare_dataset
 from relora_dist.documents import load_documents
@@ -19,5 +19,5 @@ __all__ = [
     "DataError", "DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "FORMAT_VERSION", "SPLITS", "PREPARE_HINT",
     "load_documents", "prepare_dataset", "ensure_prepared", "read_meta",
     "PackedBlocks", "BlockLoader", "DistributedBlockSampler", "eval_batches",
-    "check_tokenizer_matches", "check_data_config",
+    "check_tokenizer_matches", "check_data_config", "tokenizer_dir_of",
 ]

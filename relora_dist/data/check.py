@@ -11,11 +11,22 @@ from relora_dist.data.blocks import (DataError, Wording, check_blocks, check_seq
 from relora_dist.data.loader import check_eval_blocks, check_train_blocks, eval_fix
 from relora_dist.documents import check_sources
 from relora_dist.resources import CORPUS, TOKENIZER
-from relora_dist.tokenizer import load_tokenizer
+from relora_dist.tokenizer import has_tokenizer, load_tokenizer
 
-__all__ = ["PREPARE_HINT", "check_data_values", "check_data_config"]
+__all__ = ["PREPARE_HINT", "check_data_values", "check_data_config", "tokenizer_dir_of"]
 
 PREPARE_HINT = "run tools/prepare_data.py --input FILES --out {dir} --seq_len {seq_len}"
+
+
+def tokenizer_dir_of(cfg) -> str:
+    """The run's tokenizer folder: data.tokenizer_dir; unset, the model.init_from folder's own
+    tokenizer when it holds one (a model continues with the tokenizer it was trained with), else
+    the bundled one."""
+    if cfg.data.tokenizer_dir:
+        return cfg.data.tokenizer_dir
+    if cfg.model.init_from and has_tokenizer(cfg.model.init_from):
+        return cfg.model.init_from
+    return str(TOKENIZER)
 
 
 def check_data_values(cfg) -> None:
@@ -40,7 +51,7 @@ def check_data_config(cfg) -> int:
 
 def _check(cfg) -> int:
     d, t = cfg.data, cfg.train
-    tok_dir = d.tokenizer_dir or TOKENIZER
+    tok_dir = tokenizer_dir_of(cfg)
     vocab_size = load_tokenizer(tok_dir, "data.tokenizer_dir").vocab_size
     if not d.prepared_dir:
         check_sources(d.sources or [CORPUS], "data.sources file", refuse_empty=True)

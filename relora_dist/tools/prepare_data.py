@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--txt_split", default="paragraph", choices=["paragraph", "line", "document"],
                     help="what one document is in .txt inputs (default: paragraph)")
     ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
-                    help=f"directory holding tokenizer.model (default: {DEFAULT_TOKENIZER})")
+                    help=f"directory holding tokenizer.model or tokenizer.json (default: {DEFAULT_TOKENIZER})")
     ap.add_argument("--out", required=True,
                     help="output directory (train.bin, val.bin, meta.json) (default: none, required)")
     ap.add_argument("--seq_len", type=int, default=512, help="tokens per block (default: 512)")
