@@ -33,9 +33,12 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from relora_dist import integrity
 from relora_dist.state import CheckpointState
+from relora_dist.tokenizer import tokenizer_files
 
-FORMAT_VERSION = 1
+# 2: the manifest carries its own sha256 (integrity.CHECKSUM); format 1 checkpoints still load.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 LATEST = "latest"
 
@@ -99,7 +102,7 @@ def _failed(errors: list[str | None], step: int, root: Path) -> CheckpointError 
     if not bad:
         return None
     rank, error = bad[0]
-    newest = find_latest(root)
+    newest = find_latest(root, strict=False)
     return CheckpointError(f"saving the checkpoint of step {step} failed on rank {rank} ({error}); nothing was "
                            f"published, the newest checkpoint is still {newest or 'none'}; free space or fix "
                            f"{root}, then rerun the same command to resume")
@@ -132,12 +135,14 @@ def save_checkpoint(state: CheckpointState, root: str | Path, keep_last: int) ->
     tensors, index = state.model.fragments()
     tensors.update(state.rng.state_dict())
     finite = all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
-    file = f"rank{state.rank:05d}.safetensors"
+    file = integrity.shard_name(state.rank)
     entry = {"rank": state.rank, "file": file, "index": index, "finite": finite, "error": None}
     try:
         if finite:
-            save_file(tensors, str(tmp / file),
-                      metadata={"format_version": str(FORMAT_VERSION), "rank": str(state.rank)})
+            # One metadata key: safetensors serializes the metadata map in hash order, so two keys
+            # made identical saves differ in their bytes (and sha256).
+            save_file(tensors, str(tmp / file), metadata={"relora_dist": json.dumps(
+                {"format_version": FORMAT_VERSION, "rank": state.rank}, sort_keys=True)})
             with open(tmp / file, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp / file, 0o644)  # safetensors creates it 0600; a checkpoint is for others to read
@@ -157,7 +162,7 @@ def save_checkpoint(state: CheckpointState, root: str | Path, keep_last: int) ->
         raise failure
     if nonfinite:
         raise RunAborted(f"step {step}: the model holds non-finite values (rank {nonfinite[0]}); not saved, the "
-                         f"newest checkpoint is still {find_latest(root) or 'none'}; lower optimizer.lr / relora.lr")
+                         f"newest checkpoint is still {find_latest(root, strict=False) or 'none'}; lower optimizer.lr / relora.lr")
     error = None
     if state.is_main:
         try:
@@ -199,8 +204,12 @@ def _publish(state: CheckpointState, tmp: Path, final: Path, root: Path, entries
 
     manifest = manifest_of(state, entries)
     dump_config(state.cfg, tmp / "config.yaml")
-    shutil.copytree(state.tokenizer_dir, tmp / "tokenizer")
-    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
+    # Only the tokenizer's own files, as regular files: a tokenizer_dir that is a whole model
+    # folder must not carry its weights, config or code into the checkpoint (and on into exports).
+    (tmp / "tokenizer").mkdir()
+    for name in tokenizer_files(state.tokenizer_dir):
+        shutil.copyfile(Path(state.tokenizer_dir) / name, tmp / "tokenizer" / name)
+    _write_synced(tmp / MANIFEST, json.dumps(integrity.with_checksum(manifest), indent=1))
     _fsync_tree(tmp)
     _fsync_dir(tmp)
     if final.exists():
@@ -230,16 +239,24 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / MANIFEST).is_file())
+    return sorted(p for p in root.iterdir()
+                  if p.name.startswith("step_") and not p.is_symlink() and (p / MANIFEST).is_file())
 
 
-def find_latest(root: str | Path) -> Path | None:
-    """The checkpoint `latest` names, else the newest complete one."""
+def find_latest(root: str | Path, strict: bool = True) -> Path | None:
+    """The checkpoint `latest` names, else the newest complete one. `latest` may name only a
+    sibling step_* folder (not a path into another run); strict=False (error messages) ignores a
+    pointer that does not, instead of raising CheckpointError."""
     root = Path(root)
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / MANIFEST).is_file():
+        name = pointer.read_text(errors="replace").strip()
+        problem = integrity.latest_problem(name)
+        if problem and strict:
+            raise CheckpointError(f"{pointer} {problem}: it may name only a checkpoint of this folder; "
+                                  f"pass --checkpoint.resume={root}/step_N (or repair {pointer})")
+        candidate = root / name
+        if not problem and not candidate.is_symlink() and (candidate / MANIFEST).is_file():
             return candidate
     found = list_checkpoints(root)
     return found[-1] if found else None
@@ -286,9 +303,28 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
                               f"({FORMAT_VERSION}); upgrade relora_dist")
     problem = _manifest_problem(manifest) if isinstance(version, int) or not isinstance(manifest, dict) else \
         "has no integer format_version"
+    if isinstance(version, int) and isinstance(manifest, dict):
+        problem = integrity.checksum_problem(manifest, version) or problem
     if problem:
         raise CheckpointError(f"{path} {problem}: not a relora_dist checkpoint manifest, or a damaged one; {older}")
     return manifest
+
+
+def shard_path(ckpt_dir: Path, entry: dict) -> Path:
+    """The file of a manifest `files` entry: only the writer's own shard name, inside `ckpt_dir`,
+    never a link (a damaged or crafted manifest must not make a reader open files elsewhere)."""
+    problem = integrity.shard_problem(ckpt_dir, entry)
+    if problem:
+        raise CheckpointError(f"{ckpt_dir / MANIFEST} {problem}: the checkpoint is damaged or was altered; "
+                              f"{OLDER.format(root=ckpt_dir.parent)}")
+    return ckpt_dir / entry["file"]
+
+
+def check_tokenizer(ckpt_dir: Path) -> None:
+    """A checkpoint converts on its own only with its tokenizer/ folder (regular files)."""
+    problem = integrity.tokenizer_problem(ckpt_dir / "tokenizer")
+    if problem:
+        raise CheckpointError(f"{problem}: the checkpoint cannot be exported; {OLDER.format(root=ckpt_dir.parent)}")
 
 
 class ShardReader:
@@ -299,7 +335,7 @@ class ShardReader:
         self.manifest = read_manifest(self.dir)
         self.handles = {}
         for f in self.manifest["files"]:
-            path = self.dir / f["file"]
+            path = shard_path(self.dir, f)
             if not path.is_file():
                 raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; {OLDER.format(root=self.dir.parent)}")
             if verify and _sha256(path) != f["sha256"]:
@@ -325,12 +361,24 @@ class ShardReader:
         for rank, start, end in parts:
             if start != pos:
                 break
-            pieces.append(self.handles[rank].get_tensor(f"{name}/{field}"))
+            handle, key = self.handles.get(rank), f"{name}/{field}"
+            if handle is None or key not in handle.keys():
+                raise self._disagrees(f"places '{key}' on rank {rank}, whose shard "
+                                      f"{'does not exist' if handle is None else 'lacks it'}")
+            piece = handle.get_tensor(key)
+            if piece.numel() != end - start:
+                raise self._disagrees(f"gives '{key}' elements {start}..{end} on rank {rank}, the shard holds "
+                                      f"{piece.numel()}")
+            pieces.append(piece.reshape(-1))
             pos = end
         if pos != shape.numel():
             raise CheckpointError(f"{self.dir}: field '{field}' of '{name}' covers {pos} of {shape.numel()} "
                                   f"elements; the checkpoint is incomplete, {OLDER.format(root=self.dir.parent)}")
         return torch.cat(pieces).view(shape)
+
+    def _disagrees(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.dir / MANIFEST} {what}: the manifest disagrees with the shards; the "
+                               f"checkpoint is damaged, {OLDER.format(root=self.dir.parent)}")
 
     def rng_state(self, rank: int, key: str = "rng/cpu") -> torch.Tensor | None:
         handle = self.handles.get(rank, self.handles[0])
@@ -367,7 +415,11 @@ def _saved_adapters(reader: ShardReader):
     m = reader.manifest
     if not m["adapters_active"]:
         return
-    scale = m["relora"]["alpha"] / m["relora"]["r"]
+    r, alpha = m["relora"]["r"], m["relora"]["alpha"]
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, (int, float)):
+        raise reader._disagrees(f"has relora r={r!r} alpha={alpha!r} with live adapters (r must be a positive "
+                                f"integer)")
+    scale = alpha / r
     for module in m["relora"]["wrapped_modules"]:
         yield module, _first(reader, f"{module}.lora_A"), _first(reader, f"{module}.lora_B"), scale
 
