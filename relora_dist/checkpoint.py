@@ -34,6 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from relora_dist import integrity
+# OLDER, CheckpointError, check_tokenizer and shard_path are used here and by the readers that import them from here
+from relora_dist.integrity import OLDER, CheckpointError, check_tokenizer, shard_path  # noqa: F401
 from relora_dist.state import CheckpointState
 from relora_dist.tokenizer import tokenizer_files
 
@@ -42,13 +44,6 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 LATEST = "latest"
 
-
-OLDER = ("resume an older one with --checkpoint.resume=previous (the newest that verifies) or "
-         "--checkpoint.resume={root}/step_N")
-
-
-class CheckpointError(ValueError):
-    """A one-line problem with a checkpoint that names the file and the fix."""
 
 
 def _sha256(path: Path) -> str:
@@ -162,7 +157,8 @@ def save_checkpoint(state: CheckpointState, root: str | Path, keep_last: int) ->
         raise failure
     if nonfinite:
         raise RunAborted(f"step {step}: the model holds non-finite values (rank {nonfinite[0]}); not saved, the "
-                         f"newest checkpoint is still {find_latest(root, strict=False) or 'none'}; lower optimizer.lr / relora.lr")
+                         f"newest checkpoint is still {find_latest(root, strict=False) or 'none'}; "
+                         f"lower optimizer.lr / relora.lr")
     error = None
     if state.is_main:
         try:
@@ -308,23 +304,6 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
     if problem:
         raise CheckpointError(f"{path} {problem}: not a relora_dist checkpoint manifest, or a damaged one; {older}")
     return manifest
-
-
-def shard_path(ckpt_dir: Path, entry: dict) -> Path:
-    """The file of a manifest `files` entry: only the writer's own shard name, inside `ckpt_dir`,
-    never a link (a damaged or crafted manifest must not make a reader open files elsewhere)."""
-    problem = integrity.shard_problem(ckpt_dir, entry)
-    if problem:
-        raise CheckpointError(f"{ckpt_dir / MANIFEST} {problem}: the checkpoint is damaged or was altered; "
-                              f"{OLDER.format(root=ckpt_dir.parent)}")
-    return ckpt_dir / entry["file"]
-
-
-def check_tokenizer(ckpt_dir: Path) -> None:
-    """A checkpoint converts on its own only with its tokenizer/ folder (regular files)."""
-    problem = integrity.tokenizer_problem(ckpt_dir / "tokenizer")
-    if problem:
-        raise CheckpointError(f"{problem}: the checkpoint cannot be exported; {OLDER.format(root=ckpt_dir.parent)}")
 
 
 class ShardReader:

@@ -19,6 +19,8 @@ from pathlib import Path
 from relora_dist.tokenizer import TOKENIZER_FILES, tokenizer_files
 
 CHECKSUM = "manifest_sha256"
+OLDER = ("resume an older one with --checkpoint.resume=previous (the newest that verifies) or "
+         "--checkpoint.resume={root}/step_N")
 _SHARD = re.compile(r"rank(\d{5})\.safetensors\Z")
 _STEP = re.compile(r"step_\d+\Z")
 
@@ -30,6 +32,10 @@ MODEL_CONFIG_KEYS = frozenset((
     "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "pretraining_tp", "tie_word_embeddings",
     "rope_parameters", "rope_theta", "rope_scaling", "attention_bias", "attention_dropout", "mlp_bias",
     "head_dim"))
+
+
+class CheckpointError(ValueError):
+    """A one-line problem with a checkpoint that names the file and the fix."""
 
 
 def shard_name(rank: int) -> str:
@@ -101,3 +107,20 @@ def architecture(model_config: dict) -> dict:
     """Only the LLaMA architecture fields of a manifest's model_config (auto_map and anything
     unknown are dropped)."""
     return {k: v for k, v in model_config.items() if k in MODEL_CONFIG_KEYS}
+
+
+def shard_path(ckpt_dir: Path, entry: dict) -> Path:
+    """The file of a manifest `files` entry: only the writer's own shard name, inside `ckpt_dir`,
+    never a link (a damaged or crafted manifest must not make a reader open files elsewhere)."""
+    problem = shard_problem(ckpt_dir, entry)
+    if problem:
+        raise CheckpointError(f"{ckpt_dir / 'manifest.json'} {problem}: the checkpoint is damaged or was altered; "
+                              f"{OLDER.format(root=ckpt_dir.parent)}")
+    return ckpt_dir / entry["file"]
+
+
+def check_tokenizer(ckpt_dir: Path) -> None:
+    """A checkpoint converts on its own only with its tokenizer/ folder (regular files)."""
+    problem = tokenizer_problem(ckpt_dir / "tokenizer")
+    if problem:
+        raise CheckpointError(f"{problem}: the checkpoint cannot be exported; {OLDER.format(root=ckpt_dir.parent)}")
