@@ -4,11 +4,16 @@ DeepSpeed 0.19.8).
 
     <root>/step_00000120/
         manifest.json          global state, every tensor's shape/dtype and which rank holds which
-                               flat range of which field, a sha256 per file
-        rank00000.safetensors  this rank's fragments only (nothing is gathered to one rank)
+                               flat range of which field, a sha256 per file and one of itself
+        rank00000.safetensors  this rank's fragments only (nothing is gathered to one rank); the
+                               same state gives the same bytes
         config.yaml            the run's config
-        tokenizer/             the tokenizer files (the checkpoint converts on its own)
+        tokenizer/             the tokenizer's own files, TOKENIZER_FILES only (the checkpoint
+                               converts on its own)
     <root>/latest              name of the newest complete checkpoint, written last
+
+Readers open only what integrity.py allows: the writer's own shard names as regular files inside
+the folder, `latest` naming a sibling step_* folder, a manifest whose own sha256 verifies.
 
 Fields per parameter: `master` (fp32 master of a trainable param), `exp_avg`, `exp_avg_sq`
 (Adam moments), `weight` (module copy of a param no optimizer holds), `merge_master` (fp32 merge
