@@ -317,6 +317,9 @@ class ShardReader:
     def __init__(self, ckpt_dir: str | Path, verify: bool = True):
         self.dir = Path(ckpt_dir)
         self.manifest = read_manifest(self.dir)
+        ranks = sorted(f["rank"] for f in self.manifest["files"] if isinstance(f["rank"], int))
+        if ranks != list(range(self.manifest["world_size"])):
+            raise self._disagrees(f"lists shards of ranks {ranks} for world_size {self.manifest['world_size']}")
         self.handles = {}
         for f in self.manifest["files"]:
             path = shard_path(self.dir, f)

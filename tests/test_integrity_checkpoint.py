@@ -130,6 +130,9 @@ def _build(base, data):
     _edit(ckpt, lambda m: (m["tensors"][name]["fields"]["master"][0].__setitem__(2, 10),
                            m["tensors"][name].update(shape=[10])))
     cases["range disagrees with shard"] = ("convert", "elements 0..10 on rank 0, the shard holds", run)
+    run, ckpt = _copy(base, "world")
+    _edit(ckpt, lambda m: m.update(world_size=2))
+    cases["files disagree with world_size"] = ("verify convert", "lists shards of ranks [0] for world_size 2", run)
     run, ckpt = _copy(base, "r0")
     _edit(ckpt, lambda m: (m.update(adapters_active=True), m["relora"].update(r=0)))
     cases["relora r=0 with adapters"] = ("convert", "relora r=0", run)
@@ -192,6 +195,7 @@ CASES = [("shard name ../ escapes", t) for t in ("pretrain", "inspect", "verify"
     [("format 2 without checksum", t) for t in ("inspect", "convert")] + \
     [("no tokenizer/", t) for t in ("verify", "convert")] + \
     [("tokenizer file is a symlink", t) for t in ("verify", "convert")] + \
+    [("files disagree with world_size", t) for t in ("verify", "convert")] + \
     [("fragment on a rank without shard", "convert"), ("range disagrees with shard", "convert"),
      ("relora r=0 with adapters", "convert")]
 
