@@ -4,11 +4,16 @@ DeepSpeed 0.19.8).
 
     <root>/step_00000120/
         manifest.json          global state, every tensor's shape/dtype and which rank holds which
-                               flat range of which field, a sha256 per file
-        rank00000.safetensors  this rank's fragments only (nothing is gathered to one rank)
+                               flat range of which field, a sha256 per file and one of itself
+        rank00000.safetensors  this rank's fragments only (nothing is gathered to one rank); the
+                               same state gives the same bytes
         config.yaml            the run's config
-        tokenizer/             the tokenizer files (the checkpoint converts on its own)
+        tokenizer/             the tokenizer's own files, TOKENIZER_FILES only (the checkpoint
+                               converts on its own)
     <root>/latest              name of the newest complete checkpoint, written last
+
+Readers open only what integrity.py allows: the writer's own shard names as regular files inside
+the folder, `latest` naming a sibling step_* folder, a manifest whose own sha256 verifies.
 
 Fields per parameter: `master` (fp32 master of a trainable param), `exp_avg`, `exp_avg_sq`
 (Adam moments), `weight` (module copy of a param no optimizer holds), `merge_master` (fp32 merge
@@ -33,20 +38,17 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from relora_dist import integrity
+# OLDER, CheckpointError, check_tokenizer and shard_path are used here and by the readers that import them from here
+from relora_dist.integrity import OLDER, CheckpointError, check_tokenizer, shard_path  # noqa: F401
 from relora_dist.state import CheckpointState
 from relora_dist.tokenizer import tokenizer_files
 
-FORMAT_VERSION = 1
+# 2: the manifest carries its own sha256 (integrity.CHECKSUM); format 1 checkpoints still load.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 LATEST = "latest"
 
-
-OLDER = ("resume an older one with --checkpoint.resume=previous (the newest that verifies) or "
-         "--checkpoint.resume={root}/step_N")
-
-
-class CheckpointError(ValueError):
-    """A one-line problem with a checkpoint that names the file and the fix."""
 
 
 def _sha256(path: Path) -> str:
@@ -100,7 +102,7 @@ def _failed(errors: list[str | None], step: int, root: Path) -> CheckpointError 
     if not bad:
         return None
     rank, error = bad[0]
-    newest = find_latest(root)
+    newest = find_latest(root, strict=False)
     return CheckpointError(f"saving the checkpoint of step {step} failed on rank {rank} ({error}); nothing was "
                            f"published, the newest checkpoint is still {newest or 'none'}; free space or fix "
                            f"{root}, then rerun the same command to resume")
@@ -133,12 +135,14 @@ def save_checkpoint(state: CheckpointState, root: str | Path, keep_last: int) ->
     tensors, index = state.model.fragments()
     tensors.update(state.rng.state_dict())
     finite = all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
-    file = f"rank{state.rank:05d}.safetensors"
+    file = integrity.shard_name(state.rank)
     entry = {"rank": state.rank, "file": file, "index": index, "finite": finite, "error": None}
     try:
         if finite:
-            save_file(tensors, str(tmp / file),
-                      metadata={"format_version": str(FORMAT_VERSION), "rank": str(state.rank)})
+            # One metadata key: safetensors serializes the metadata map in hash order, so two keys
+            # made identical saves differ in their bytes (and sha256).
+            save_file(tensors, str(tmp / file), metadata={"relora_dist": json.dumps(
+                {"format_version": FORMAT_VERSION, "rank": state.rank}, sort_keys=True)})
             with open(tmp / file, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp / file, 0o644)  # safetensors creates it 0600; a checkpoint is for others to read
@@ -158,7 +162,8 @@ def save_checkpoint(state: CheckpointState, root: str | Path, keep_last: int) ->
         raise failure
     if nonfinite:
         raise RunAborted(f"step {step}: the model holds non-finite values (rank {nonfinite[0]}); not saved, the "
-                         f"newest checkpoint is still {find_latest(root) or 'none'}; lower optimizer.lr / relora.lr")
+                         f"newest checkpoint is still {find_latest(root, strict=False) or 'none'}; "
+                         f"lower optimizer.lr / relora.lr")
     error = None
     if state.is_main:
         try:
@@ -200,10 +205,12 @@ def _publish(state: CheckpointState, tmp: Path, final: Path, root: Path, entries
 
     manifest = manifest_of(state, entries)
     dump_config(state.cfg, tmp / "config.yaml")
+    # Only the tokenizer's own files, as regular files: a tokenizer_dir that is a whole model
+    # folder must not carry its weights, config or code into the checkpoint (and on into exports).
     (tmp / "tokenizer").mkdir()
-    for name in tokenizer_files(state.tokenizer_dir):  # the tokenizer may sit in a model folder: not its weights
-        shutil.copy2(Path(state.tokenizer_dir) / name, tmp / "tokenizer" / name)
-    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
+    for name in tokenizer_files(state.tokenizer_dir):
+        shutil.copyfile(Path(state.tokenizer_dir) / name, tmp / "tokenizer" / name)
+    _write_synced(tmp / MANIFEST, json.dumps(integrity.with_checksum(manifest), indent=1))
     _fsync_tree(tmp)
     _fsync_dir(tmp)
     if final.exists():
@@ -233,16 +240,24 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / MANIFEST).is_file())
+    return sorted(p for p in root.iterdir()
+                  if p.name.startswith("step_") and not p.is_symlink() and (p / MANIFEST).is_file())
 
 
-def find_latest(root: str | Path) -> Path | None:
-    """The checkpoint `latest` names, else the newest complete one."""
+def find_latest(root: str | Path, strict: bool = True) -> Path | None:
+    """The checkpoint `latest` names, else the newest complete one. `latest` may name only a
+    sibling step_* folder (not a path into another run); strict=False (error messages) ignores a
+    pointer that does not, instead of raising CheckpointError."""
     root = Path(root)
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / MANIFEST).is_file():
+        name = pointer.read_text(errors="replace").strip()
+        problem = integrity.latest_problem(name)
+        if problem and strict:
+            raise CheckpointError(f"{pointer} {problem}: it may name only a checkpoint of this folder; "
+                                  f"pass --checkpoint.resume={root}/step_N (or repair {pointer})")
+        candidate = root / name
+        if not problem and not candidate.is_symlink() and (candidate / MANIFEST).is_file():
             return candidate
     found = list_checkpoints(root)
     return found[-1] if found else None
@@ -289,6 +304,8 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
                               f"({FORMAT_VERSION}); upgrade relora_dist")
     problem = _manifest_problem(manifest) if isinstance(version, int) or not isinstance(manifest, dict) else \
         "has no integer format_version"
+    if isinstance(version, int) and isinstance(manifest, dict):
+        problem = integrity.checksum_problem(manifest, version) or problem
     if problem:
         raise CheckpointError(f"{path} {problem}: not a relora_dist checkpoint manifest, or a damaged one; {older}")
     return manifest
@@ -300,9 +317,12 @@ class ShardReader:
     def __init__(self, ckpt_dir: str | Path, verify: bool = True):
         self.dir = Path(ckpt_dir)
         self.manifest = read_manifest(self.dir)
+        ranks = sorted(f["rank"] for f in self.manifest["files"] if isinstance(f["rank"], int))
+        if ranks != list(range(self.manifest["world_size"])):
+            raise self._disagrees(f"lists shards of ranks {ranks} for world_size {self.manifest['world_size']}")
         self.handles = {}
         for f in self.manifest["files"]:
-            path = self.dir / f["file"]
+            path = shard_path(self.dir, f)
             if not path.is_file():
                 raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; {OLDER.format(root=self.dir.parent)}")
             if verify and _sha256(path) != f["sha256"]:
@@ -328,12 +348,24 @@ class ShardReader:
         for rank, start, end in parts:
             if start != pos:
                 break
-            pieces.append(self.handles[rank].get_tensor(f"{name}/{field}"))
+            handle, key = self.handles.get(rank), f"{name}/{field}"
+            if handle is None or key not in handle.keys():
+                raise self._disagrees(f"places '{key}' on rank {rank}, whose shard "
+                                      f"{'does not exist' if handle is None else 'lacks it'}")
+            piece = handle.get_tensor(key)
+            if piece.numel() != end - start:
+                raise self._disagrees(f"gives '{key}' elements {start}..{end} on rank {rank}, the shard holds "
+                                      f"{piece.numel()}")
+            pieces.append(piece.reshape(-1))
             pos = end
         if pos != shape.numel():
             raise CheckpointError(f"{self.dir}: field '{field}' of '{name}' covers {pos} of {shape.numel()} "
                                   f"elements; the checkpoint is incomplete, {OLDER.format(root=self.dir.parent)}")
         return torch.cat(pieces).view(shape)
+
+    def _disagrees(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.dir / MANIFEST} {what}: the manifest disagrees with the shards; the "
+                               f"checkpoint is damaged, {OLDER.format(root=self.dir.parent)}")
 
     def rng_state(self, rank: int, key: str = "rng/cpu") -> torch.Tensor | None:
         handle = self.handles.get(rank, self.handles[0])
@@ -370,7 +402,11 @@ def _saved_adapters(reader: ShardReader):
     m = reader.manifest
     if not m["adapters_active"]:
         return
-    scale = m["relora"]["alpha"] / m["relora"]["r"]
+    r, alpha = m["relora"]["r"], m["relora"]["alpha"]
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, (int, float)):
+        raise reader._disagrees(f"has relora r={r!r} alpha={alpha!r} with live adapters (r must be a positive "
+                                f"integer)")
+    scale = alpha / r
     for module in m["relora"]["wrapped_modules"]:
         yield module, _first(reader, f"{module}.lora_A"), _first(reader, f"{module}.lora_B"), scale
 

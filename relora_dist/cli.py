@@ -283,7 +283,7 @@ def _newest(cfg: Config) -> str:
     from relora_dist.checkpoint import find_latest
 
     root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.output_dir) / "checkpoints"
-    return str(find_latest(root) or "none")
+    return str(find_latest(root, strict=False) or "none")
 
 
 if __name__ == "__main__":

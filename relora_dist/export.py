@@ -12,16 +12,20 @@ max_shard_size), generation_config.json and the tokenizer files, or a bitsandbyt
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from relora_dist.integrity import architecture
 from relora_dist.quant_steps import full_master
 from relora_dist.relora import lora_delta
-from relora_dist.tokenizer import tokenizer_files
+from relora_dist.tokenizer import TOKENIZER_FILES, tokenizer_files
 
 Adapter = tuple[str, torch.Tensor, torch.Tensor, float]
 """(wrapped module name, full fp32 A, full fp32 B, scale)"""
@@ -84,6 +88,30 @@ def export_hf(state, out_dir: str | Path, dtype: torch.dtype = torch.float32) ->
 
 
 # --- the writer ----------------------------------------------------------------------------------------
+_EXPORT_NAME = re.compile(r"(config|generation_config)\.json|model(-\d{5}-of-\d{5})?\.safetensors"
+                          r"|model\.safetensors\.index\.json\Z")
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """What in `folder` an export does not write (links and sub-folders included): a folder with
+    none is an earlier export (or empty) and may be replaced whole."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_symlink() or not p.is_file()
+                  or not (_EXPORT_NAME.fullmatch(p.name) or p.name in TOKENIZER_FILES))
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put the finished folder `new` at `target` by renames: a reader sees the old export or the
+    new one, never a mix (an old model.safetensors beside new shards would be loaded instead)."""
+    if not target.exists() and not target.is_symlink():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_hf(state_dict: dict[str, torch.Tensor], model_config, tokenizer_dir: str | Path, out_dir: str | Path,
              dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB", quantize: str = "none") -> Path:
     """A folder AutoModelForCausalLM.from_pretrained loads: the causal LM of `model_config` (a
@@ -92,14 +120,19 @@ def write_hf(state_dict: dict[str, torch.Tensor], model_config, tokenizer_dir: s
     Raises ModelConfigMismatch when the config does not fit the tensors.
 
     A config object is used as it is, not copied: saving records the architecture and dtype in it,
-    and the live export has always left those in the run's config (later manifests record them)."""
+    and the live export has always left those in the run's config (later manifests record them).
+    A dict keeps only the architecture fields (integrity.architecture: no auto_map, no code).
+
+    The folder is written next to `out_dir` under a temporary name and renamed into place,
+    replacing whatever `out_dir` held (callers decide whether it may be replaced); only the
+    tokenizer's own files (TOKENIZER_FILES, regular files) are copied, never over a written one."""
     from transformers import AutoModelForCausalLM
 
     from relora_dist.model import config_from_dict
 
     out_dir = Path(out_dir)
     try:
-        config = config_from_dict(model_config) if isinstance(model_config, dict) else model_config
+        config = config_from_dict(architecture(model_config)) if isinstance(model_config, dict) else model_config
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(_tie(state_dict, config, dtype), strict=True, assign=True)
@@ -109,12 +142,21 @@ def write_hf(state_dict: dict[str, torch.Tensor], model_config, tokenizer_dir: s
         raise ModelConfigMismatch(f"model_config does not describe the saved tensors "
                                   f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
     # save_pretrained records the weights' dtype in config.json (no deprecated torch_dtype setter needed)
-    if quantize == "none":
-        model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    else:
-        quantize_hf(model, out_dir, quantize, max_shard_size)
-    for name in tokenizer_files(tokenizer_dir):  # never a model folder's weights or config
-        shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        if quantize == "none":
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        else:
+            quantize_hf(model, tmp, quantize, max_shard_size)
+        for name in tokenizer_files(tokenizer_dir):
+            if not (tmp / name).exists():
+                shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; an export is for others to read
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
 
 

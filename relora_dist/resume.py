@@ -16,6 +16,7 @@ from relora_dist.checkpoint import (
     find_latest,
     list_checkpoints,
     read_manifest,
+    shard_path,
 )
 from relora_dist.config import SECTIONS, ConfigError, _suggest, to_dict
 from relora_dist.state import CheckpointState
@@ -165,7 +166,9 @@ def check_output_dir(cfg, checkpoint_root: str | Path) -> None:
     target = resume_target(cfg, checkpoint_root)
     if target is None:
         return
-    read_manifest(target)  # a damaged manifest is a one-line error here, before any work
+    manifest = read_manifest(target)  # a damaged manifest is a one-line error here, before any work
+    for entry in manifest["files"]:  # a shard named outside the checkpoint, too
+        shard_path(target, entry)
     changes = identity_changes(to_dict(cfg), saved_config(target))
     listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
     structural = [k for k in changes if is_structural(k)]

@@ -42,10 +42,12 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 def tokenizer_files(tokenizer_dir: str | os.PathLike) -> list[str]:
-    """The names in TOKENIZER_FILES that exist in `tokenizer_dir` as regular files, not links."""
+    """The names in TOKENIZER_FILES that are files in `tokenizer_dir`. A link to a file counts: a
+    Hugging Face cache snapshot is made of links, and the user chose that folder; copies out of it
+    (checkpoints, exports) are written as regular files, and checkpoint readers refuse links in a
+    checkpoint's own tokenizer/ (integrity.tokenizer_problem)."""
     root = os.fspath(tokenizer_dir)
-    return [n for n in TOKENIZER_FILES
-            if os.path.isfile(os.path.join(root, n)) and not os.path.islink(os.path.join(root, n))]
+    return [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(root, n))]
 
 # Written beside tokenizer.model for transformers. add_bos/eos false: our data pipeline adds
 # EOS itself, and encode() must return the same ids as sentencepiece's encode().

@@ -25,8 +25,8 @@ def convert(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
             overwrite: bool = False, quantize: str = "none") -> Path:
     import torch
 
-    from relora_dist.checkpoint import MANIFEST, ShardReader, consolidated_state_dict, find_latest
-    from relora_dist.export import ModelConfigMismatch, write_hf
+    from relora_dist.checkpoint import MANIFEST, ShardReader, check_tokenizer, consolidated_state_dict, find_latest
+    from relora_dist.export import ModelConfigMismatch, foreign_files, write_hf
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not (ckpt_dir / MANIFEST).is_file():
@@ -34,15 +34,27 @@ def convert(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
         if latest is None:
             raise CheckpointError(f"{ckpt_dir} holds no {MANIFEST} and no checkpoints: pass a step_* directory")
         ckpt_dir = latest
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} is not empty: pass an empty or new directory, or --overwrite")
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise CheckpointError(f"{out_dir} is not a directory: pass a new or empty directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"{out_dir} is not empty: pass an empty or new directory, or --overwrite")
+        # --overwrite replaces the folder whole, so only an earlier export (or an empty folder) may go.
+        foreign = foreign_files(out_dir)
+        if foreign:
+            raise CheckpointError(f"{out_dir} holds {foreign[0]!r}, which an export does not write: --overwrite "
+                                  f"replaces only an earlier export; pass a new or empty directory")
     reader = ShardReader(ckpt_dir)
+    check_tokenizer(ckpt_dir)
     state_dict = consolidated_state_dict(reader, merge_adapters=True)
     try:
         return write_hf(state_dict, reader.manifest["model_config"], ckpt_dir / "tokenizer", out_dir,
                         getattr(torch, DTYPES[dtype]), max_shard_size, quantize)
     except ModelConfigMismatch as e:  # the manifest's model_config does not fit its tensors
         raise CheckpointError(f"{ckpt_dir / MANIFEST}: {e}; the checkpoint is damaged") from None
+    except OSError as e:  # a read-only or full target
+        raise CheckpointError(f"cannot write {out_dir} ({type(e).__name__}: {e.strerror or e}); pass a "
+                              f"writable directory (nothing was written there)") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir", help="output Hugging Face folder (new or empty); required")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default: fp32)")
     ap.add_argument("--max_shard_size", default="2GB", help="safetensors shard size (default: 2GB)")
-    ap.add_argument("--overwrite", action="store_true", help="write into a non-empty out_dir (default: off)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace out_dir when it holds an earlier export (default: off)")
     ap.add_argument("--quantize", choices=["none", "nf4", "int8"], default="none",
                     help="write a bitsandbytes-quantized HF folder from the merged fp32 weights (default: none)")
     args = ap.parse_args(argv)

@@ -12,7 +12,8 @@ import math
 import sys
 from pathlib import Path
 
-from relora_dist.checkpoint import MANIFEST, OLDER, CheckpointError, ShardReader, find_latest, read_manifest
+from relora_dist.checkpoint import (MANIFEST, OLDER, CheckpointError, ShardReader, check_tokenizer, find_latest,
+                                   read_manifest, shard_path)
 
 
 def summary(ckpt_dir: Path, verify: bool) -> str:
@@ -22,7 +23,9 @@ def summary(ckpt_dir: Path, verify: bool) -> str:
             raise CheckpointError(f"{ckpt_dir} holds no {MANIFEST} and no checkpoints: pass a step_* directory")
         ckpt_dir = latest
     m = ShardReader(ckpt_dir).manifest if verify else read_manifest(ckpt_dir)
-    missing = [f["file"] for f in m["files"] if not (ckpt_dir / f["file"]).is_file()]
+    if verify:
+        check_tokenizer(ckpt_dir)
+    missing = [f["file"] for f in m["files"] if not shard_path(ckpt_dir, f).is_file()]
     if missing:
         raise CheckpointError(f"{ckpt_dir / missing[0]} is missing ({len(missing)} of {len(m['files'])} shards): "
                               f"the checkpoint is incomplete; {OLDER.format(root=ckpt_dir.parent)}")
