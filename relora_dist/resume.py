@@ -18,6 +18,7 @@ from relora_dist.checkpoint import (
     read_manifest,
 )
 from relora_dist.config import SECTIONS, ConfigError, _suggest, to_dict
+from relora_dist.integrity import LockHeld, check_unlocked, fingerprint_changes, locked_folders
 from relora_dist.state import CheckpointState
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -165,8 +166,10 @@ def check_output_dir(cfg, checkpoint_root: str | Path) -> None:
     target = resume_target(cfg, checkpoint_root)
     if target is None:
         return
-    read_manifest(target)  # a damaged manifest is a one-line error here, before any work
+    manifest = read_manifest(target)  # a damaged manifest is a one-line error here, before any work
     changes = identity_changes(to_dict(cfg), saved_config(target))
+    for key, change in fingerprint_changes(cfg, manifest).items():  # same path, other contents
+        changes.setdefault(key, change)
     listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
     structural = [k for k in changes if is_structural(k)]
     if structural:
@@ -202,8 +205,10 @@ def check_checkpoint_config(cfg) -> None:
             raise ConfigError(f"checkpoint.allow_changes: {key} changes the model's tensors and cannot change "
                               f"within a run; drop it (use another run.output_dir for a new run)")
     try:
+        for folder in locked_folders(cfg):  # a live run's folder first: its checkpoints are not ours to judge
+            check_unlocked(folder)
         check_output_dir(cfg, checkpoint_root(cfg))
-    except CheckpointError as e:
+    except (CheckpointError, LockHeld) as e:
         raise ConfigError(str(e)) from None
 
 

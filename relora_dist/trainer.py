@@ -59,6 +59,7 @@ class Trainer:
     def __init__(self, cfg: Config, ds_template: dict, info: DistInfo):
         validate(cfg)
         self.cfg, self.info = cfg, info
+        self._lock_output(cfg, info)
         self.device = info.device
         c = cfg
         tokenizer_dir = c.data.tokenizer_dir or str(DEFAULT_TOKENIZER)
@@ -104,6 +105,8 @@ class Trainer:
                   f"midway; the published checkpoints are complete)", flush=True)
         if c.checkpoint.overwrite and info.is_main:
             resume.remove_checkpoints(self.checkpoint_root)
+        if info.is_main:
+            self._abandon_newer(c)
         dist.barrier()
         self.resumed_from = resume.resume_target(c, self.checkpoint_root)
         manifest = ckpt.read_manifest(self.resumed_from) if self.resumed_from else None
@@ -127,6 +130,37 @@ class Trainer:
                            f"restart index {self.state.restart_index}, world size {manifest['world_size']} -> "
                            f"{info.world_size}, {manifest.get('backend', 'zero%d' % manifest['zero_stage'])} -> {self.backend.name})")
         self._stop_requested = False
+
+    def _lock_output(self, cfg: Config, info: DistInfo) -> None:
+        """Rank 0 owns the output folder for the process's lifetime (integrity.acquire); a second run
+        into it stops here, on every rank, before anything is written (exit 2, one line)."""
+        from relora_dist.integrity import LockHeld, acquire, locked_folders
+
+        error = None
+        if info.is_main:
+            try:
+                for folder in locked_folders(cfg):
+                    acquire(folder)
+            except LockHeld as e:
+                error = str(e)
+        errors = [None] * info.world_size
+        dist.all_gather_object(errors, error)
+        if errors[0]:
+            from relora_dist.config import ConfigError
+
+            raise ConfigError(errors[0])
+
+    def _abandon_newer(self, c: Config) -> None:
+        """Resuming an older step_N: the newer checkpoints of the abandoned timeline move aside."""
+        from relora_dist.integrity import abandon_newer
+
+        target = resume.resume_target(c, self.checkpoint_root)
+        if target is None or Path(target).parent.resolve() != self.checkpoint_root.resolve():
+            return
+        moved, aside = abandon_newer(self.checkpoint_root, Path(target), ckpt.list_checkpoints(self.checkpoint_root))
+        if moved:
+            print(f"note: resuming {Path(target).name} abandons the newer {', '.join(moved)}: moved into {aside} "
+                  f"(never resumed or deleted by this run); `latest` names {Path(target).name}", flush=True)
 
     # --- phases -----------------------------------------------------------------------------------
     @property
@@ -212,7 +246,7 @@ class Trainer:
         if st.step >= c.train.max_steps:
             self.log.print(f"nothing to do: the run is already at step {st.step} = train.max_steps "
                            f"({self.resumed_from}); raise train.max_steps to continue it")
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {sig: signal.signal(sig, self._on_sigterm) for sig in faults.STOP_SIGNALS}
         t_last = time.perf_counter()
         while st.step < c.train.max_steps:
             if r.enabled and st.phase == "full_rank" and st.step == r.warm_start_steps:
@@ -256,11 +290,12 @@ class Trainer:
                 path = self.save_checkpoint()
                 self.log.print(f"step {st.step} | saved checkpoint {path}")
             if stop:
-                self.log.print(f"step {st.step} | SIGTERM: checkpoint saved, exiting cleanly")
+                self.log.print(f"step {st.step} | {faults.stop_signal() or 'SIGTERM'}: checkpoint saved, exiting cleanly")
                 st.stopped = True
                 break
             t_last = time.perf_counter()
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if evals and not st.stopped:
             self.log_phase_summary(evals[-1])
             self.log.print(f"done | first eval ppl {evals[0]['eval_ppl']:.2f} -> final eval ppl {evals[-1]['eval_ppl']:.2f}")
