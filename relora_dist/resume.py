@@ -205,8 +205,14 @@ def check_checkpoint_config(cfg) -> None:
             raise ConfigError(f"checkpoint.allow_changes: {key} changes the model's tensors and cannot change "
                               f"within a run; drop it (use another run.output_dir for a new run)")
     try:
-        for folder in locked_folders(cfg):  # a live run's folder first: its checkpoints are not ours to judge
-            check_unlocked(folder)
+        # A live run's folder first: its checkpoints are not ours to judge. Every rank probes before
+        # the process group; once it exists (a Trainer validating again) rank 0's lock decides,
+        # since a rank probing then would see its own run's lock.
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            for folder in locked_folders(cfg):
+                check_unlocked(folder)
         check_output_dir(cfg, checkpoint_root(cfg))
     except (CheckpointError, LockHeld) as e:
         raise ConfigError(str(e)) from None
