@@ -103,6 +103,26 @@ def locked_folders(cfg) -> list[Path]:
     return folders
 
 
+def lock_output(cfg, info) -> None:
+    """Rank 0 owns the output folders for the process's lifetime (acquire); a second run into them
+    stops here, on every rank, before anything is written (ConfigError: exit 2, one line)."""
+    import torch.distributed as dist
+
+    from relora_dist.config import ConfigError
+
+    error = None
+    if info.is_main:
+        try:
+            for folder in locked_folders(cfg):
+                acquire(folder)
+        except LockHeld as e:
+            error = str(e)
+    errors = [None] * info.world_size
+    dist.all_gather_object(errors, error)
+    if errors[0]:
+        raise ConfigError(errors[0])
+
+
 # --- fingerprints of the inputs ----------------------------------------------------------------------
 def data_fingerprint(data_dir: str | Path) -> str:
     """The prepared data's content: the sha256 of train.bin and val.bin that prepare_dataset records
@@ -175,6 +195,22 @@ def abandon_newer(root: str | Path, resumed_from: Path, checkpoints: list[Path])
         os.replace(tmp, root / LATEST)
     _fsync_dir(root)
     return [p.name for p in newer], aside
+
+
+def abandon_on_resume(cfg, root: Path) -> None:
+    """Rank 0, at start-up: the checkpoint this launch resumes, if older than others in `root`,
+    starts a new timeline (abandon_newer), with a note."""
+    from relora_dist.checkpoint import list_checkpoints
+    from relora_dist.resume import resume_target
+
+    target = resume_target(cfg, root)
+    if target is None or Path(target).parent.resolve() != Path(root).resolve():
+        return
+    target = Path(target)
+    moved, aside = abandon_newer(root, target, list_checkpoints(root))
+    if moved:
+        print(f"note: resuming {target.name} abandons the newer {', '.join(moved)}: moved into {aside} "
+              f"(never resumed or deleted by this run); `latest` names {target.name}", flush=True)
 
 
 def _manifest(path: Path) -> dict:

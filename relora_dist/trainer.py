@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from relora_dist import checkpoint as ckpt
-from relora_dist import faults
+from relora_dist import faults, integrity
 from relora_dist import relora_steps as steps
 from relora_dist import resume, schedule
 from relora_dist.backends.factory import make_backend
@@ -59,7 +59,7 @@ class Trainer:
     def __init__(self, cfg: Config, ds_template: dict, info: DistInfo):
         validate(cfg)
         self.cfg, self.info = cfg, info
-        self._lock_output(cfg, info)
+        integrity.lock_output(cfg, info)
         self.device = info.device
         c = cfg
         tokenizer_dir = c.data.tokenizer_dir or str(DEFAULT_TOKENIZER)
@@ -106,7 +106,7 @@ class Trainer:
         if c.checkpoint.overwrite and info.is_main:
             resume.remove_checkpoints(self.checkpoint_root)
         if info.is_main:
-            self._abandon_newer(c)
+            integrity.abandon_on_resume(c, self.checkpoint_root)
         dist.barrier()
         self.resumed_from = resume.resume_target(c, self.checkpoint_root)
         manifest = ckpt.read_manifest(self.resumed_from) if self.resumed_from else None
@@ -130,37 +130,6 @@ class Trainer:
                            f"restart index {self.state.restart_index}, world size {manifest['world_size']} -> "
                            f"{info.world_size}, {manifest.get('backend', 'zero%d' % manifest['zero_stage'])} -> {self.backend.name})")
         self._stop_requested = False
-
-    def _lock_output(self, cfg: Config, info: DistInfo) -> None:
-        """Rank 0 owns the output folder for the process's lifetime (integrity.acquire); a second run
-        into it stops here, on every rank, before anything is written (exit 2, one line)."""
-        from relora_dist.integrity import LockHeld, acquire, locked_folders
-
-        error = None
-        if info.is_main:
-            try:
-                for folder in locked_folders(cfg):
-                    acquire(folder)
-            except LockHeld as e:
-                error = str(e)
-        errors = [None] * info.world_size
-        dist.all_gather_object(errors, error)
-        if errors[0]:
-            from relora_dist.config import ConfigError
-
-            raise ConfigError(errors[0])
-
-    def _abandon_newer(self, c: Config) -> None:
-        """Resuming an older step_N: the newer checkpoints of the abandoned timeline move aside."""
-        from relora_dist.integrity import abandon_newer
-
-        target = resume.resume_target(c, self.checkpoint_root)
-        if target is None or Path(target).parent.resolve() != self.checkpoint_root.resolve():
-            return
-        moved, aside = abandon_newer(self.checkpoint_root, Path(target), ckpt.list_checkpoints(self.checkpoint_root))
-        if moved:
-            print(f"note: resuming {Path(target).name} abandons the newer {', '.join(moved)}: moved into {aside} "
-                  f"(never resumed or deleted by this run); `latest` names {Path(target).name}", flush=True)
 
     # --- phases -----------------------------------------------------------------------------------
     @property
