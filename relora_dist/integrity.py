@@ -175,12 +175,20 @@ def step_of(path: Path) -> int:
     return int(path.name.split("_", 1)[1])
 
 
-def abandon_newer(root: str | Path, resumed_from: Path, checkpoints: list[Path]) -> tuple[list[str], Path | None]:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def abandon_newer(root: str | Path, resumed_from: Path, checkpoints: list[Path],
+                  latest: str = "latest") -> tuple[list[str], Path | None]:
     """Resuming step_N with newer step_M present starts a new timeline: the newer ones belong to the
     abandoned one. They move into <root>/abandoned-<UTC time>/ (kept for inspection, never picked by
-    a plain relaunch or by retention) and `latest` names step_N again. Rank 0, at start-up."""
-    from relora_dist.checkpoint import LATEST, _fsync_dir, _write_synced
-
+    a plain relaunch or by retention) and the `latest` pointer names step_N again. Rank 0, at
+    start-up. (checkpoint.py imports this module, so nothing here imports it.)"""
     root = Path(root)
     newer = [p for p in checkpoints if step_of(p) > step_of(resumed_from)]
     if not newer:
@@ -190,27 +198,12 @@ def abandon_newer(root: str | Path, resumed_from: Path, checkpoints: list[Path])
     for p in newer:
         os.replace(p, aside / p.name)
     if resumed_from.parent.resolve() == root.resolve():
-        tmp = root / f".{LATEST}.tmp"
-        _write_synced(tmp, resumed_from.name)
-        os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
+        tmp = root / f".{latest}.tmp"
+        tmp.write_text(resumed_from.name)
+        _fsync(tmp)
+        os.replace(tmp, root / latest)
+    _fsync(root)
     return [p.name for p in newer], aside
-
-
-def abandon_on_resume(cfg, root: Path) -> None:
-    """Rank 0, at start-up: the checkpoint this launch resumes, if older than others in `root`,
-    starts a new timeline (abandon_newer), with a note."""
-    from relora_dist.checkpoint import list_checkpoints
-    from relora_dist.resume import resume_target
-
-    target = resume_target(cfg, root)
-    if target is None or Path(target).parent.resolve() != Path(root).resolve():
-        return
-    target = Path(target)
-    moved, aside = abandon_newer(root, target, list_checkpoints(root))
-    if moved:
-        print(f"note: resuming {target.name} abandons the newer {', '.join(moved)}: moved into {aside} "
-              f"(never resumed or deleted by this run); `latest` names {target.name}", flush=True)
 
 
 def _manifest(path: Path) -> dict:

@@ -18,7 +18,7 @@ from relora_dist.checkpoint import (
     read_manifest,
 )
 from relora_dist.config import SECTIONS, ConfigError, _suggest, to_dict
-from relora_dist.integrity import LockHeld, check_unlocked, fingerprint_changes, locked_folders
+from relora_dist.integrity import LockHeld, abandon_newer, check_unlocked, fingerprint_changes, locked_folders
 from relora_dist.state import CheckpointState
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -216,6 +216,19 @@ def check_checkpoint_config(cfg) -> None:
         check_output_dir(cfg, checkpoint_root(cfg))
     except (CheckpointError, LockHeld) as e:
         raise ConfigError(str(e)) from None
+
+
+def abandon_on_resume(cfg, root: Path) -> None:
+    """Rank 0, at start-up: the checkpoint this launch resumes, if older than others in `root`,
+    starts a new timeline (integrity.abandon_newer), with a note."""
+    target = resume_target(cfg, root)
+    if target is None or Path(target).parent.resolve() != Path(root).resolve():
+        return
+    target = Path(target)
+    moved, aside = abandon_newer(root, target, list_checkpoints(root), LATEST)
+    if moved:
+        print(f"note: resuming {target.name} abandons the newer {', '.join(moved)}: moved into {aside} "
+              f"(never resumed or deleted by this run); `latest` names {target.name}", flush=True)
 
 
 def remove_checkpoints(checkpoint_root: str | Path) -> None:

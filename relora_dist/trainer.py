@@ -106,7 +106,7 @@ class Trainer:
         if c.checkpoint.overwrite and info.is_main:
             resume.remove_checkpoints(self.checkpoint_root)
         if info.is_main:
-            integrity.abandon_on_resume(c, self.checkpoint_root)
+            resume.abandon_on_resume(c, self.checkpoint_root)
         dist.barrier()
         self.resumed_from = resume.resume_target(c, self.checkpoint_root)
         manifest = ckpt.read_manifest(self.resumed_from) if self.resumed_from else None
