@@ -196,7 +196,19 @@ def manifest_of(state: CheckpointState, entries: list[dict]) -> dict:
         "model_config": state.model_config.to_dict(), "adapters_active": relora["adapters_active"],
         "rank_stats": relora["rank_stats"], "tensors": tensors_meta,
         "files": [{"rank": e["rank"], "file": e["file"], "sha256": e["sha256"]} for e in entries],
+        **_run_record(state),
     }
+
+
+def _run_record(state: CheckpointState) -> dict:
+    """What retention and a resume read besides the tensors: the eval loss measured at this step
+    (None if none was), the non-finite skip streak, the fingerprints of the data and tokenizer."""
+    from relora_dist.run_guard import run_fingerprints
+
+    evals = state.progress.evals
+    at_step = evals[-1]["eval_loss"] if evals and evals[-1]["step"] == state.progress.step else None
+    return {"eval_loss": at_step, "skipped_in_a_row": state.progress.skipped_in_a_row,
+            "fingerprints": run_fingerprints(state.cfg, state.tokenizer_dir)}
 
 
 def _publish(state: CheckpointState, tmp: Path, final: Path, root: Path, entries: list[dict], keep_last: int) -> None:
@@ -213,24 +225,32 @@ def _publish(state: CheckpointState, tmp: Path, final: Path, root: Path, entries
     _write_synced(tmp / MANIFEST, json.dumps(integrity.with_checksum(manifest), indent=1))
     _fsync_tree(tmp)
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # another run's (a resume moves its own abandoned ones aside first): never replaced
+        raise CheckpointError(f"{final} already exists and was not written by this run; nothing was replaced; "
+                              f"use another --run.output_dir")
     os.replace(tmp, final)
     latest_tmp = root / f".{LATEST}.tmp"
     _write_synced(latest_tmp, final.name)
     os.replace(latest_tmp, root / LATEST)
     _fsync_dir(root)
-    # Every published checkpoint is finite (a non-finite model is never saved), so keeping the
-    # newest K always keeps the newest finite one.
-    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    # Every published checkpoint is finite (a non-finite model is never saved); run_guard.to_keep
+    # also keeps the best-eval one and the newest saved outside a skip streak.
+    if keep_last > 0:
+        from relora_dist.run_guard import remove_checkpoint, to_keep
+
+        found = list_checkpoints(root)
+        keep = to_keep(found, keep_last, final)
+        for old in found:
+            if old not in keep:
+                remove_checkpoint(old)
 
 
 def remove_stale_temporaries(root: str | Path) -> list[str]:
     """Remove what a save killed midway left (`.tmp-step_*` folders, `.latest.tmp`); run at start-up
     on rank 0, when nothing else writes here. Returns the names removed."""
     root = Path(root)
-    stale = sorted(p for p in root.glob(".tmp-step_*")) + sorted(root.glob(f".{LATEST}.tmp")) if root.is_dir() else []
+    stale = sorted(root.glob(".tmp-step_*")) + sorted(root.glob(".del-step_*")) + sorted(root.glob(f".{LATEST}.tmp")) \
+        if root.is_dir() else []
     for p in stale:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return [p.name for p in stale]
@@ -240,8 +260,9 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.name.startswith("step_") and not p.is_symlink() and (p / MANIFEST).is_file())
+    found = [p for p in root.iterdir()
+             if p.name.startswith("step_") and p.name[5:].isdigit() and not p.is_symlink() and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))  # by step: names past 8 digits do not sort
 
 
 def find_latest(root: str | Path, strict: bool = True) -> Path | None:

@@ -16,6 +16,10 @@ import time
 from typing import Callable
 
 EXIT_ABORTED = 3
+# Each stops a run the same way (save at the next step boundary, one line, exit 0). SIGINT used to
+# end a 1- or 2-rank run with KeyboardInterrupt tracebacks, exit 1, and no save; SIGHUP (a closed
+# terminal or ssh session) killed the ranks without a word.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class RunAborted(RuntimeError):
@@ -81,12 +85,13 @@ class Watchdog:
     def __init__(self, rank: int, world_size: int, grace_s: float, newest: Callable[[], str]):
         self.rank, self.world_size, self.grace_s, self.newest = rank, world_size, grace_s, newest
         self.stop_requested = threading.Event()
+        self.signal_name = ""
         self.progress_at = time.monotonic()
 
     def start(self) -> None:
         """Before the process group and any other thread: SIGTERM is blocked in every thread
         started after this (they inherit the mask) and taken by the watchdog's own."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
         threading.Thread(target=self._on_sigterm, name="relora-sigterm", daemon=True).start()
 
     def start_heartbeat(self) -> None:
@@ -107,12 +112,12 @@ class Watchdog:
             return
 
     def _on_sigterm(self) -> None:
-        signal.sigwait({signal.SIGTERM})
+        self.signal_name = signal.Signals(signal.sigwait(set(STOP_SIGNALS))).name
         self.stop_requested.set()
         self.progress()
         while time.monotonic() - self.progress_at < self.grace_s:
             time.sleep(0.5)
-        print(f"error: rank {self.rank}: SIGTERM, but no step finished within {GRACE_ENV}={self.grace_s:g} s "
+        print(f"error: rank {self.rank}: {self.signal_name}, but no step finished within {GRACE_ENV}={self.grace_s:g} s "
               f"({self.stalled_peers()}); no checkpoint was written, the newest is {self.newest()}",
               file=sys.stderr, flush=True)
         os._exit(EXIT_ABORTED)
@@ -148,6 +153,11 @@ def start_watchdog(rank: int, world_size: int, grace_s: float, newest: Callable[
 def stop_requested() -> bool:
     """SIGTERM reached the watchdog (launcher runs only)."""
     return _WATCHDOG is not None and _WATCHDOG.stop_requested.is_set()
+
+
+def stop_signal() -> str:
+    """The name of the signal that asked this run to stop ('' if none reached the watchdog)."""
+    return _WATCHDOG.signal_name if _WATCHDOG is not None and _WATCHDOG.stop_requested.is_set() else ""
 
 
 def progress() -> None:

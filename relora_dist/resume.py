@@ -19,6 +19,7 @@ from relora_dist.checkpoint import (
     shard_path,
 )
 from relora_dist.config import SECTIONS, ConfigError, _suggest, to_dict
+from relora_dist.run_guard import LockHeld, abandon_newer, check_unlocked, fingerprint_changes, locked_folders
 from relora_dist.state import CheckpointState
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -170,6 +171,8 @@ def check_output_dir(cfg, checkpoint_root: str | Path) -> None:
     for entry in manifest["files"]:  # a shard named outside the checkpoint, too
         shard_path(target, entry)
     changes = identity_changes(to_dict(cfg), saved_config(target))
+    for key, change in fingerprint_changes(cfg, manifest).items():  # same path, other contents
+        changes.setdefault(key, change)
     listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
     structural = [k for k in changes if is_structural(k)]
     if structural:
@@ -205,9 +208,30 @@ def check_checkpoint_config(cfg) -> None:
             raise ConfigError(f"checkpoint.allow_changes: {key} changes the model's tensors and cannot change "
                               f"within a run; drop it (use another run.output_dir for a new run)")
     try:
+        # A live run's folder first: its checkpoints are not ours to judge. Every rank probes before
+        # the process group; once it exists (a Trainer validating again) rank 0's lock decides,
+        # since a rank probing then would see its own run's lock.
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            for folder in locked_folders(cfg):
+                check_unlocked(folder)
         check_output_dir(cfg, checkpoint_root(cfg))
-    except CheckpointError as e:
+    except (CheckpointError, LockHeld) as e:
         raise ConfigError(str(e)) from None
+
+
+def abandon_on_resume(cfg, root: Path) -> None:
+    """Rank 0, at start-up: the checkpoint this launch resumes, if older than others in `root`,
+    starts a new timeline (run_guard.abandon_newer), with a note."""
+    target = resume_target(cfg, root)
+    if target is None or Path(target).parent.resolve() != Path(root).resolve():
+        return
+    target = Path(target)
+    moved, aside = abandon_newer(root, target, list_checkpoints(root), LATEST)
+    if moved:
+        print(f"note: resuming {target.name} abandons the newer {', '.join(moved)}: moved into {aside} "
+              f"(never resumed or deleted by this run); `latest` names {target.name}", flush=True)
 
 
 def remove_checkpoints(checkpoint_root: str | Path) -> None:

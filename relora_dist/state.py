@@ -51,12 +51,16 @@ class TrainState:
         the scheduler's whole state; last_lr is recorded for people reading the manifest."""
         return {"global_step": self.step, "phase": self.phase, "restart_index": self.restart_index,
                 "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "skipped_in_a_row": self.skipped_in_a_row,
                 "lr_schedule": {"step": self.step, "last_lr": self.history[-1]["lr"] if self.history else 0.0}}
 
     def load_state_dict(self, sd: dict) -> None:
         self.step, self.tokens_seen, self.restart_index, self.phase = (
             sd["global_step"], sd["tokens_seen"], sd["restart_index"], sd["phase"])
         self.skipped_steps = int(sd.get("skipped_steps", 0))  # absent in checkpoints of older versions
+        # a resume inside a skip streak goes on counting it: a reset counter let a run that had
+        # collapsed to non-finite steps finish with exit 0
+        self.skipped_in_a_row = int(sd.get("skipped_in_a_row") or 0)
 
 
 class RNGState:

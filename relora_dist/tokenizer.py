@@ -26,7 +26,7 @@ import os
 from typing import Iterable, Iterator
 
 __all__ = ["SPTokenizer", "HFTokenizer", "train_tokenizer", "load_tokenizer", "tokenizer_checksum",
-           "MODEL_FILE", "TOKENIZER_FILES", "tokenizer_files"]
+           "MODEL_FILE", "TOKENIZER_FILES", "tokenizer_files", "tokenizer_fingerprint"]
 
 MODEL_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
@@ -227,6 +227,21 @@ def tokenizer_checksum(tokenizer_dir: str) -> str:
     with open(os.path.join(tokenizer_dir, name), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer_dir: str) -> str:
+    """sha256 over every tokenizer file present (tokenizer_files: tokenizer.model and a Hugging
+    Face tokenizer.json, its configs, ...), names included: what a resume compares. Not
+    tokenizer_checksum, which prepared data records and which must stay the sha256 of
+    tokenizer.model alone so that data prepared earlier still matches."""
+    h = hashlib.sha256()
+    for name in tokenizer_files(tokenizer_dir):
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(tokenizer_dir, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
     return h.hexdigest()
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from relora_dist import checkpoint as ckpt
-from relora_dist import faults
+from relora_dist import faults, run_guard
 from relora_dist import relora_steps as steps
 from relora_dist import resume, schedule
 from relora_dist.backends.factory import make_backend
@@ -59,6 +59,7 @@ class Trainer:
     def __init__(self, cfg: Config, ds_template: dict, info: DistInfo):
         validate(cfg)
         self.cfg, self.info = cfg, info
+        run_guard.lock_output(cfg, info)
         self.device = info.device
         c = cfg
         tokenizer_dir = tokenizer_dir_of(c)
@@ -107,6 +108,8 @@ class Trainer:
                   f"midway; the published checkpoints are complete)", flush=True)
         if c.checkpoint.overwrite and info.is_main:
             resume.remove_checkpoints(self.checkpoint_root)
+        if info.is_main:
+            resume.abandon_on_resume(c, self.checkpoint_root)
         dist.barrier()
         self.resumed_from = resume.resume_target(c, self.checkpoint_root)
         manifest = ckpt.read_manifest(self.resumed_from) if self.resumed_from else None
@@ -215,7 +218,7 @@ class Trainer:
         if st.step >= c.train.max_steps:
             self.log.print(f"nothing to do: the run is already at step {st.step} = train.max_steps "
                            f"({self.resumed_from}); raise train.max_steps to continue it")
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {sig: signal.signal(sig, self._on_sigterm) for sig in faults.STOP_SIGNALS}
         t_last = time.perf_counter()
         while st.step < c.train.max_steps:
             if r.enabled and st.phase == "full_rank" and st.step == r.warm_start_steps:
@@ -259,11 +262,12 @@ class Trainer:
                 path = self.save_checkpoint()
                 self.log.print(f"step {st.step} | saved checkpoint {path}")
             if stop:
-                self.log.print(f"step {st.step} | SIGTERM: checkpoint saved, exiting cleanly")
+                self.log.print(f"step {st.step} | {faults.stop_signal() or 'SIGTERM'}: checkpoint saved, exiting cleanly")
                 st.stopped = True
                 break
             t_last = time.perf_counter()
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if evals and not st.stopped:
             self.log_phase_summary(evals[-1])
             self.log.print(f"done | first eval ppl {evals[0]['eval_ppl']:.2f} -> final eval ppl {evals[-1]['eval_ppl']:.2f}")

@@ -242,7 +242,7 @@ CASES = {
     "lr": (lambda f: ["optimizer.lr=0"], ["optimizer.lr=0", "must be"]),
     "beta": (lambda f: ["optimizer.beta2=1"], ["optimizer.beta2=1", "must be"]),
     "warm start too long": (lambda f: ["relora.warm_start_steps=300"],
-                            ["relora.warm_start_steps=300", "train.max_steps=300", "lower it"]),
+                            ["relora.warm_start_steps=300", "train.max_steps=300", "for a 300-step run pass --relora.warm_start_steps=100"]),
     "optimizer_reset": (lambda f: ["relora.optimizer_reset=prune"], ["relora.optimizer_reset 'prune'", "use "]),
     "prune ratio": (lambda f: ["relora.prune_ratio=2"], ["relora.prune_ratio=2", "must be"]),
     "merge precision": (lambda f: ["relora.merge_precision=fp16"], ["relora.merge_precision 'fp16'", "use "]),

@@ -98,6 +98,9 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
                       f"one block of {seq_len}; {fix}")
     meta = {
         "format_version": FORMAT_VERSION,
+        # what a resume compares (run_guard.data_fingerprint): the bytes a run reads
+        "data_sha256": _sha256_files([os.path.join(out_dir, f"{s}.bin") for s in SPLITS]),
+        "source_stats": _source_stats(sources),
         "tokenizer_checksum": tokenizer_checksum(tokenizer_dir),
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
@@ -120,6 +123,22 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
     os.replace(tmp, os.path.join(out_dir, "meta.json"))
     logger.info("prepared %s: %s", out_dir, meta["num_blocks"])
     return meta
+
+
+def _sha256_files(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _source_stats(sources) -> list:
+    """[path, size, mtime_ns] per local source: relora-prepare-data compares them to tell whether
+    --out already holds a preparation of the same inputs."""
+    return [[os.path.abspath(s), os.stat(s).st_size, os.stat(s).st_mtime_ns] for s in sources or []
+            if os.path.isfile(s)]
 
 
 def _cache_key(sources, tokenizer_dir, seq_len, val_fraction, seed, extra: dict) -> str:
