@@ -156,4 +156,18 @@ def check_writable_dirs(cfg: Config) -> None:
             raise ConfigError(f"{key}={value}: {path} is a file, not a folder; move it away or {fix}")
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"{key}={value}: {path} is not writable (a read-only file system, or no "
-                              f"permission); {fix}")
+                              f"permission for uid {os.getuid()}); {fix}{_container_hint(path)}")
+
+
+def _container_hint(path: Path) -> str:
+    """In the image (which runs as uid 1000), the usual cause is a mounted host folder owned by
+    another user: `docker run -v "$PWD/runs:/opt/relora_dist/runs"` as documented."""
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        return ""
+    if owner == os.getuid() or not (Path("/.dockerenv").exists() or Path("/run/.containerenv").exists()
+                                    or str(path).startswith("/opt/relora_dist")):
+        return ""
+    return (f", or run the container as the folder's owner (docker run --user \"$(id -u):$(id -g)\" ...; "
+            f"it is uid {owner}) or build the image with --build-arg UID=$(id -u) GID=$(id -g)")
