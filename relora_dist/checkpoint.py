@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from relora_dist import integrity
 # OLDER, CheckpointError, check_tokenizer and shard_path are used here and by the readers that import them from here
 from relora_dist.integrity import OLDER, CheckpointError, check_tokenizer, shard_path  # noqa: F401
+from relora_dist.integrity import fsync_path as _fsync_dir
 from relora_dist.state import CheckpointState
 from relora_dist.tokenizer import tokenizer_files
 
@@ -58,13 +59,6 @@ def _sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_dir_name(step: int) -> str:

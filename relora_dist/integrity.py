@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -32,6 +33,15 @@ MODEL_CONFIG_KEYS = frozenset((
     "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "pretraining_tp", "tie_word_embeddings",
     "rope_parameters", "rope_theta", "rope_scaling", "attention_bias", "attention_dropout", "mlp_bias",
     "head_dim", "model_type", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"))
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a rename is durable once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class CheckpointError(ValueError):

@@ -20,6 +20,8 @@ import socket
 import time
 from pathlib import Path
 
+from relora_dist.integrity import fsync_path as _fsync
+
 LOCK_FILE = ".relora.lock"
 _HELD: dict[str, int] = {}  # realpath of a locked folder -> the open lock file (one per process)
 
@@ -175,12 +177,6 @@ def step_of(path: Path) -> int:
     return int(path.name.split("_", 1)[1])
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def abandon_newer(root: str | Path, resumed_from: Path, checkpoints: list[Path],
