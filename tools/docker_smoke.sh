@@ -84,7 +84,7 @@ fi
 
 t0=$SECONDS
 case $B in
-  buildah) buildah bud --isolation chroot --network host -q -t "$IMAGE" "${ARGS[@]}" . >"$WORK/build.log" 2>&1 ;;
+  buildah) buildah bud --layers --isolation chroot --network host -q -t "$IMAGE" "${ARGS[@]}" . >"$WORK/build.log" 2>&1 ;;
   *) $B build --network host -q -t "$IMAGE" "${ARGS[@]}" . >"$WORK/build.log" 2>&1 ;;
 esac || { tail -20 "$WORK/build.log"; echo "FAIL build: $B, BASE=$BASE"; exit 1; }
 echo "ok   build: $B, BASE=$BASE, torch $TORCH_VERSION, $((SECONDS - t0)) s"
@@ -114,7 +114,7 @@ TINY=(--model.hidden_size=64 --model.intermediate_size=172 --model.num_layers=2 
       --train.eval_every=0 --train.eval_tokens=512 --relora.warm_start_steps=4 --relora.cycle_length=4
       --relora.first_warmup=1 --relora.restart_warmup=1 --relora.r=8 --logging.progress_bar=false)
 FAILED=0
-check() {  # check NAME EXPECTED_RC GREP -- in_image args...
+check() {  # check NAME EXPECTED_RC GREP [--mount HOST] [--user U] -- CMD...
   local name=$1 want=$2 pattern=$3 out rc
   shift 3
   out=$(in_image "$@" 2>&1)
@@ -136,8 +136,8 @@ check "deepspeed --num_gpus 2" 0 "^done |" -- \
 check "tests in the image" 0 " passed" -- \
   env OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider tests/test_packaging.py tests/test_config.py
 mkdir -p "$WORK/runs" && chmod 755 "$WORK/runs"  # owned by this user (root), not the image's
-check "runs/ mounted from a folder the image's user can't write" 2 "^error: .*--user" -- \
-  --mount "$WORK/runs" relora-pretrain "${TINY[@]}"
-check "the same mount with --user $(id -u):$(id -g)" 0 "^done |" -- \
-  --mount "$WORK/runs" --user "$(id -u):$(id -g)" relora-pretrain "${TINY[@]}"
+check "runs/ mounted from a folder the image's user can't write" 2 "^error: .*--user" \
+  --mount "$WORK/runs" -- relora-pretrain "${TINY[@]}"
+check "the same mount with --user $(id -u):$(id -g)" 0 "^done |" \
+  --mount "$WORK/runs" --user "$(id -u):$(id -g)" -- relora-pretrain "${TINY[@]}"
 exit $FAILED
