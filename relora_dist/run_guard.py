@@ -142,11 +142,12 @@ def run_fingerprints(cfg, tokenizer_dir: str | None = None) -> dict[str, str]:
     """{"data": ..., "tokenizer": ...} of this config's inputs. data.prepared_dir: its content
     fingerprint; otherwise the data cache's key (sources' paths, sizes and mtimes, the tokenizer,
     seq_len, val_fraction, seed), the same key that names the prepared folder."""
-    from relora_dist.data.prepare import DEFAULT_CORPUS, DEFAULT_TOKENIZER, _cache_key
+    from relora_dist.data.check import tokenizer_dir_of
+    from relora_dist.data.prepare import DEFAULT_CORPUS, _cache_key
     from relora_dist.tokenizer import tokenizer_fingerprint
 
     d = cfg.data
-    tokenizer_dir = tokenizer_dir or d.tokenizer_dir or str(DEFAULT_TOKENIZER)
+    tokenizer_dir = tokenizer_dir or tokenizer_dir_of(cfg)  # the init_from folder's own, when it has one
     if d.prepared_dir:
         data = data_fingerprint(d.prepared_dir)
     else:  # the arguments Trainer gives ensure_prepared
