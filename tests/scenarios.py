@@ -60,18 +60,24 @@ def full_rank_run(cfg, template, info) -> dict:
             "evals": torch.tensor([e["eval_loss"] for e in st.evals])}
 
 
-def relora_run(cfg, template, info, stop_at: int | None = None) -> dict:
-    """A (possibly resumed, possibly stopped early) run through train(); returns the logged
-    records and the merged fp32 weights at the end."""
-    from relora_dist.export import full_state_dict
-
+def _train_and_logits(cfg, template, info, stop_at: int | None):
+    """A Trainer run through train() and its logits on the first two validation blocks."""
     t = Trainer(cfg, template, info)
     st = t.train(stop_at=stop_at)
     batch = t.val_blocks.get_batch([0, 1])
     with torch.no_grad():
         t.engine.eval()
         logits = t.engine(input_ids=batch).logits.float()
-    return {"logits_batch": batch, "logits": logits,"losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
+    return t, st, batch, logits
+
+
+def relora_run(cfg, template, info, stop_at: int | None = None) -> dict:
+    """A (possibly resumed, possibly stopped early) run through train(); returns the logged
+    records and the merged fp32 weights at the end."""
+    from relora_dist.export import full_state_dict
+
+    t, st, batch, logits = _train_and_logits(cfg, template, info, stop_at)
+    return {"logits_batch": batch, "logits": logits, "losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
             "steps": torch.tensor([h["step"] for h in st.history]),
             "lrs": torch.tensor([h["lr"] for h in st.history]),
             "restart_index": st.restart_index, "phase": st.phase, "state_dict": full_state_dict(t.model_state())}
@@ -291,13 +297,7 @@ def relora_runs(cfg, template, info, runs: list[list[str]], stop_at: int | None 
 
     out = {}
     for i, overrides in enumerate(runs):
-        c = load_config(None, overrides)
-        t = Trainer(c, template, info)
-        st = t.train(stop_at=stop_at)
-        batch = t.val_blocks.get_batch([0, 1])
-        with torch.no_grad():
-            t.engine.eval()
-            logits = t.engine(input_ids=batch).logits.float()
+        t, st, batch, logits = _train_and_logits(load_config(None, overrides), template, info, stop_at)
         inner = t.model
         out[i] = {"logits_batch": batch, "logits": logits, "phase": st.phase, "restart_index": st.restart_index,
                   "losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
