@@ -2,7 +2,7 @@
 fingerprints of the data and tokenizer a run was started with, and the timeline of its checkpoints
 (which ones a resume abandons, which ones retention keeps).
 
-An adversarial probe measured each hole this closes: two launches into one output_dir both exited
+Without these, measured with a tiny config: two launches into one output_dir both exited
 0 and every kept checkpoint held the second run's weights; data or a tokenizer replaced at the same
 path resumed silently (the eval loss jumped); resuming an older step_N let retention delete the
 checkpoint just written while `latest` named a removed folder; a skip streak or a collapsed model
