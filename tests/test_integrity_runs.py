@@ -5,12 +5,14 @@ SIGINT and SIGHUP handled like SIGTERM. One live 1-rank run is shared by the loc
 fingerprint-recording and timeline cases."""
 
 import json
+import lzma
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -134,6 +136,15 @@ def test_prepare_data_never_rewrites_a_folder_in_use(tmp_path):
     same = _prepare(out)
     assert same.returncode == 0 and "already holds this preparation" in same.stderr
     assert (out / "meta.json").read_text() == first
+    from relora_dist.data import DEFAULT_CORPUS  # inputs are known by content: a copy elsewhere is the same
+    copy = tmp_path / "elsewhere" / Path(DEFAULT_CORPUS).name
+    copy.parent.mkdir()
+    shutil.copy(DEFAULT_CORPUS, copy)
+    assert "already holds this preparation" in _prepare(out, "--input", str(copy)).stderr
+    copy.write_bytes(lzma.compress(lzma.decompress(copy.read_bytes()) + b'{"text": "one more document"}\n'))
+    changed = _prepare(out, "--input", str(copy))
+    assert changed.returncode == 2 and "source_identity differ" in changed.stderr
+    shutil.rmtree(copy.parent)
     other = _prepare(out, "--seed", "1")
     assert other.returncode == 2 and "seed differ" in _one_line(other.stderr) and "--overwrite" in other.stderr
     assert (out / "meta.json").read_text() == first

@@ -100,7 +100,7 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
         "format_version": FORMAT_VERSION,
         # what a resume compares (run_guard.data_fingerprint): the bytes a run reads
         "data_sha256": _sha256_files([os.path.join(out_dir, f"{s}.bin") for s in SPLITS]),
-        "source_stats": _source_stats(sources),
+        "source_identity": source_identity(sources, hf_dataset, hf_split),
         "tokenizer_checksum": tokenizer_checksum(tokenizer_dir),
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
@@ -134,11 +134,16 @@ def _sha256_files(paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def _source_stats(sources) -> list:
-    """[path, size, mtime_ns] per local source: relora-prepare-data compares them to tell whether
-    --out already holds a preparation of the same inputs."""
-    return [[os.path.abspath(s), os.stat(s).st_size, os.stat(s).st_mtime_ns] for s in sources or []
-            if os.path.isfile(s)]
+def source_identity(sources, hf_dataset=None, hf_split="train") -> list:
+    """What the inputs are, by content: [size, sha256] per local file in order, then "hf:name[split]".
+    relora-prepare-data compares it to tell whether --out already holds this preparation. Content,
+    not paths: the same corpus reached through an installed package or a checkout is the same input,
+    and hashing (~1 GB/s) costs a fraction of tokenizing the same bytes (~10 MB/s per process)."""
+    ids = []
+    for src in sources or []:
+        if os.path.isfile(src):
+            ids.append([os.stat(src).st_size, _sha256_files([src])])
+    return ids + ([f"hf:{hf_dataset}[{hf_split}]"] if hf_dataset else [])
 
 
 def _cache_key(sources, tokenizer_dir, seq_len, val_fraction, seed, extra: dict) -> str:

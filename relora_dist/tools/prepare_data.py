@@ -59,17 +59,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # What identifies a preparation: a complete --out that records the same is not prepared again.
-_SAME = ("sources", "source_stats", "tokenizer_checksum", "seq_len", "val_fraction", "seed", "text_field", "txt_split")
+_SAME = ("source_identity", "tokenizer_checksum", "seq_len", "val_fraction", "seed", "text_field", "txt_split")
 _OURS = {"train.bin", "val.bin", "meta.json", "meta.json.tmp"}
 
 
 def _wanted(args, sources) -> dict:
-    from relora_dist.data.prepare import _source_stats
+    from relora_dist.data.prepare import source_identity
     from relora_dist.tokenizer import tokenizer_checksum
 
-    return {"sources": [os.path.abspath(s) for s in sources or []]
-            + ([f"hf:{args.hf_dataset}[{args.hf_split}]"] if args.hf_dataset else []),
-            "source_stats": _source_stats(sources), "tokenizer_checksum": tokenizer_checksum(args.tokenizer),
+    return {"source_identity": source_identity(sources, args.hf_dataset, args.hf_split),
+            "tokenizer_checksum": tokenizer_checksum(args.tokenizer),
             "seq_len": args.seq_len, "val_fraction": args.val_fraction, "seed": args.seed,
             "text_field": args.text_field, "txt_split": args.txt_split}
 
