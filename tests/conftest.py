@@ -30,3 +30,41 @@ def tiny_data(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("data")
     return ensure_prepared([DEFAULT_CORPUS], DEFAULT_TOKENIZER, str(cache), 32, 0.05, 0)
+
+
+# --- the `spawn` marker ------------------------------------------------------------------------------------------
+# Tests that start processes (trainings at 2 ranks, launchers, CLIs) carry `@pytest.mark.spawn`, so
+# `python -m pytest -m "not spawn"` is a development loop of about a minute. The marker is kept honest
+# here: an unmarked test (its fixtures included) that starts a process fails, naming the marker.
+class _Unmarked(RuntimeError):
+    pass
+
+
+def _refuse(*args, **kwargs):
+    raise _Unmarked("this test starts a process: mark it @pytest.mark.spawn (conftest.py)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _guard(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _guard(item):
+        yield
+
+
+def _guard(item):
+    import contextlib
+    import multiprocessing.process
+    import subprocess
+    from unittest import mock
+
+    if item.get_closest_marker("spawn"):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(subprocess.Popen, "_execute_child", _refuse))
+    stack.enter_context(mock.patch.object(multiprocessing.process.BaseProcess, "start", _refuse))
+    return stack

@@ -7,6 +7,8 @@ import torch
 from relora_dist.relora import prune_mask
 from tests.dist_utils import engine, run_world, tiny_overrides
 
+pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
+
 # r=32 so the adapters' flat partition (> 4,096 elements per rank) gets 8-bit state.
 ADAM8 = {"relora.enabled": True, "relora.warm_start_steps": 3, "relora.cycle_length": 3,
          "relora.first_warmup": 0, "relora.restart_warmup": 1, "relora.r": 32, "relora.alpha": 32,

@@ -176,6 +176,7 @@ CASE_NAMES = ["empty corpus", *(f"manifest {label}: {tool}" for label in ("list"
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.spawn
 def test_one_line_error_exit_2_nothing_lost(results, case):
     _, done = results
     if case not in done:
@@ -189,6 +190,7 @@ def test_one_line_error_exit_2_nothing_lost(results, case):
     assert after == before  # the checkpoint is untouched
 
 
+@pytest.mark.spawn
 def test_disk_full_publishes_nothing(results):
     tmp, _ = results
     root = tmp / "full" / "checkpoints"

@@ -21,6 +21,7 @@ BACKENDS = pytest.mark.parametrize("backend", ["zero2", "fsdp2"])
 
 
 @BACKENDS
+@pytest.mark.spawn
 def test_lora_after_warm_start_never_resets(tiny_data, tmp_path, backend):
     r = _run(tiny_data, tmp_path, backend, **{"relora.resets": False})
     assert r["restart_index"] == 0
@@ -30,6 +31,7 @@ def test_lora_after_warm_start_never_resets(tiny_data, tmp_path, backend):
 
 
 @BACKENDS
+@pytest.mark.spawn
 def test_relora_without_warm_start(tiny_data, tmp_path, backend):
     r = _run(tiny_data, tmp_path, backend, **{"relora.warm_start_steps": 0})
     assert r["restart_index"] == 3  # 16 ReLoRA steps, cycle 4: resets after t = 4, 8, 12
@@ -37,6 +39,7 @@ def test_relora_without_warm_start(tiny_data, tmp_path, backend):
 
 
 @BACKENDS
+@pytest.mark.spawn
 def test_control_is_full_rank_training_of_a_smaller_model(tiny_data, tmp_path, backend):
     r = _run(tiny_data, tmp_path, backend, **{"relora.enabled": False, "model.hidden_size": 32,
                                      "model.intermediate_size": 86})
@@ -53,6 +56,7 @@ def test_param_groups_decay_matrices_only():
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
 
 
+@pytest.mark.spawn
 def test_sgd_optimizer_runs_relora_without_moment_resets(tiny_data, tmp_path):
     r = _run(tiny_data, tmp_path, **{"optimizer.name": "sgd", "optimizer.lr": 0.1,
                                      "relora.optimizer_reset": "none"})
@@ -60,6 +64,7 @@ def test_sgd_optimizer_runs_relora_without_moment_resets(tiny_data, tmp_path):
     assert r["losses"][-3:].mean() < r["losses"][:3].mean()
 
 
+@pytest.mark.spawn
 def test_same_command_gives_the_same_run_with_adapter_dropout(tiny_data, tmp_path):
     """The global RNG (adapter dropout) is seeded from train.seed and the rank: torch's own initial
     seed differs per process, so without it two runs of one command diverge from the switch on."""

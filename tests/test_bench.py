@@ -37,6 +37,7 @@ def smoke(tmp_path_factory) -> dict:
     return result
 
 
+@pytest.mark.spawn
 def test_json_has_every_key_and_sane_ratios(smoke):
     for key in HEADLINE:
         assert key in smoke, key
@@ -57,6 +58,7 @@ def test_json_has_every_key_and_sane_ratios(smoke):
     assert "| step time (median, s) |" in smoke["_stdout"]
 
 
+@pytest.mark.spawn
 def test_post_reset_steps_and_context_switches_are_measured(smoke):
     s = smoke["stages"]["3"]
     # ReLoRA steps timed again after the last reset, with the same number of measured steps.
@@ -79,6 +81,7 @@ def test_post_reset_steps_and_context_switches_are_measured(smoke):
     assert comm["relora_post_reset"]["grad_bytes"] == pytest.approx(comm["relora"]["grad_bytes"])
 
 
+@pytest.mark.spawn
 def test_comm_bytes_ratio_and_breakdown(smoke):
     s = smoke["stages"]["3"]
     comm = s["comm_bytes_per_step"]
@@ -94,6 +97,7 @@ def test_comm_bytes_ratio_and_breakdown(smoke):
     assert sum(p["full_rank"] for p in parts.values()) == pytest.approx(comm["full_rank"]["total_bytes"])
 
 
+@pytest.mark.spawn
 def test_verdicts_and_recorded_config(smoke):
     cfg = smoke["config"]
     assert cfg["world_size"] == 2 and cfg["precision"] == "fp32"
@@ -115,6 +119,7 @@ def test_verdicts_and_recorded_config(smoke):
     assert "| ReLoRA step after the last reset (median, s) |" in smoke["_stdout"]
 
 
+@pytest.mark.spawn
 def test_judge_applies_targets_to_their_configurations(smoke):
     s = copy.deepcopy(smoke["stages"]["3"])
     # A ZeRO-2 run whose ReLoRA phase ran under ZeRO-3 (relora.phase_stage=3): the comm target applies.
@@ -141,6 +146,7 @@ def test_judge_applies_targets_to_their_configurations(smoke):
     assert bench.judge(3, s, "tiny")["grad_bytes_ratio"]["status"] == "not_applicable"
 
 
+@pytest.mark.spawn
 def test_measured_state_bytes_equal_the_memory_model(smoke):
     rows = report.validate(smoke)
     assert len(rows) == 3  # full rank, ReLoRA, ReLoRA with train_extra=false
@@ -148,6 +154,7 @@ def test_measured_state_bytes_equal_the_memory_model(smoke):
         assert abs(row["error_pct"]) < 10, row
 
 
+@pytest.mark.spawn
 def test_grad_bytes_follow_the_trainable_params(smoke):
     s = smoke["stages"]["3"]
     comm = s["comm_bytes_per_step"]
@@ -161,6 +168,7 @@ def test_grad_bytes_follow_the_trainable_params(smoke):
     assert comm["full_rank"]["param_gather_bytes_forward"] > 0
 
 
+@pytest.mark.spawn
 def test_state_bytes_shrink_where_the_optimizer_state_does(smoke):
     sb = smoke["stages"]["3"]["state_bytes_per_rank"]
     for c in ("grads", "fp32_master", "optimizer_state"):
@@ -168,6 +176,7 @@ def test_state_bytes_shrink_where_the_optimizer_state_does(smoke):
     assert sb["relora"]["params"] == sb["full_rank"]["params"]  # same model, adapters held in both phases
 
 
+@pytest.mark.spawn
 def test_shard_local_merge_moves_fewer_bytes_than_gather_merges(smoke):
     merge = smoke["stages"]["3"]["merge"]
     local = merge["shard_local"]["bytes_per_rank"]

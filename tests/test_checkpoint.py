@@ -8,6 +8,8 @@ import torch
 from relora_dist.checkpoint import CheckpointError, ShardReader, find_latest, read_manifest
 from tests.dist_utils import engine, run_world, tiny_overrides
 
+pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
+
 RUN = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_length": 4,
        "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 8, "relora.alpha": 16,
        "train.max_steps": 16, "relora.optimizer_reset": "random", "relora.prune_ratio": 0.5}

@@ -59,6 +59,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.spawn
 def test_bad_input_exits_2_with_one_line_error(case, results):
     code, stdout, stderr, out, cache = results[case]
     lines = [ln for ln in stderr.splitlines() if ln.strip()]

@@ -202,6 +202,7 @@ def _dist_worker(rank, world, init, src, cache, results):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.spawn
 def test_ensure_prepared_distributed_only_rank0_prepares(src, tmp_path):
     import torch.multiprocessing as mp
 

@@ -266,6 +266,7 @@ def _source(where: str) -> str:
 
 
 @pytest.mark.parametrize("source", sorted({_source(w) for w, _, _ in ALL}))
+@pytest.mark.spawn
 def test_documented_commands_run(source, shared, tmp_path, monkeypatch):
     """The commands of one document or help text, in their order, in a checkout of its own that
     shares README's default run and what MADE_ELSEWHERE names."""

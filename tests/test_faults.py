@@ -20,6 +20,7 @@ def nonfinite(tiny_data, tmp_path_factory):
     return tmp, results
 
 
+@pytest.mark.spawn
 def test_skip_applies_no_update_and_counts(nonfinite):
     """NaN loss on rank 1 only at steps 3 and 4: both ranks skip those updates (the weights after
     step 4 are bitwise those after step 2), count 2 skipped steps, and finish the run."""
@@ -38,6 +39,7 @@ def test_skip_applies_no_update_and_counts(nonfinite):
         assert (latest / f).stat().st_mode & 0o777 == 0o644, f  # readable by others who convert or inspect
 
 
+@pytest.mark.spawn
 def test_a_nonfinite_model_is_never_saved(nonfinite):
     tmp, results = nonfinite
     assert all("non-finite values (rank 1)" in r["nan_save_error"] for r in results)
@@ -48,6 +50,7 @@ def test_a_nonfinite_model_is_never_saved(nonfinite):
 
 @pytest.mark.parametrize("run,message,kept", [
     ("stop", "step 5: non-finite training values", 4), ("limit", "step 7: 3 non-finite steps in a row", 6)])
+@pytest.mark.spawn
 def test_stop_keeps_the_last_finite_checkpoints(nonfinite, run, message, kept):
     """on_nonfinite=stop at the first NaN (step 5), skip past max_skipped_steps=2 (step 7): every
     rank stops with one line naming the newest checkpoint; nothing non-finite is saved, retention
@@ -62,6 +65,7 @@ def test_stop_keeps_the_last_finite_checkpoints(nonfinite, run, message, kept):
     assert find_latest(root).name == f"step_{kept:08d}"
 
 
+@pytest.mark.spawn
 def test_reset_without_optimizer_state_prunes_nothing(nonfinite):
     """Every ReLoRA step skipped up to the first reset: the reset merges and re-draws, and the
     prune (no Adam state exists yet) is a no-op instead of a crash."""
@@ -70,6 +74,7 @@ def test_reset_without_optimizer_state_prunes_nothing(nonfinite):
         assert r["noopt_error"] == "" and r["noopt_restart_index"] == 1 and r["noopt_skipped"] == 6
 
 
+@pytest.mark.spawn
 def test_a_stale_extension_build_lock_does_not_hang_the_launch(tiny_data, tmp_path):
     """A launch killed while DeepSpeed JIT-built its CPU shared-memory comm op leaves
     <TORCH_EXTENSIONS_DIR>/deepspeed_shm_comm/lock behind; the next launch must still start (the
@@ -145,6 +150,7 @@ def _one_error_line(err):
 
 
 @pytest.mark.parametrize("fault", ["sigstop", "sigkill"])
+@pytest.mark.spawn
 def test_a_lost_peer_ends_the_survivor_with_one_line(tiny_data, tmp_path, fault):
     """Rank 1 stopped (SIGSTOP) or killed mid-run: rank 0 exits 3 within RELORA_DIST_TIMEOUT_S
     (every process group is bounded, DeepSpeed's too) plus the few seconds it takes to name the
@@ -160,6 +166,7 @@ def test_a_lost_peer_ends_the_survivor_with_one_line(tiny_data, tmp_path, fault)
     assert seconds < 15 + 15, seconds
 
 
+@pytest.mark.spawn
 def test_sigterm_while_blocked_on_a_stopped_peer(tiny_data, tmp_path):
     """Rank 1 stopped, then rank 0 gets SIGTERM while blocked in a collective: it exits 3 after the
     grace period (5 s), long before the 120 s collective timeout, with one line naming rank 1."""

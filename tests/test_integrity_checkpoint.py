@@ -58,11 +58,13 @@ def base(tiny_data, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.spawn
 def test_identical_runs_write_identical_shards(base):
     a, b = (base / run / "checkpoints" / STEP / "rank00000.safetensors" for run in "ab")
     assert _sha(a) == _sha(b)
 
 
+@pytest.mark.spawn
 def test_checkpoint_copies_only_tokenizer_files(base):
     tok = base / "b" / "checkpoints" / STEP / "tokenizer"
     # the link in the user's tokenizer folder (as in a Hugging Face cache snapshot) is copied as a file
@@ -203,6 +205,7 @@ CASES = [("shard name ../ escapes", t) for t in ("pretrain", "inspect", "verify"
 
 
 @pytest.mark.parametrize("case,tool", CASES, ids=[f"{c}: {t}" for c, t in CASES])
+@pytest.mark.spawn
 def test_one_line_error_exit_2_nothing_written(results, case, tool):
     done, outside_before, outside_after = results
     code, stderr, expected, untouched = done[case, tool]
@@ -217,6 +220,7 @@ def test_one_line_error_exit_2_nothing_written(results, case, tool):
     assert outside_after == outside_before
 
 
+@pytest.mark.spawn
 def test_latest_escape_does_not_touch_the_other_run(results, base):
     other = base / "cases" / "other"
     assert not (other / "config.step_2.yaml").exists()
@@ -230,6 +234,7 @@ def _convert(*argv):
     return code, err.text
 
 
+@pytest.mark.spawn
 def test_overwrite_replaces_an_earlier_export_whole(base):
     """--overwrite onto an export with one model.safetensors, writing shards: the old file goes
     (transformers would load it instead), and nothing is left beside the folder."""
@@ -244,6 +249,7 @@ def test_overwrite_replaces_an_earlier_export_whole(base):
     assert sorted(p.name for p in out.parent.iterdir()) == ["hf"]
 
 
+@pytest.mark.spawn
 def test_overwrite_never_replaces_a_foreign_folder(base):
     out = base / "exports" / "mine"
     out.mkdir(parents=True)
@@ -253,6 +259,7 @@ def test_overwrite_never_replaces_a_foreign_folder(base):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.spawn
 def test_export_holds_only_the_model_and_tokenizer_files(base):
     """auto_map and unknown keys in the manifest's model_config, code and weights in tokenizer/:
     the export's config.json has no auto_map (no trust_remote_code), no .py, and its weights are
@@ -272,6 +279,7 @@ def test_export_holds_only_the_model_and_tokenizer_files(base):
     assert _sha(crafted / "model.safetensors") == _sha(clean / "model.safetensors")
 
 
+@pytest.mark.spawn
 def test_export_to_unwritable_target_is_one_line(base, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -287,6 +295,7 @@ def test_export_to_unwritable_target_is_one_line(base, tmp_path):
         assert list(ro.iterdir()) == []
 
 
+@pytest.mark.spawn
 def test_interrupted_export_leaves_no_folder(base, tmp_path, monkeypatch):
     from relora_dist import export
 

@@ -72,6 +72,7 @@ def live(tiny_data, tmp_path_factory):
             "code": first.returncode, "out": out, "err": err, "stopped": stopped}
 
 
+@pytest.mark.spawn
 def test_a_second_run_into_a_live_output_dir_is_refused(live):
     for proc in live["seconds"]:
         line = _one_line(proc.stderr)
@@ -80,6 +81,7 @@ def test_a_second_run_into_a_live_output_dir_is_refused(live):
     assert live["before"][-1].startswith("step_") and "latest" in live["before"]
 
 
+@pytest.mark.spawn
 def test_sigint_saves_and_exits_0(live):
     assert live["code"] == 0, live["err"][-3000:]
     assert "Traceback" not in live["err"] and "KeyboardInterrupt" not in live["err"], live["err"][-3000:]
@@ -88,6 +90,7 @@ def test_sigint_saves_and_exits_0(live):
     assert find_latest(root).name == f"step_{live['stopped']:08d}"
 
 
+@pytest.mark.spawn
 def test_the_manifest_records_fingerprints_streak_and_eval(live):
     from relora_dist.config import load_config
     from relora_dist.run_guard import run_fingerprints
@@ -97,6 +100,7 @@ def test_the_manifest_records_fingerprints_streak_and_eval(live):
     assert m["skipped_in_a_row"] == 0 and m["eval_loss"] is None  # no eval at that step
 
 
+@pytest.mark.spawn
 def test_resuming_an_older_checkpoint_abandons_the_newer_ones(live):
     """Resume the older of the two kept checkpoints: the newer one moves into abandoned-*/, the
     checkpoint just written is kept and `latest` names it; a plain relaunch would continue it."""
@@ -121,6 +125,7 @@ def _prepare(out, *extra):
                           env=_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.spawn
 def test_prepare_data_never_rewrites_a_folder_in_use(tmp_path):
     """A reader holds train.bin memory-mapped while --out is prepared again: the same inputs are a
     no-op (exit 0), other inputs are refused (exit 2, one line) unless --overwrite, which swaps the
@@ -254,6 +259,7 @@ def test_a_resume_keeps_counting_the_skip_streak():
 
 
 # --- SIGHUP on a 2-rank run ------------------------------------------------------------------------------------
+@pytest.mark.spawn
 def test_sighup_to_both_ranks_saves_and_exits_0(tiny_data, tmp_path):
     """A closed terminal sends SIGHUP to every process of the group: both ranks save and exit 0
     (before: they died without a word)."""

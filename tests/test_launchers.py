@@ -12,6 +12,8 @@ import torch
 from relora_dist.dist import free_port
 from tests.dist_utils import LAUNCHERS, REPO, engine, tiny_overrides
 
+pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
+
 RELORA = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_length": 4,
           "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 8, "train.max_steps": 16,
           "train.eval_every": 4, "run.export_warm_start": True}

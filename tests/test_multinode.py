@@ -188,6 +188,7 @@ def _checkpoints(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "checkpoints").glob("step_*"))
 
 
+@pytest.mark.spawn
 def test_two_node_launch_equals_single_node_run(runs):
     (ref_out, single), (two_out, two) = runs["single"], runs["two"]
     assert "switched to ReLoRA" in two and "reset 1:" in two and "done |" in two
@@ -201,6 +202,7 @@ def test_two_node_launch_equals_single_node_run(runs):
     assert final["global_step"] == 12 and final["restart_index"] == 1 and final["world_size"] == 2
 
 
+@pytest.mark.spawn
 def test_sbatch_starts_one_torchrun_per_node_into_one_world(runs):
     """Two stand-in nodes, one torchrun each: one world of 2 ranks rendezvousing at the first node,
     the script's arguments passed through unchanged."""
@@ -238,6 +240,7 @@ def _one_error_line(err: str) -> str:
 
 
 @pytest.mark.parametrize("case, out_dir", [("rank 0 alone", "r0"), ("rank 1 alone", "r1")])
+@pytest.mark.spawn
 def test_unreachable_rendezvous_fails_within_timeout(failures, case, out_dir):
     code, out, err, elapsed = failures[case]
     assert code == 2, (code, out[-2000:], err[-2000:])
@@ -248,12 +251,14 @@ def test_unreachable_rendezvous_fails_within_timeout(failures, case, out_dir):
     assert not (failures["tmp"] / out_dir).exists()  # nothing written
 
 
+@pytest.mark.spawn
 def test_torchrun_node_whose_peer_never_comes_fails_within_timeout(failures):
     code, out, err, elapsed = failures["torchrun node 0 alone"]
     assert code != 0 and elapsed < BOUND_S
     assert "waiting for clients" in out + err  # torch's agent: "Timed out after N seconds waiting for clients"
 
 
+@pytest.mark.spawn
 def test_hostfile_disagreeing_with_batch_fails_fast(failures):
     code, out, err, elapsed = failures["hostfile"]
     assert code != 0 and elapsed < BOUND_S
@@ -261,6 +266,7 @@ def test_hostfile_disagreeing_with_batch_fails_fast(failures):
     assert "train.global_batch_size=12 is not divisible by train.micro_batch_size=4 x world size 2" in line
 
 
+@pytest.mark.spawn
 def test_slurm_allocation_disagreeing_with_batch_fails_before_srun(failures):
     code, out, err, elapsed = failures["sbatch"]
     assert code == 2 and elapsed < BOUND_S
@@ -270,6 +276,7 @@ def test_slurm_allocation_disagreeing_with_batch_fails_before_srun(failures):
     assert not failures["srun called"]  # no node was started
 
 
+@pytest.mark.spawn
 def test_preflight_dry_run_passes_and_writes_nothing(failures):
     code, out, err, elapsed = failures["pre-flight ok"]
     assert code == 0, err[-2000:]

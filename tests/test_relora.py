@@ -208,6 +208,7 @@ def test_draw_lora_A_deterministic_and_distinct():
     assert torch.equal(torch.rand(1), x)
 
 
+@pytest.mark.spawn
 def test_draw_lora_A_stable_across_processes():
     a = draw_lora_A((3, 5), 7, 2, "layers.1.mlp.up_proj")
     code = ("import torch; from relora_dist.relora import draw_lora_A; "

@@ -7,6 +7,8 @@ import torch
 from relora_dist.relora import draw_lora_A, prune_mask, prune_generator
 from tests.dist_utils import engine, run_world, tiny_overrides
 
+pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
+
 RELORA = {"relora.enabled": True, "relora.warm_start_steps": 3, "relora.cycle_length": 3,
           "relora.first_warmup": 0, "relora.restart_warmup": 1, "relora.r": 8, "relora.alpha": 16,
           "train.max_steps": 12, "relora.optimizer_reset": "magnitude", "relora.prune_ratio": 0.9}

@@ -78,6 +78,7 @@ def test_load_tokenizer_missing_dir_names_fix(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
+@pytest.mark.spawn
 def test_cli_help_shows_defaults():
     out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout

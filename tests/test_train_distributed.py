@@ -6,6 +6,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.dist_utils import engine, run_world, tiny_overrides
 
+pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
+
 # Adam's epsilon is raised from the default 1e-8 to 1e-5 in every run compared across world sizes.
 # Why: one Adam step moves a weight by lr * m / (sqrt(v) + eps), whose sensitivity to a change d in
 # the gradient is at most lr * d / eps (reached where the gradient is ~0). Two ranks sum the same
