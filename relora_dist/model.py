@@ -211,7 +211,8 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) as in the PaLM appendix B / nanoGPT:
     6 * non-embedding matmul params (k/v at their grouped-query size) + 6 * lm_head
-    + 12 * layers * heads * head_dim * seq_len (attention). MFU uses this "model FLOPs" count in both phases so the figures stay comparable."""
+    + 12 * layers * heads * head_dim * seq_len (attention). MFU uses this "model FLOPs" count in
+    both phases so the figures stay comparable."""
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
     q = heads * (getattr(config, "head_dim", None) or h // heads)
