@@ -161,8 +161,7 @@ def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
 
     vocab = load_tokenizer(tokenizer_dir_of(cfg)).vocab_size
     mc = check_model_config(cfg, vocab)  # the LlamaConfig the run builds: preset + overrides, or init_from's
-    shape = mm.Shape(mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers, mc.vocab_size,
-                     tuple(cfg.relora.targets))
+    shape = mm.Shape.of_config(mc, tuple(cfg.relora.targets))  # GQA k/v, biases and tying as config.json has them
     r = cfg.relora
     backend = resolve_backend(template, cfg)  # zero2, zero3 or fsdp2
     lines = mm.plan(shape, world, "fsdp2" if backend == "fsdp2" else int(backend[-1]), compute=resolve_precision(cfg.train.precision), r=r.r,

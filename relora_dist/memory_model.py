@@ -22,9 +22,14 @@ and 64 ranks).
 b = 2 (bf16 compute) or 4 (fp32). N counts the adapters whenever the model is wrapped (this system
 wraps before the first engine, so its warm start holds frozen adapters too); T is the trainable
 count of the phase: all base params in the full-rank phase, adapters (+ embeddings, norms, lm_head
-and unwrapped linears with relora.train_extra) in the ReLoRA phase. ZeRO-3 pads each tensor to a
-multiple of the world size (modelled per tensor); ZeRO-2 alignment padding is ignored (< world x 16
-elements per group).
+and unwrapped linears with relora.train_extra) in the ReLoRA phase; the biases of wrapped linears
+(Qwen2's q/k/v) train in the full-rank phase and stay frozen, without merge masters, in ReLoRA.
+ZeRO-3 pads each tensor to a multiple of the world size (modelled per tensor); ZeRO-2 alignment
+padding is ignored (< world x 16 elements per group).
+
+Tensor shapes come from the model's config (`Shape.of_config`): grouped-query k/v projections are
+hidden x (num_key_value_heads x head_dim), a tied lm_head is no tensor of its own, and biases are
+counted where the model type has them.
 
 Merge masters: each rank keeps fp32 of only its 1/world flat slice of every frozen W (ceil(numel /
 world), the partition ZeRO-3 uses) under both stages; ZeRO-2 rebuilds its replicated bf16 W by an
@@ -71,35 +76,66 @@ class Shape:
     layers: int
     vocab: int
     targets: tuple[str, ...] = DEFAULT_TARGETS  # relora.targets: regexes over Linear module names
+    q_dim: int = 0  # heads x head_dim, the q projection's rows (0: hidden)
+    kv_dim: int = 0  # num_key_value_heads x head_dim, the k and v projections' rows (0: q_dim, no GQA)
+    bias: tuple[str, ...] = ()  # projections with a bias, e.g. ("q_proj", "k_proj", "v_proj") for Qwen2
+    tied: bool = False  # tie_word_embeddings: lm_head is the embedding, no tensor of its own
 
     @classmethod
     def of(cls, preset: str, vocab: int = 32000, layers: int = 0) -> "Shape":
         p = PRESETS[preset]
         return cls(p.hidden_size, p.intermediate_size, layers or p.num_layers, vocab)
 
+    @classmethod
+    def of_config(cls, config, targets: tuple[str, ...] = DEFAULT_TARGETS) -> "Shape":
+        """The shape of a transformers config of the LLaMA layout (a preset's LlamaConfig or an
+        init_from folder's config.json): grouped-query k/v projections (num_key_value_heads x
+        head_dim rows), an explicit head_dim, biases as the model type's modeling code creates them
+        (Qwen2: q/k/v always; LLaMA: attention_bias on q/k/v/o, mlp_bias on gate/up/down), tying."""
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        bias: tuple[str, ...] = ()
+        if config.model_type == "qwen2":
+            bias = ("q_proj", "k_proj", "v_proj")
+        elif getattr(config, "attention_bias", False):
+            bias = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if getattr(config, "mlp_bias", False):
+            bias += ("gate_proj", "up_proj", "down_proj")
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size,
+                   tuple(targets), heads * head_dim, kv_heads * head_dim, bias,
+                   bool(getattr(config, "tie_word_embeddings", False)))
+
     def linears(self) -> list[tuple[str, int, int]]:
-        """(module name, out_features, in_features) of every nn.Linear, named as in LlamaForCausalLM."""
+        """(module name, out_features, in_features) of every nn.Linear, named as in LlamaForCausalLM
+        (no lm_head when tied)."""
         h, i = self.hidden, self.intermediate
-        out = []
-        for layer in range(self.layers):
-            for name, out_f, in_f in [(f"self_attn.{p}_proj", h, h) for p in "qkvo"] + [
-                    ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h), ("mlp.down_proj", h, i)]:
-                out.append((f"model.layers.{layer}.{name}", out_f, in_f))
-        return out + [("lm_head", self.vocab, h)]
+        q = self.q_dim or h
+        kv = self.kv_dim or q
+        attn = [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+                ("self_attn.o_proj", h, q)]
+        mlp = [("mlp.gate_proj", i, h), ("mlp.up_proj", i, h), ("mlp.down_proj", h, i)]
+        out = [(f"model.layers.{layer}.{name}", out_f, in_f)
+               for layer in range(self.layers) for name, out_f, in_f in attn + mlp]
+        return out if self.tied else out + [("lm_head", self.vocab, h)]
 
     def tensors(self, r: int) -> dict[str, list[int]]:
-        """Element counts per tensor, by role: wrapped (frozen in ReLoRA), adapters, extra
-        (embeddings, norms and unwrapped linears such as lm_head: trainable in ReLoRA iff train_extra)."""
+        """Element counts per tensor, by role: wrapped (frozen in ReLoRA), adapters, frozen (the
+        biases of wrapped linears: trainable in the full-rank phase, frozen in ReLoRA, no merge
+        master), extra (embeddings, norms and unwrapped linears such as lm_head, with their biases:
+        trainable in ReLoRA iff train_extra)."""
         rx = [re.compile(t) for t in self.targets]
-        wrapped, adapters, extra = [], [], [self.vocab * self.hidden]  # embed_tokens
+        wrapped, adapters, frozen, extra = [], [], [], [self.vocab * self.hidden]  # embed_tokens
         for name, out_f, in_f in self.linears():
+            bias = [out_f] if name.rsplit(".", 1)[-1] in self.bias else []
             if any(x.search(name) for x in rx):
                 wrapped.append(out_f * in_f)
                 adapters += [r * in_f, out_f * r]
+                frozen += bias
             else:
-                extra.append(out_f * in_f)
+                extra += [out_f * in_f] + bias
         extra += [self.hidden] * (2 * self.layers + 1)  # input/post-attention norms, final norm
-        return {"wrapped": wrapped, "adapters": adapters, "extra": extra}
+        return {"wrapped": wrapped, "adapters": adapters, "frozen": frozen, "extra": extra}
 
     def counts(self, r: int) -> dict[str, int]:
         return {k: sum(v) for k, v in self.tensors(r).items()}
@@ -149,11 +185,11 @@ def per_rank_bytes(shape: Shape, world: int, stage: int, phase: str, *, compute:
     b = 4 if fsdp2 else 2 if compute == "bf16" else 4  # FSDP2's shards and grads stay fp32 under bf16
     t = shape.tensors(r)
     sharded = stage != 2
-    present = t["wrapped"] + t["extra"] + (t["adapters"] if phase != "full_rank" else [])
+    present = t["wrapped"] + t["frozen"] + t["extra"] + (t["adapters"] if phase != "full_rank" else [])
     if phase == "relora":
         trainable = t["adapters"] + (t["extra"] if train_extra else [])
     else:
-        trainable = t["wrapped"] + t["extra"]
+        trainable = t["wrapped"] + t["frozen"] + t["extra"]
     # Trainable partitions: ZeRO-2 flattens a group and splits it evenly; ZeRO-3 splits per tensor.
     part = _per_rank(trainable, world, True) if sharded else sum(trainable) / world
     masters = 0.0
@@ -213,8 +249,10 @@ def plan(shape: Shape, world: int, stage: int, *, compute: str, r: int, train_ex
     holds more than the full-rank one, and a hint when ZeRO-3 for the ReLoRA phase would hold less."""
     kw = dict(compute=compute, r=r, train_extra=train_extra, merge_precision=merge_precision)
     engine = "FSDP2" if stage == "fsdp2" else f"ZeRO-{stage}"
-    what = (f"{world} rank{'s' if world > 1 else ''}, {engine}, {compute}, hidden {shape.hidden}, "
-            f"{shape.layers} layers, vocab {shape.vocab}")
+    kv = shape.kv_dim or shape.q_dim or shape.hidden
+    gqa = f", k/v {kv}" if kv != (shape.q_dim or shape.hidden) else ""
+    what = (f"{world} rank{'s' if world > 1 else ''}, {engine}, {compute}, hidden {shape.hidden}{gqa}, "
+            f"{shape.layers} layers, vocab {shape.vocab}{', tied' if shape.tied else ''}")
     if not relora:
         full = per_rank_bytes(shape, world, stage, "full_rank", **kw)["total"]
         return [f"memory plan per rank (training state, activations not included; {what}): full-rank {fmt_bytes(full)}"]

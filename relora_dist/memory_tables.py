@@ -29,7 +29,7 @@ def table(presets: list[str], worlds: list[int], stages: list[int | str], *, com
     for preset in presets:
         shape = Shape.of(preset, vocab)
         c = shape.counts(r)
-        base = c["wrapped"] + c["extra"]
+        base = c["wrapped"] + c["frozen"] + c["extra"]
         trainable = c["adapters"] + (c["extra"] if train_extra else 0)
         for world in worlds:
             for stage in stages:

@@ -210,8 +210,12 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
 
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) as in the PaLM appendix B / nanoGPT:
-    6 * non-embedding matmul params + 6 * lm_head + 12 * layers * hidden * seq_len (attention).
-    MFU uses this "model FLOPs" count in both phases so the figures stay comparable."""
+    6 * non-embedding matmul params (k/v at their grouped-query size) + 6 * lm_head
+    + 12 * layers * heads * head_dim * seq_len (attention). MFU uses this "model FLOPs" count in
+    both phases so the figures stay comparable."""
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    per_layer = 4 * h * h + 3 * h * i
-    return 6.0 * (L * per_layer + h * config.vocab_size) + 12.0 * L * h * seq_len
+    heads = config.num_attention_heads
+    q = heads * (getattr(config, "head_dim", None) or h // heads)
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * (q // heads)  # GQA: fewer k/v rows
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * i
+    return 6.0 * (L * per_layer + h * config.vocab_size) + 12.0 * L * q * seq_len

@@ -3,6 +3,7 @@ problem and the fix, no traceback, and every checkpoint file byte-identical afte
 run concurrently; only "corrupt newest shard" and "disk full" get as far as the process group."""
 
 import ctypes
+import json
 import os
 import resource
 import signal
@@ -15,6 +16,7 @@ import pytest
 
 from relora_dist.config import load_config
 from tests.dist_utils import REPO, fake_checkpoint, tiny_overrides
+from tests.test_own_model import make_model
 
 PRETRAIN, CONVERT, INSPECT = "launchers/pretrain.py", "tools/convert_ckpt.py", "tools/inspect_ckpt.py"
 PREPARE = "tools/prepare_data.py"
@@ -134,6 +136,28 @@ def _cases(tmp, data):
                                  ("is under a file", a_file / "run", "a-file is a file, not a folder"),
                                  ("is a dangling symlink", dangling, "which does not exist")):
         cases[f"output_dir {label}"] = ([PRETRAIN, *tiny_overrides(data, out)], expected, None, None)
+    # model.init_from folders that are refused before anything is written: each case's folder holds
+    # the model (a tiny LLaMA) and the run's output_dir, so its snapshot also shows that no run
+    # folder appeared
+    def init_from(label, expected, edit=None, run=None, **kw):
+        folder = tmp / f"init-{label.replace(' ', '-')}"
+        model = make_model(folder / "model", "llama", **kw)
+        if edit:
+            config = json.loads((model / "config.json").read_text())
+            (model / "config.json").write_text(json.dumps({**config, **edit}))
+        cases[f"init_from {label}"] = ([PRETRAIN, *tiny_overrides(data, folder / "run", **{
+            "model.init_from": model, **(run or {})})], expected, folder, None)
+
+    init_from("without tokenizer", "holds weights but no tokenizer (tokenizer.model or tokenizer.json); set "
+              "data.tokenizer_dir", tokenizer=None)
+    init_from("vocab differs", "has vocab_size 4000 (embedding rows) but data.tokenizer_dir",
+              vocab_size=4000)  # the bundled tokenizer beside it has 8000 ids
+    init_from("model_type gpt2", "'gpt2' model; model_type must be one of llama, mistral, qwen2",
+              {"model_type": "gpt2"})
+    # a run that would prepare the bundled corpus on first use: no data cache is written either
+    init_from("tying differs", "config.json has tie_word_embeddings true but the weights' lm_head.weight differs",
+              {"tie_word_embeddings": True}, {"data.prepared_dir": "", "data.cache_dir": tmp / "init-tying-differs"
+                                              / "cache"})
     preexec, how = _read_only_case(tmp / "read-only")
     if how:
         cases["output_dir on a read-only file system"] = (
@@ -142,7 +166,8 @@ def _cases(tmp, data):
 
 
 def _snapshot(folder):
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder else {}
+    """Every file's bytes and every folder (None) under `folder`: an added empty folder shows too."""
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))} if folder else {}
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +196,8 @@ CASE_NAMES = ["empty corpus", *(f"manifest {label}: {tool}" for label in ("list"
                                                           "invalid UTF-8 .jsonl", "lone surrogate .jsonl")),
               "invalid UTF-8 .txt corpus: pretrain", "single-document corpus", "token id >= vocab size",
               "override --train.max_steps=[1", "override --model.hidden_size={",
+              *(f"init_from {label}" for label in ("without tokenizer", "vocab differs", "model_type gpt2",
+                                                   "tying differs")),
               *(f"output_dir {label}" for label in ("is a file", "is under a file", "is a dangling symlink",
                                                     "on a read-only file system"))]
 

@@ -129,3 +129,20 @@ def test_quantized_base_under_zero3_is_planned_and_warned_where_it_costs_memory(
     assert f"ReLoRA phase {mm.fmt_bytes(q['total'])} per rank" in line
     assert (q["total"] > plain["total"]) == warns
     assert any(ln.startswith("warning: relora.base_quant=nf4 holds more per rank") for ln in out) == warns
+
+
+def test_init_from_gqa_model_is_planned_with_its_own_shapes(dry_run, tmp_path):
+    """An init_from Qwen2 (tied, GQA, q/k/v biases): the plan counts its config.json's shapes, not
+    square k/v projections and an lm_head of its own."""
+    from transformers import AutoConfig
+
+    from tests.test_own_model import make_model
+
+    src = make_model(tmp_path / "qwen2", "qwen2", num_key_value_heads=2, tie_word_embeddings=True)
+    out = dry_run(2, f"--init_from={src}", "--relora.r=8", "--train.precision=fp32")
+    shape = mm.Shape.of_config(AutoConfig.from_pretrained(src))
+    assert (shape.q_dim, shape.kv_dim, shape.tied, shape.bias) == (64, 32, True, ("q_proj", "k_proj", "v_proj"))
+    assert f"2 ranks, ZeRO-2, fp32, hidden 64, k/v 32, 2 layers, vocab {_vocab()}, tied, r=8" in out[1]
+    warm = mm.per_rank_bytes(shape, 2, 2, "warm_start", compute="fp32", r=8)["total"]
+    square = mm.per_rank_bytes(mm.Shape(64, 172, 2, _vocab()), 2, 2, "warm_start", compute="fp32", r=8)["total"]
+    assert f"full-rank warm start {mm.fmt_bytes(warm)}, " in out[1] and warm < square

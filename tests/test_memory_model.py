@@ -25,8 +25,49 @@ def test_param_counts_match_the_real_wrapped_model():
     wrapped = sum(p.numel() for n, p in names.items() if n.endswith("proj.weight"))
     extra = sum(p.numel() for n, p in names.items() if "lora_" not in n and not n.endswith("proj.weight"))
     counts = mm.Shape.of("tiny", vocab=8000).counts(16)
-    assert counts == {"wrapped": wrapped, "adapters": adapters, "extra": extra}
+    assert counts == {"wrapped": wrapped, "adapters": adapters, "frozen": 0, "extra": extra}
 
+
+
+# GQA (8 query heads, 2 k/v heads of 16: k/v 128 -> 32 rows): untied Mistral; tied Qwen2 with q/k/v
+# biases; LLaMA with attention and MLP biases and a head_dim that is not hidden / heads
+GQA_CONFIGS = {"mistral": dict(num_key_value_heads=2),
+               "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True),
+               "llama": dict(num_key_value_heads=2, head_dim=24, attention_bias=True, mlp_bias=True)}
+
+
+@pytest.mark.parametrize("model_type", list(GQA_CONFIGS))
+def test_gqa_biases_tying_match_the_real_model(model_type):
+    """Shape.of_config (what --dry_run plans an init_from model with) counts the tensors the
+    instantiated, wrapped transformers model holds, by role: k/v projections at their grouped-query
+    size, the wrapped linears' biases as frozen base, no lm_head of its own when tied."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=1000, hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=2, num_attention_heads=8, **GQA_CONFIGS[model_type])
+    with torch.device("meta"):  # shapes only
+        model = AutoModelForCausalLM.from_config(config)
+    wrap_model(model, None, r=8, alpha=16, dropout=0.0)
+    names = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
+    wrapped_modules = {n.rsplit(".", 1)[0] for n in names if "lora_A" in n}
+    real = {"wrapped": sum(names[f"{m}.weight"].numel() for m in wrapped_modules),
+            "adapters": sum(p.numel() for n, p in names.items() if "lora_" in n),
+            "frozen": sum(names[f"{m}.bias"].numel() for m in wrapped_modules if f"{m}.bias" in names)}
+    real["extra"] = sum(p.numel() for p in names.values()) - sum(real.values())
+    shape = mm.Shape.of_config(config)
+    assert shape.counts(8) == real
+    assert names["model.layers.0.self_attn.k_proj.weight"].shape == (shape.kv_dim, 128)
+    assert shape.kv_dim == 2 * (24 if model_type == "llama" else 16) and shape.q_dim == 4 * shape.kv_dim
+    assert (real["frozen"] > 0) == (model_type != "mistral") and ("lm_head.weight" in names) != shape.tied
+    # the full-rank phase trains every element, the ReLoRA phase holds them all plus the adapters
+    n = sum(p.numel() for p in names.values())
+    assert mm.per_rank_bytes(shape, 1, 2, "full_rank", compute="fp32", r=8)["params"] == 4 * (n - real["adapters"])
+    assert mm.per_rank_bytes(shape, 1, 2, "relora", compute="fp32", r=8)["params"] == 4 * n
+    assert mm.per_rank_bytes(shape, 1, 2, "full_rank", compute="fp32", r=8)["optimizer_state"] == 8 * (
+        n - real["adapters"])
+    assert mm.per_rank_bytes(shape, 1, 2, "relora", compute="fp32", r=8, train_extra=False)["optimizer_state"] == (
+        8 * real["adapters"])
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("phase", mm.PHASES)
@@ -138,7 +179,7 @@ def test_targets_select_the_wrapped_linears():
     adapters = sum(p.numel() for n, p in names.items() if "lora_" in n)
     extra = sum(p.numel() for p in names.values()) - wrapped - adapters
     counts = mm.Shape(128, 344, 2, 8000, tuple(targets)).counts(16)
-    assert counts == {"wrapped": wrapped, "adapters": adapters, "extra": extra}
+    assert counts == {"wrapped": wrapped, "adapters": adapters, "frozen": 0, "extra": extra}
 
 
 def test_train_extra_and_rank_move_the_relora_phase_only():

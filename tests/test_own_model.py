@@ -148,3 +148,43 @@ def test_tied_embeddings_two_ranks_other_engines(backend, tiny_data, tmp_path):
     diff = float((hf_logits(out, r["logits_batch"]) - r["logits"]).abs().max())
     print(f"tied llama, 2 ranks {backend}: max |logits(export) - logits(run)| = {diff:.3g}")
     assert diff <= 1e-5
+
+
+# warm start 2 steps, then 3 cycles of 3 (resets after steps 5 and 8): the shortest run with 2 resets
+SHORT = {**RELORA, "relora.warm_start_steps": 2, "relora.cycle_length": 3, "train.max_steps": 11}
+# (model_type, config keywords, engine): grouped-query attention (4 query heads, 2 k/v heads: k/v
+# projections 64 -> 32) under a sharded merge; one untied under ZeRO-2, one tied with q/k/v biases
+# under FSDP2 (rows sharded per rank, biases included)
+GQA = {"mistral": (dict(num_key_value_heads=2), "zero2"),
+       "qwen2": (dict(num_key_value_heads=2, tie_word_embeddings=True), "fsdp2")}
+
+
+@pytest.mark.parametrize("arch", list(GQA))
+def test_gqa_two_ranks_export(arch, tiny_data, tmp_path):
+    """Mistral and Qwen2 with GQA at 2 ranks: init_from, warm start, ReLoRA with 2 resets,
+    relora-convert; transformers loads the export with the input's shapes, its logits equal the
+    run's final forward, and its weights (k/v projections and biases included) moved."""
+    from tests.dist_utils import engine
+
+    kw, backend = GQA[arch]
+    ds_config, extra = engine(backend)
+    src = make_model(tmp_path / "src", arch, **kw)
+    run = tiny_overrides(tiny_data, tmp_path / "run", **SHORT, **extra, **{"model.init_from": src})
+    r = run_world(2, "relora_runs", [], tmp_path / "res", ds_config=ds_config, runs=[run])[0][0]
+    assert r["phase"] == "relora" and r["restart_index"] == 2
+    assert len(r["wrapped"]) == 2 * 7 and not any(n.endswith(".bias") for n in r["trainable"])
+    out = convert(tmp_path / "run" / "checkpoints", tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == arch and config["num_key_value_heads"] == 2
+    assert config["tie_word_embeddings"] is kw.get("tie_word_embeddings", False)
+    diff = float((hf_logits(out, r["logits_batch"]) - r["logits"]).abs().max())
+    print(f"{arch} GQA, 2 ranks {backend}: max |logits(export) - logits(run)| = {diff:.3g}")
+    assert diff <= 1e-5
+    before, after = weights(src), weights(out)
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    assert after["model.layers.0.self_attn.k_proj.weight"].shape == (32, 64)
+    moved = [k for k in before if not torch.equal(after[k], before[k])]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert f"model.layers.1.self_attn.{name}.weight" in moved
+        if arch == "qwen2":  # trained in the warm start, frozen (and exported as they are) afterwards
+            assert f"model.layers.1.self_attn.{name}.bias" in moved
