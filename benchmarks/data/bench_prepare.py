@@ -4,8 +4,8 @@
 For each size (MB of JSON lines) it writes .jsonl.gz files of ~32 MB (C4's layout: many gzipped JSON
 lines files) made of the bundled corpus's chapters, each copy headed by its copy number so documents
 differ, then runs relora-prepare-data at each --procs in one invocation (same machine, same files) and
-records: tokens/s, the ratio of each process count's rate to one process's, the peak RSS of the whole
-process tree (sampled every 50 ms), the peak bytes on disk beyond the final output (the temporary
+records: tokens/s, the ratio of each process count's rate to one process's, the peak memory (PSS) of
+the whole process tree (sampled every 50 ms), the peak bytes on disk beyond the final output (the temporary
 folder, the manifest), and an extrapolation to 6.9B tokens on 32 cores.
 
     python benchmarks/data/bench_prepare.py --sizes_mb 100 250 --out benchmarks/data/bench_prepare_250mb.json
@@ -57,12 +57,14 @@ def build_corpus(folder: Path, size_mb: int) -> list[str]:
 
 
 def _tree_rss(proc: psutil.Process) -> tuple[int, int, int]:
-    """(RSS of the tree, of the main process, of its largest child)."""
+    """(memory of the tree, of the main process, of its largest child): PSS, each shared page divided
+    among its sharers. RSS would count a worker being spawned (forked from the main process, before
+    its exec) at the main process's size: measured 225 MB for ~90 MB workers."""
     rss = []
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            rss.append(p.memory_info().rss)
-        except psutil.NoSuchProcess:
+            rss.append(p.memory_full_info().pss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
             rss.append(0)
     return sum(rss), rss[0], max(rss[1:], default=0)
 
