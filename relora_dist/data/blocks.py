@@ -1,8 +1,10 @@
 """Reading prepared data: the on-disk format and its block view.
 
-Prepared data (one directory) = ``train.bin`` / ``val.bin`` (flat token ids, uint16 when the
-vocabulary fits) + ``meta.json``. Blocks are ``seq_len`` consecutive tokens; documents are
-concatenated with an EOS after each, so blocks cross document boundaries (standard packing).
+Prepared data (one directory) = per split, flat token ids (uint16 when the vocabulary fits) in
+``train.bin`` / ``val.bin`` or, for a preparation of several shards, ``train-00000.bin`` ... (listed
+in ``meta["shards"]``, see :mod:`relora_dist.data.shards`) + ``meta.json``. Blocks are ``seq_len``
+consecutive tokens of the split's stream; documents are concatenated with an EOS after each, so
+blocks cross document (and shard) boundaries (standard packing).
 """
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from relora_dist.data.shards import SHARDED_FORMAT_VERSION, TokenShards
 from relora_dist.documents import DataError
 from relora_dist.tokenizer import tokenizer_checksum
 
 __all__ = ["DataError", "FORMAT_VERSION", "SPLITS", "Wording", "check_seq_len", "read_meta", "check_blocks",
            "check_tokenizer_matches", "check_token_ids", "PackedBlocks"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # train.bin / val.bin; SHARDED_FORMAT_VERSION (2): token shards listed in meta.json
+READS = (FORMAT_VERSION, SHARDED_FORMAT_VERSION)
 SPLITS = ("train", "val")
 
 
@@ -62,15 +66,24 @@ def read_meta(data_dir: str, w: Wording = API) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{w.dir} '{data_dir}': meta.json is unreadable ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:100]}); {hint}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READS:
         raise DataError(f"{w.dir} '{data_dir}' has data format {meta.get('format_version')}, this code "
-                        f"reads {FORMAT_VERSION}; {hint}")
+                        f"reads {' and '.join(map(str, READS))}; {hint}")
     return meta
 
 
-def check_blocks(data_dir: str, meta: dict, split: str, seq_len: int, w: Wording = API) -> tuple[str, int]:
+def split_files(data_dir: str, meta: dict, split: str) -> list[tuple[str, int]]:
+    """[(path, tokens it must hold)] of `split`, in stream order: one train.bin cut to whole blocks, or
+    the shards meta.json lists (whole, the partial tail block in the last one)."""
+    if "shards" in meta:
+        return [(os.path.join(data_dir, str(name)), int(n)) for name, n, *_ in meta["shards"][split]]
+    return [(os.path.join(data_dir, f"{split}.bin"), int(meta["num_blocks"][split]) * int(meta["seq_len"]))]
+
+
+def check_blocks(data_dir: str, meta: dict, split: str, seq_len: int,
+                 w: Wording = API) -> tuple[list[tuple[str, int]], int]:
     """`split` of the prepared data can be read as blocks of `seq_len` (a divisor of the prepared
-    block length) and its file is complete; returns (path, number of tokens)."""
+    block length) and its files are complete; returns ([(path, tokens)], number of tokens in blocks)."""
     prepared, reprepare = meta["seq_len"], w.reprepare.format(dir="NEW_DIR", seq_len=seq_len)
     if split not in meta["num_blocks"]:
         raise DataError(f"unknown split '{split}' in {w.dir} '{data_dir}': meta.json lists "
@@ -86,12 +99,21 @@ def check_blocks(data_dir: str, meta: dict, split: str, seq_len: int, w: Wording
                         f"{w.dir} '{data_dir}'; use {w.seq_len}={' or '.join(map(str, near))}, or re-prepare: "
                         f"{reprepare}")
     n_tokens = int(meta["num_blocks"][split]) * prepared
-    path = os.path.join(data_dir, f"{split}.bin")
-    size, want = os.path.getsize(path) if os.path.isfile(path) else -1, n_tokens * np.dtype(meta["dtype"]).itemsize
-    if size != want:
-        raise DataError(f"{w.dir} '{data_dir}': {split}.bin has {size} bytes, meta.json expects {want} (missing or "
-                        f"truncated); {w.hint.format(dir=data_dir, seq_len=seq_len)}")
-    return path, n_tokens
+    try:
+        files = split_files(data_dir, meta, split)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{w.dir} '{data_dir}': meta.json lists no readable shards of '{split}' ({type(e).__name__}: "
+                        f"{e}); {w.hint.format(dir=data_dir, seq_len=seq_len)}") from None
+    for path, tokens in files:
+        size = os.path.getsize(path) if os.path.isfile(path) else -1
+        want = tokens * np.dtype(meta["dtype"]).itemsize
+        if size != want:
+            raise DataError(f"{w.dir} '{data_dir}': {os.path.basename(path)} has {size} bytes, meta.json expects "
+                            f"{want} (missing or truncated); {w.hint.format(dir=data_dir, seq_len=seq_len)}")
+    if sum(t for _, t in files) < n_tokens:
+        raise DataError(f"{w.dir} '{data_dir}': the '{split}' shards hold {sum(t for _, t in files)} tokens, fewer "
+                        f"than num_blocks x seq_len = {n_tokens}; {w.hint.format(dir=data_dir, seq_len=seq_len)}")
+    return files, n_tokens
 
 
 def check_tokenizer_matches(data_dir: str, vocab_size_of_model: int,
@@ -136,24 +158,35 @@ class PackedBlocks(torch.utils.data.Dataset):
 
     def __init__(self, data_dir: str, split: str, seq_len: int):
         self.meta = meta = read_meta(data_dir)
-        path, n_tokens = check_blocks(data_dir, meta, split, seq_len)
+        files, n_tokens = check_blocks(data_dir, meta, split, seq_len)
         self.data_dir, self.split, self.seq_len = data_dir, split, seq_len
         self.dtype = np.dtype(meta["dtype"])
-        self._path, self._n_tokens = path, n_tokens
+        self._files, self._n_tokens = files, n_tokens
         self._open()
-        check_token_ids(self._blocks.reshape(-1), int(meta["vocab_size"]), f"{API.dir} '{data_dir}': {split}.bin",
-                        API.hint.format(dir=data_dir, seq_len=meta["seq_len"]))
+        hint = API.hint.format(dir=data_dir, seq_len=meta["seq_len"])
+        if self._shards is None:
+            check_token_ids(self._blocks.reshape(-1), int(meta["vocab_size"]), f"{API.dir} '{data_dir}': {split}.bin",
+                            hint)
+        else:
+            for (path, _), tokens in zip(files, self._shards.maps):
+                check_token_ids(tokens, int(meta["vocab_size"]), f"{API.dir} '{data_dir}': {os.path.basename(path)}",
+                                hint)
 
     def _open(self) -> None:
+        self._shards = None
+        if len(self._files) > 1:  # several shards: blocks are read across them
+            self._shards = TokenShards(self._files, self.dtype, self._n_tokens)
+            self._blocks = None
+            return
         # np.memmap cannot map an empty file; an empty split is still a valid (empty) view.
-        tokens = (np.memmap(self._path, dtype=self.dtype, mode="r") if self._n_tokens
+        tokens = (np.memmap(self._files[0][0], dtype=self.dtype, mode="r") if self._n_tokens
                   else np.zeros(0, dtype=self.dtype))
-        self._blocks = tokens.reshape(-1, self.seq_len)
+        self._blocks = tokens[:self._n_tokens].reshape(-1, self.seq_len)
 
     def __getstate__(self) -> dict:
         # Pickling a memmap copies all its data (e.g. to spawned DataLoader workers);
-        # send the path instead and map the file again on the other side.
-        return {k: v for k, v in self.__dict__.items() if k != "_blocks"}
+        # send the paths instead and map the files again on the other side.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_blocks", "_shards")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -164,12 +197,21 @@ class PackedBlocks(torch.utils.data.Dataset):
         return self.meta["vocab_size"]
 
     def __len__(self) -> int:
-        return self._blocks.shape[0]
+        return self._n_tokens // self.seq_len
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self._blocks[i].astype(np.int64))
+        if self._shards is None:
+            return torch.from_numpy(self._blocks[i].astype(np.int64))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"block {i} out of range for {n} blocks")
+        return self.get_batch([i % n])[0]
 
     def get_batch(self, indices) -> torch.Tensor:
         """Blocks ``indices`` stacked as a LongTensor ``[len(indices), seq_len]``."""
         idx = np.asarray(indices, dtype=np.int64)
-        return torch.from_numpy(self._blocks[idx].astype(np.int64))
+        if self._shards is None:
+            return torch.from_numpy(self._blocks[idx].astype(np.int64))
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"block indices out of range for {len(self)} blocks")
+        return torch.from_numpy(self._shards.blocks(idx, self.seq_len).astype(np.int64))

@@ -4,6 +4,7 @@ described in :mod:`relora_dist.data.blocks`), and the cache that prepares a corp
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -16,7 +17,6 @@ import torch
 
 from relora_dist import resources
 from relora_dist.data.blocks import FORMAT_VERSION, SPLITS, DataError, check_seq_len
-from relora_dist.documents import load_documents
 from relora_dist.tokenizer import load_tokenizer, tokenizer_checksum
 
 __all__ = ["DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "prepare_dataset", "ensure_prepared"]
@@ -27,111 +27,139 @@ DEFAULT_CORPUS = resources.CORPUS
 DEFAULT_TOKENIZER = resources.TOKENIZER
 
 # ----------------------------------------------------------------------------- preparing
+DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MB uint16 files: 6.9B tokens of C4 make ~50 shards (one fd each when read)
+# Recorded in meta.json: how documents are assigned to val (relora_dist.data.stream.is_val). Earlier
+# versions took a seeded permutation of the global document list (no such key in their meta.json).
+SPLIT_RULE = "blake2b(text, key=seed) < val_fraction"
+
+
 def _dtype_for(vocab_size: int) -> np.dtype:
     # ids are < vocab_size, so uint16 holds every id when vocab_size - 1 <= 65535.
     return np.dtype(np.uint16 if vocab_size - 1 <= np.iinfo(np.uint16).max else np.uint32)
 
 
-def _val_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation documents: a seeded random subset, so both splits span
-    the whole corpus (the bundled one is ordered by book)."""
-    n_val = int(round(n * val_fraction))
-    if val_fraction > 0 and n > 1:
-        n_val = min(max(n_val, 1), n - 1)  # keep at least one doc on each side
-    mask = np.zeros(n, dtype=bool)
-    mask[np.random.default_rng(seed).permutation(n)[:n_val]] = True
-    return mask
-
-
 def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str, seq_len: int,
                     val_fraction: float = 0.05, seed: int = 0, hf_dataset: str | None = None,
                     hf_split: str = "train", text_field: str = "text", num_proc: int = 1,
-                    txt_split: str = "paragraph") -> dict:
+                    txt_split: str = "paragraph", shard_tokens: int | None = None, progress: bool = True) -> dict:
     """Tokenize documents, split train/val by document, pack into ``seq_len`` blocks.
 
-    Writes ``out_dir/{train,val}.bin`` (flat ids, tail shorter than a block dropped) and
-    ``out_dir/meta.json`` (written last: its presence marks a complete directory).
-    ``num_proc`` is the number of sentencepiece encoding threads. Returns the meta dict.
+    Reads the inputs as a stream (relora_dist.data.stream) on ``num_proc`` processes and writes token
+    shards of about ``shard_tokens`` tokens (relora_dist.data.shards): ``out_dir/{train,val}.bin`` when
+    one shard holds everything, else ``{train,val}-NNNNN.bin``, then ``out_dir/meta.json`` (written
+    last: its presence marks a complete directory). An ``out_dir`` holding the finished shards of an
+    interrupted run with the same arguments is resumed. The bytes depend on the arguments only, never
+    on ``num_proc``. Returns the meta dict.
     """
     from tqdm.auto import tqdm
+
+    from relora_dist.data.shards import MANIFEST, ShardWriter
+    from relora_dist.data.stream import UNIT_BYTES, plan_units, run_units
 
     check_seq_len(seq_len)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1); e.g. 0.05")
-    tok = load_tokenizer(tokenizer_dir)
+    if txt_split not in ("paragraph", "line", "document"):
+        raise DataError(f"txt_split={txt_split!r} is invalid; use paragraph, line or document")
+    shard_tokens = int(shard_tokens or DEFAULT_SHARD_TOKENS)
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens={shard_tokens} must be positive; e.g. {DEFAULT_SHARD_TOKENS}")
+    sources = list(sources or [])
+    if not sources and not hf_dataset:
+        raise DataError("no data given; pass source files (e.g. DEFAULT_CORPUS) or hf_dataset")
+    tok = load_tokenizer(tokenizer_dir)  # here, not first in a worker: a bad tokenizer is one error
     dtype = _dtype_for(tok.vocab_size)
-    docs = load_documents(sources, text_field=text_field, txt_split=txt_split,
-                          hf_dataset=hf_dataset, hf_split=hf_split)
-    n = len(docs)
+    # A unit is at most a quarter of a shard (~4 bytes of text per token), so small shards stay small.
+    unit_bytes = max(1 << 14, min(UNIT_BYTES, shard_tokens))
+    identity = source_identity(sources, hf_dataset, hf_split)
+    header = {"source_identity": identity, "tokenizer_checksum": tokenizer_checksum(tokenizer_dir),
+              "dtype": dtype.name, "val_fraction": val_fraction, "seed": seed, "text_field": text_field,
+              "txt_split": txt_split, "split_rule": SPLIT_RULE, "shard_tokens": shard_tokens,
+              "unit_bytes": unit_bytes}
+    writer = ShardWriter(out_dir, header, dtype, shard_tokens)
+    first = writer.next_unit
+    if first:
+        logger.warning("resuming %s: %d finished shards kept, continuing at unit %d", out_dir, len(writer.done),
+                       first)
+    units = itertools.islice(plan_units(sources, txt_split, unit_bytes,
+                                        (hf_dataset, hf_split) if hf_dataset else None, text_field), first, None)
+    done = sum(v["tokens"] for v in writer.totals().values())
+    init = (tokenizer_dir, dtype.name, val_fraction, seed, text_field)
+    try:
+        with tqdm(unit="tok", unit_scale=True, desc="tokenizing", initial=done, mininterval=1.0,
+                  disable=not progress) as bar:
+            for n, (_unit, (train, val, docs)) in enumerate(run_units(units, init, max(1, num_proc)), first):
+                writer.add(n, train, val, docs)
+                bar.update(len(train) + len(val))
+                bar.set_postfix(shards=len(writer.done), refresh=False)
+    except BaseException:
+        writer.abandon()
+        raise
+    files = writer.finish(seq_len)
+    docs = files["num_documents"]
+    n = docs["train"] + docs["val"]
     if n == 0:
         raise DataError("the sources contain no non-empty documents; check --input / --text_field")
-    is_val = _val_mask(n, val_fraction, seed)
-    eos = np.array([tok.eos_id], dtype=dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    counts = {s: {"num_documents": 0, "num_tokens": 0} for s in SPLITS}
-    files = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in SPLITS}
-    try:
-        batch = 512
-        with tqdm(total=n, unit="doc", desc="tokenizing", mininterval=1.0) as bar:
-            for start in range(0, n, batch):
-                texts = docs[start:start + batch]["text"]
-                for j, ids in enumerate(tok.encode_batch(texts, num_threads=num_proc)):
-                    split = "val" if is_val[start + j] else "train"
-                    # Streamed to disk per document: memory stays flat for large corpora.
-                    files[split].write(np.asarray(ids, dtype=dtype).tobytes())
-                    files[split].write(eos.tobytes())
-                    counts[split]["num_documents"] += 1
-                    counts[split]["num_tokens"] += len(ids) + 1
-                bar.update(len(texts))
-        for s in SPLITS:
-            blocks = counts[s]["num_tokens"] // seq_len
-            counts[s]["num_blocks"] = blocks
-            files[s].truncate(blocks * seq_len * dtype.itemsize)  # drop the partial tail
-    finally:
-        for f in files.values():
-            f.close()
-    if val_fraction > 0 and counts["val"]["num_blocks"] == 0:
+    if n == 1 and docs["val"]:  # as before: a single document is training data (then warned about below)
+        files = _swap_splits(out_dir, files)
+    if val_fraction > 0 and files["num_blocks"]["val"] == 0:
         fix = ("the sources are a single document and the split takes whole documents, so no val_fraction "
                "helps: split the text into documents (blank lines between paragraphs, txt_split='line', or one "
                "jsonl record each)" if n == 1 else "raise val_fraction to evaluate")
-        warnings.warn(f"validation split has {counts['val']['num_tokens']} tokens, fewer than "
+        warnings.warn(f"validation split has {files['num_tokens']['val']} tokens, fewer than "
                       f"one block of {seq_len}; {fix}")
     meta = {
-        "format_version": FORMAT_VERSION,
-        # what a resume compares (run_guard.data_fingerprint): the bytes a run reads
-        "data_sha256": _sha256_files([os.path.join(out_dir, f"{s}.bin") for s in SPLITS]),
-        "source_identity": source_identity(sources, hf_dataset, hf_split),
-        "tokenizer_checksum": tokenizer_checksum(tokenizer_dir),
+        "format_version": files["format_version"],
+        # what a resume compares (run_guard.data_fingerprint): the bytes a run reads, every shard
+        "data_sha256": files["data_sha256"],
+        "source_identity": identity,
+        "tokenizer_checksum": header["tokenizer_checksum"],
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
         "bos_id": tok.bos_id,
         "seq_len": seq_len,
         "dtype": dtype.name,
-        "num_documents": {s: counts[s]["num_documents"] for s in SPLITS},
-        "num_tokens": {s: counts[s]["num_tokens"] for s in SPLITS},
-        "num_blocks": {s: counts[s]["num_blocks"] for s in SPLITS},
+        "num_documents": files["num_documents"],
+        "num_tokens": files["num_tokens"],
+        "num_blocks": files["num_blocks"],
         "val_fraction": val_fraction,
         "seed": seed,
-        "sources": [os.path.abspath(s) for s in sources or []]
+        "split_rule": SPLIT_RULE,
+        "shard_tokens": shard_tokens,
+        "sources": [os.path.abspath(s) for s in sources]
                    + ([f"hf:{hf_dataset}[{hf_split}]"] if hf_dataset else []),
         "text_field": text_field,
         "txt_split": txt_split,
+        **({"shards": files["shards"]} if "shards" in files else {}),
     }
     tmp = os.path.join(out_dir, "meta.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, os.path.join(out_dir, "meta.json"))
+    os.remove(os.path.join(out_dir, MANIFEST))
     logger.info("prepared %s: %s", out_dir, meta["num_blocks"])
     return meta
 
 
+def _swap_splits(out_dir: str, files: dict) -> dict:
+    """The single-file layout with train and val exchanged (one document: one unit, one shard)."""
+    from relora_dist.data.shards import sha256_files
+
+    t, v = (os.path.join(out_dir, f"{s}.bin") for s in SPLITS)
+    os.replace(t, t + ".swap")
+    os.replace(v, t)
+    os.replace(t + ".swap", v)
+    swapped = {k: {"train": files[k]["val"], "val": files[k]["train"]}
+               for k in ("num_documents", "num_tokens", "num_blocks")}
+    return {**files, **swapped, "data_sha256": sha256_files([t, v])}
+
+
 def _sha256_files(paths: list[str]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    from relora_dist.data.shards import sha256_files
+
+    return sha256_files(paths)
 
 
 def source_identity(sources, hf_dataset=None, hf_split="train") -> list:
