@@ -53,6 +53,7 @@ def _stream(folder, split):
     return np.concatenate([np.fromfile(Path(folder, n), dtype=meta["dtype"]) for n in names])
 
 
+@pytest.mark.spawn
 def test_same_bytes_for_any_num_proc_and_same_documents_as_load_documents(sources, tmp_path):
     kw = dict(val_fraction=0.2, seed=3, text_field="body", shard_tokens=20_000, progress=False)
     with pytest.raises(DataError, match="--text_field"):  # the jsonl files hold "text", not "body"
@@ -84,6 +85,7 @@ def _cli(out, *extra, **popen):
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
+@pytest.mark.spawn
 def test_killed_preparation_resumes_after_its_finished_shards(tmp_path):
     """SIGKILL once the first shards are recorded; the same command keeps them (same inode and mtime:
     not tokenized again) and the result is byte-identical to an uninterrupted preparation."""
@@ -118,6 +120,7 @@ def test_killed_preparation_resumes_after_its_finished_shards(tmp_path):
     assert _files(out) == _files(ref) and len(meta["shards"]["train"]) > len(recorded)
 
 
+@pytest.mark.spawn
 def test_sigterm_stops_the_pool_and_keeps_the_shards(tmp_path):
     p = _cli(tmp_path / "out", "--shard_tokens", "40000", "--num_proc", "2")
     deadline = time.time() + 60
@@ -203,6 +206,7 @@ def test_single_file_folders_of_earlier_versions_still_load(layouts, tmp_path):
         PackedBlocks(str(old), "train", SEQ)
 
 
+@pytest.mark.spawn
 def test_cli_defaults():
     from relora_dist.data import prepare
     from relora_dist.tools import prepare_data
