@@ -13,7 +13,6 @@ import relora_dist.data.prepare as prepare  # where ensure_prepared looks up pre
 from relora_dist.data import (DEFAULT_CORPUS, DEFAULT_TOKENIZER, BlockLoader, DataError,
                               PackedBlocks, check_tokenizer_matches, ensure_prepared,
                               eval_batches, load_documents, prepare_dataset, read_meta)
-from relora_dist.data.stream import is_val
 from relora_dist.tokenizer import load_tokenizer
 
 DOCS = [t for t in pydoc_data.topics.topics.values() if t]  # 79 docs, ~0.46 MB
@@ -41,8 +40,9 @@ def prepared(src, tmp_path_factory):
 
 
 def split_docs(split):
-    """Reference: documents of a split, in corpus order (the seeded per-document rule)."""
-    return [d for d in DOCS if is_val(d, VAL, 7) == (split == "val")]
+    """Reference: documents of a split, in corpus order (from the seeded document mask)."""
+    mask = prepare._val_mask(len(DOCS), VAL, 7)
+    return [d for d, v in zip(DOCS, mask) if v == (split == "val")]
 
 
 def test_packing_round_trip(prepared, tok):
@@ -65,12 +65,10 @@ def test_splits_disjoint_by_document(prepared):
     out, meta = prepared
     train, val = split_docs("train"), split_docs("val")
     assert meta["num_documents"] == {"train": len(train), "val": len(val)}
-    assert 0 < len(val) < 2 * round(len(DOCS) * VAL) and not set(train) & set(val)
+    assert len(val) == round(len(DOCS) * VAL) and not set(train) & set(val)
     assert sorted(train + val) == sorted(DOCS)
-    texts = [f"document {i}" for i in range(2000)]  # a seeded choice: same seed same split, about VAL of it
-    assert [is_val(t, 0.2, 1) for t in texts] == [is_val(t, 0.2, 1) for t in texts]
-    assert [is_val(t, 0.2, 1) for t in texts] != [is_val(t, 0.2, 2) for t in texts]
-    assert 350 < sum(is_val(t, 0.2, 1) for t in texts) < 450
+    assert prepare._val_mask(50, 0.2, 1).tolist() == prepare._val_mask(50, 0.2, 1).tolist()
+    assert prepare._val_mask(50, 0.2, 1).tolist() != prepare._val_mask(50, 0.2, 2).tolist()
 
 
 def test_uint16_when_vocab_fits(prepared):

@@ -19,7 +19,8 @@ import torch
 
 from relora_dist.data import (DEFAULT_CORPUS, DEFAULT_TOKENIZER, BlockLoader, DataError, PackedBlocks,
                               load_documents, prepare_dataset, read_meta)
-from relora_dist.data.stream import is_val, usable_cores
+from relora_dist.data.prepare import _val_mask
+from relora_dist.data.stream import usable_cores
 from relora_dist.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,12 +70,13 @@ def test_same_bytes_for_any_num_proc_and_same_documents_as_load_documents(source
     two = prepare_dataset(src, DEFAULT_TOKENIZER, str(tmp_path / "p2"), SEQ, num_proc=2, **kw)
     assert one == two and one["format_version"] == 2 and len(one["shards"]["train"]) > 3
     assert _files(tmp_path / "p1") == _files(tmp_path / "p2")  # byte-identical, meta.json included
-    # The streamed readers see the documents datasets reads, split by the seeded per-document rule.
+    # The streamed readers see the documents datasets reads, split by the seeded document permutation.
     tok = load_tokenizer(DEFAULT_TOKENIZER)
     docs = list(load_documents(src)["text"])
     assert len(docs) == sum(one["num_documents"].values()) > 79 + 30
+    mask = _val_mask(len(docs), 0.2, 3)
     for split in ("train", "val"):
-        ref = [i for d in docs if is_val(d, 0.2, 3) == (split == "val") for i in tok.encode(d) + [tok.eos_id]]
+        ref = [i for d, v in zip(docs, mask) if v == (split == "val") for i in tok.encode(d) + [tok.eos_id]]
         assert _stream(tmp_path / "p1", split).tolist() == ref
 
 

@@ -28,14 +28,24 @@ DEFAULT_TOKENIZER = resources.TOKENIZER
 
 # ----------------------------------------------------------------------------- preparing
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MB uint16 files: 6.9B tokens of C4 make ~50 shards (one fd each when read)
-# Recorded in meta.json: how documents are assigned to val (relora_dist.data.stream.is_val). Earlier
-# versions took a seeded permutation of the global document list (no such key in their meta.json).
-SPLIT_RULE = "blake2b(text, key=seed) < val_fraction"
+# Recorded in meta.json: how documents are assigned to val (_val_mask; folders without the key used it too).
+SPLIT_RULE = "permutation(seed)[:round(n * val_fraction)]"
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
     # ids are < vocab_size, so uint16 holds every id when vocab_size - 1 <= 65535.
     return np.dtype(np.uint16 if vocab_size - 1 <= np.iinfo(np.uint16).max else np.uint32)
+
+
+def _val_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation documents: a seeded random subset, so both splits span
+    the whole corpus (the bundled one is ordered by book)."""
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n > 1:
+        n_val = min(max(n_val, 1), n - 1)  # keep at least one doc on each side
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return mask
 
 
 def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str, seq_len: int,
@@ -54,7 +64,7 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
     from tqdm.auto import tqdm
 
     from relora_dist.data.shards import MANIFEST, ShardWriter
-    from relora_dist.data.stream import UNIT_BYTES, plan_units, run_units
+    from relora_dist.data.stream import UNIT_BYTES, count, plan_units, run_units
 
     check_seq_len(seq_len)
     if not 0.0 <= val_fraction < 1.0:
@@ -81,14 +91,21 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
     if first:
         logger.warning("resuming %s: %d finished shards kept, continuing at unit %d", out_dir, len(writer.done),
                        first)
-    units = itertools.islice(plan_units(sources, txt_split, unit_bytes,
-                                        (hf_dataset, hf_split) if hf_dataset else None, text_field), first, None)
+    def units():
+        return plan_units(sources, txt_split, unit_bytes, (hf_dataset, hf_split) if hf_dataset else None, text_field)
+
+    init = (tokenizer_dir, dtype.name, text_field)
+    procs = max(1, num_proc)
+    per_unit = [c for _, c in run_units(((u,) for u in units()), init, procs, fn=count)]
+    mask = _val_mask(sum(per_unit), val_fraction, seed).view(np.uint8)
+    starts = np.concatenate([[0], np.cumsum(per_unit)])
+    calls = ((u, mask[starts[i]:starts[i + 1]].tobytes()) for i, u in enumerate(units()))
+    calls = itertools.islice(calls, first, None)
     done = sum(v["tokens"] for v in writer.totals().values())
-    init = (tokenizer_dir, dtype.name, val_fraction, seed, text_field)
     try:
         with tqdm(unit="tok", unit_scale=True, desc="tokenizing", initial=done, mininterval=1.0,
                   disable=not progress) as bar:
-            for n, (_unit, (train, val, docs)) in enumerate(run_units(units, init, max(1, num_proc)), first):
+            for n, (_call, (train, val, docs)) in enumerate(run_units(calls, init, procs), first):
                 writer.add(n, train, val, docs)
                 bar.update(len(train) + len(val))
                 bar.set_postfix(shards=len(writer.done), refresh=False)
