@@ -53,7 +53,7 @@ def results(tmp_path_factory):
                                         text=True), out, cache)
     done = {}
     for name, (p, out, cache) in procs.items():
-        stdout, stderr = p.communicate(timeout=60)
+        stdout, stderr = p.communicate(timeout=300)  # a hang guard: 15 at once on 2 busy cores took > 60 s
         done[name] = (p.returncode, stdout, stderr, out, cache)
     return done
 
