@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from relora_dist.checkpoint import find_latest, read_manifest
-from relora_dist.dist import free_port
 from relora_dist.tools.convert_ckpt import convert
 from relora_dist.tools.eval import main
 from tests.dist_utils import REPO, run_world, tiny_overrides
@@ -69,7 +68,7 @@ def test_two_processes_equal_one(run, tiny_data, capsys, tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "relora_dist.tools.eval", str(ckpt), str(tiny_data),
+                           "--standalone", "-m", "relora_dist.tools.eval", str(ckpt), str(tiny_data),
                            "--max_blocks", "15", "--out", str(tmp_path / "two.json")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

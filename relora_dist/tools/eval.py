@@ -1,15 +1,15 @@
 """Perplexity of a checkpoint or a Hugging Face model folder on prepared data or a text file.
 
     relora-eval runs/default/checkpoints my.jsonl --max_blocks 64 --out eval.json   # latest checkpoint, raw text
-    python tools/eval.py runs/default/checkpoints my.jsonl --max_blocks 64      # the same, from a checkout
-    python -m torch.distributed.run --nproc_per_node 2 -m relora_dist.tools.eval runs/default/checkpoints my.jsonl --max_blocks 64
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m relora_dist.tools.eval runs/default/checkpoints my.jsonl --max_blocks 64
 
-MODEL: a checkpoint (<output_dir>/checkpoints/step_N, or <output_dir>/checkpoints: its latest), run
-as its export (the merged fp32 weights relora-convert writes, built in memory), or a Hugging Face
-folder of a llama, mistral or qwen2 model (what model.init_from accepts) with its tokenizer.
-DATA: a prepared folder (relora-prepare-data; its --split, default val), or a .txt/.jsonl file,
-tokenized with the model's tokenizer and packed into --seq_len blocks by relora-prepare-data's
-own code (each document ends with EOS; the tail shorter than a block is dropped).
+(From a checkout, `python tools/eval.py` is relora-eval.)
+
+MODEL: a checkpoint (<output_dir>/checkpoints/step_N, or <output_dir>/checkpoints: its latest) run
+as its export (relora-convert's merged fp32 weights, in memory), or a Hugging Face folder that
+model.init_from accepts, with its tokenizer. DATA: a prepared folder (relora-prepare-data; --split)
+or a .txt/.jsonl file, tokenized with the model's tokenizer and packed into --seq_len blocks by
+relora-prepare-data's code (an EOS after each document; the tail shorter than a block dropped).
 
 The loss is the mean next-token cross-entropy over every predicted token (seq_len - 1 per block) of
 the first --max_blocks blocks, in fp32; perplexity is exp(loss). A run's evaluation averages the
@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from relora_dist.checkpoint import CheckpointError
@@ -38,13 +39,15 @@ from relora_dist.documents import DataError
 HF_BATCH = 8  # a Hugging Face folder has no run config to take train.micro_batch_size from
 
 
+@dataclass
 class Model:
-    """The model to evaluate and what its source says about evaluating it."""
-
-    def __init__(self, net, tokenizer_dir: str, name: str, seq_len: int | None, batch_size: int,
-                 run: dict | None = None):
-        self.net, self.tokenizer_dir, self.name = net, tokenizer_dir, name
-        self.seq_len, self.batch_size, self.run = seq_len, batch_size, run
+    """The model to evaluate and what its source says about evaluating it (run: a checkpoint's)."""
+    net: object
+    tokenizer_dir: str
+    name: str
+    seq_len: int | None
+    batch_size: int
+    run: dict | None = None
 
 
 def load_model(path: Path) -> Model:
@@ -184,10 +187,6 @@ def _positive(value: str) -> int:
     return int(value)
 
 
-def _max_blocks(value: str) -> str:
-    return value if value == "run" else str(_positive(value))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="relora-eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("data", help="a prepared data folder or a .txt/.jsonl file; required")
     ap.add_argument("--split", choices=["train", "val"], default="val",
                     help="split of a prepared folder (default: val)")
-    ap.add_argument("--max_blocks", type=_max_blocks, default=None,
+    ap.add_argument("--max_blocks", type=lambda v: v if v == "run" else str(_positive(v)), default=None,
                     help="evaluate the first N blocks, or `run`: those a checkpoint's run evaluated (default: all)")
     ap.add_argument("--batch_size", type=_positive, default=None,
                     help=f"blocks per forward (default: a checkpoint's train.micro_batch_size, else {HF_BATCH})")
@@ -236,7 +235,8 @@ def run(args, rank: int, world_size: int, tmp: str) -> dict:
     model = load_model(Path(args.model))
     blocks, seq_len, source = load_blocks(args.data, args.split, model, args.seq_len, tmp)
     n = block_count(blocks, args.max_blocks, model)
-    device = torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if world_size > 1:
         import datetime
 
@@ -244,22 +244,17 @@ def run(args, rank: int, world_size: int, tmp: str) -> dict:
 
         from relora_dist.cli import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if cuda:
             torch.cuda.set_device(device)
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    net = model.net.to(device).eval()
-    total, tokens, count = (float(x) for x in evaluate(net, blocks, n, args.batch_size or model.batch_size,
-                                                        rank, world_size, device))
-    loss = total / tokens
-    run_info = model.run or {}
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    batch_size, r = args.batch_size or model.batch_size, model.run or {}
+    total, tokens, count = evaluate(model.net.to(device).eval(), blocks, n, batch_size, rank, world_size, device)
+    loss = float(total / tokens)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens), "blocks": int(count),
             "seq_len": seq_len, "source": source, "split": args.split if os.path.isdir(args.data) else None,
-            "model": model.name, "step": run_info.get("step"), "run_eval_loss": run_info.get("eval_loss"),
-            "batch_size": args.batch_size or model.batch_size, "world_size": world_size}
+            "model": model.name, "step": r.get("step"), "run_eval_loss": r.get("eval_loss"),
+            "batch_size": batch_size, "world_size": world_size}
 
 
 if __name__ == "__main__":  # python -m relora_dist.tools.eval: what torchrun and deepspeed launch
