@@ -53,15 +53,18 @@ class Model:
 def load_model(path: Path) -> Model:
     from relora_dist.checkpoint import MANIFEST, find_latest
 
-    where = "pass a checkpoint (<output_dir>/checkpoints or a step_N in it) or a Hugging Face model folder"
+    where = ("pass a checkpoint (<output_dir>/checkpoints or a step_N in it) or a Hugging Face model folder "
+             "(relora-convert writes one)")
     if not path.is_dir():
         raise DataError(f"model '{path}' {'is not a folder' if path.exists() else 'does not exist'}; {where}")
     if (path / MANIFEST).is_file() or find_latest(path) is not None:
         return _checkpoint(path)
     if (path / "config.json").is_file():
         return _hf_folder(path)
+    if (path / "checkpoints").is_dir():  # a run's output_dir
+        where = f"pass its checkpoints: {path / 'checkpoints'}"
     raise DataError(f"model '{path}' is neither a checkpoint (no {MANIFEST}, no step_* checkpoints) nor a Hugging "
-                    f"Face model folder (no config.json); {where} (relora-convert writes one)")
+                    f"Face model folder (no config.json); {where}")
 
 
 def _checkpoint(path: Path) -> Model:
@@ -120,7 +123,7 @@ def load_blocks(data: str, split: str, model: Model, seq_len: int | None, tmp: s
     tok = model.tokenizer_dir.replace("{", "{{").replace("}", "}}")
     if os.path.isdir(data):
         w = Wording(dir="prepared data folder", seq_len="--seq_len", tokenizer="the model's tokenizer",
-                    model=f"the model's tokenizer ('{tok}')",
+                    model=f"the model's tokenizer ('{model.tokenizer_dir}')",  # not format()ed, unlike hint
                     hint=f"prepare it with the model's tokenizer: relora-prepare-data --input FILES --tokenizer {tok} "
                          f"--out NEW_DIR --seq_len {{seq_len}}",
                     reprepare=f"relora-prepare-data --tokenizer {tok} --seq_len {{seq_len}}")
