@@ -126,21 +126,8 @@ def write_hf(state_dict: dict[str, torch.Tensor], model_config, tokenizer_dir: s
     The folder is written next to `out_dir` under a temporary name and renamed into place,
     replacing whatever `out_dir` held (callers decide whether it may be replaced); only the
     tokenizer's own files (TOKENIZER_FILES, regular files) are copied, never over a written one."""
-    from transformers import AutoModelForCausalLM
-
-    from relora_dist.model import config_from_dict
-
     out_dir = Path(out_dir)
-    try:
-        config = config_from_dict(architecture(model_config)) if isinstance(model_config, dict) else model_config
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(_tie(state_dict, config, dtype), strict=True, assign=True)
-        if config.tie_word_embeddings:
-            model.tie_weights()  # assign=True gave lm_head its own Parameter: one tensor again
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelConfigMismatch(f"model_config does not describe the saved tensors "
-                                  f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    model = hf_model(state_dict, model_config, dtype)
     # save_pretrained records the weights' dtype in config.json (no deprecated torch_dtype setter needed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -158,6 +145,29 @@ def write_hf(state_dict: dict[str, torch.Tensor], model_config, tokenizer_dir: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def hf_model(state_dict: dict[str, torch.Tensor], model_config, dtype: torch.dtype = torch.float32,
+             device: str = "meta") -> torch.nn.Module:
+    """The causal LM of `model_config` (a config, or a manifest's dict of one) holding `state_dict`
+    in `dtype`, loaded strictly: what write_hf saves and relora-eval runs. device="meta" (saving)
+    allocates nothing beyond the state dict; "cpu" also computes the buffers no state dict holds
+    (the rotary inv_freq), which a forward needs. Raises ModelConfigMismatch."""
+    from transformers import AutoModelForCausalLM
+
+    from relora_dist.model import config_from_dict
+
+    try:
+        config = config_from_dict(architecture(model_config)) if isinstance(model_config, dict) else model_config
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(_tie(state_dict, config, dtype), strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.tie_weights()  # assign=True gave lm_head its own Parameter: one tensor again
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelConfigMismatch(f"model_config does not describe the saved tensors "
+                                  f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    return model
 
 
 def _tie(state_dict: dict[str, torch.Tensor], config, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -22,11 +22,12 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = {
     "relora-pretrain": "relora_dist.cli:main",
     "relora-convert": "relora_dist.tools.convert_ckpt:main",
+    "relora-eval": "relora_dist.tools.eval:main",
     "relora-inspect": "relora_dist.tools.inspect_ckpt:main",
     "relora-prepare-data": "relora_dist.tools.prepare_data:main",
     "relora-train-tokenizer": "relora_dist.tools.train_tokenizer:main",
 }
-TOOLS = ["convert_ckpt", "inspect_ckpt", "prepare_data", "train_tokenizer"]
+TOOLS = ["convert_ckpt", "eval", "inspect_ckpt", "prepare_data", "train_tokenizer"]
 
 
 def _command(script: str) -> list[str]:

@@ -21,19 +21,40 @@ from relora_dist.checkpoint import CheckpointError
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def convert(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_size: str = "2GB",
-            overwrite: bool = False, quantize: str = "none") -> Path:
-    import torch
-
+def read_checkpoint(ckpt_dir: str | Path):
+    """(the step_* folder, its ShardReader, its merged fp32 HF-named state dict) of a checkpoint or of
+    a checkpoints/ folder's latest, shards and tokenizer/ verified: what an export (and relora-eval)
+    is made from."""
     from relora_dist.checkpoint import MANIFEST, ShardReader, check_tokenizer, consolidated_state_dict, find_latest
-    from relora_dist.export import ModelConfigMismatch, foreign_files, write_hf
 
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / MANIFEST).is_file():
         latest = find_latest(ckpt_dir)
         if latest is None:
             raise CheckpointError(f"{ckpt_dir} holds no {MANIFEST} and no checkpoints: pass a step_* directory")
         ckpt_dir = latest
+    reader = ShardReader(ckpt_dir)
+    check_tokenizer(ckpt_dir)
+    return ckpt_dir, reader, consolidated_state_dict(reader, merge_adapters=True)
+
+
+def damaged(ckpt_dir: Path, e: Exception) -> CheckpointError:
+    """A manifest whose model_config does not fit its tensors (export.ModelConfigMismatch)."""
+    from relora_dist.checkpoint import MANIFEST
+
+    return CheckpointError(f"{ckpt_dir / MANIFEST}: {e}; the checkpoint is damaged")
+
+
+def convert(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_size: str = "2GB",
+            overwrite: bool = False, quantize: str = "none") -> Path:
+    import torch
+
+    from relora_dist.checkpoint import MANIFEST, find_latest
+    from relora_dist.export import ModelConfigMismatch, foreign_files, write_hf
+
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    if not (ckpt_dir / MANIFEST).is_file() and find_latest(ckpt_dir) is None:
+        raise CheckpointError(f"{ckpt_dir} holds no {MANIFEST} and no checkpoints: pass a step_* directory")
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise CheckpointError(f"{out_dir} is not a directory: pass a new or empty directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -44,14 +65,12 @@ def convert(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
         if foreign:
             raise CheckpointError(f"{out_dir} holds {foreign[0]!r}, which an export does not write: --overwrite "
                                   f"replaces only an earlier export; pass a new or empty directory")
-    reader = ShardReader(ckpt_dir)
-    check_tokenizer(ckpt_dir)
-    state_dict = consolidated_state_dict(reader, merge_adapters=True)
+    ckpt_dir, reader, state_dict = read_checkpoint(ckpt_dir)
     try:
         return write_hf(state_dict, reader.manifest["model_config"], ckpt_dir / "tokenizer", out_dir,
                         getattr(torch, DTYPES[dtype]), max_shard_size, quantize)
     except ModelConfigMismatch as e:  # the manifest's model_config does not fit its tensors
-        raise CheckpointError(f"{ckpt_dir / MANIFEST}: {e}; the checkpoint is damaged") from None
+        raise damaged(ckpt_dir, e) from None
     except OSError as e:  # a read-only or full target
         raise CheckpointError(f"cannot write {out_dir} ({type(e).__name__}: {e.strerror or e}); pass a "
                               f"writable directory (nothing was written there)") from None
