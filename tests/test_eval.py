@@ -15,6 +15,8 @@ from relora_dist.tools.convert_ckpt import convert
 from relora_dist.tools.eval import main
 from tests.dist_utils import REPO, run_world, tiny_overrides
 
+pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
+
 # warm start 2 steps, a reset after step 5, 8 steps; evaluated at the end on 512 // 32 = 16 val blocks
 RUN = {"relora.enabled": True, "relora.warm_start_steps": 2, "relora.cycle_length": 3, "relora.first_warmup": 0,
        "relora.restart_warmup": 1, "relora.r": 8, "train.max_steps": 8}
