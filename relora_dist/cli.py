@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Trainer(cfg, template, info).train()
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        if info.is_main:
+        if info.is_main or getattr(e, "every_rank", False):  # e.g. a rank that stopped waiting for data
             print(f"error: {_one_line(e)}", file=sys.stderr)
         code = 2
     except RunAborted as e:

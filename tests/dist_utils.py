@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _worker(rank: int, world_size: int, port: int, scenario: str, overrides: list[str], ds_config: str,
-            out_dir: str, kwargs: dict) -> None:
+            out_dir: str, kwargs: dict, timeout_s: float = 240) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -30,7 +30,7 @@ def _worker(rank: int, world_size: int, port: int, scenario: str, overrides: lis
     from relora_dist.backends.ds_config import load_ds_template
     from tests import scenarios
 
-    info = init_distributed(timeout_s=240)
+    info = init_distributed(timeout_s=timeout_s)
     cfg = load_config(None, overrides)
     template = load_ds_template(REPO / ds_config)
     result = getattr(scenarios, scenario)(cfg, template, info, **kwargs)
@@ -40,9 +40,11 @@ def _worker(rank: int, world_size: int, port: int, scenario: str, overrides: lis
 
 
 def run_world(world_size: int, scenario: str, overrides: list[str], out_dir: Path,
-              ds_config: str = "ds_configs/zero2.json", **kwargs) -> list[dict]:
+              ds_config: str = "ds_configs/zero2.json", pg_timeout_s: float = 240, **kwargs) -> list[dict]:
+    """`pg_timeout_s`: every process group's timeout (RELORA_DIST_TIMEOUT_S of a launch)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(world_size, free_port(), scenario, overrides, ds_config, str(out_dir), kwargs),
+    mp.spawn(_worker, args=(world_size, free_port(), scenario, overrides, ds_config, str(out_dir), kwargs,
+                            pg_timeout_s),
              nprocs=world_size, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
