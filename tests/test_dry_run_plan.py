@@ -129,3 +129,22 @@ def test_quantized_base_under_zero3_is_planned_and_warned_where_it_costs_memory(
     assert f"ReLoRA phase {mm.fmt_bytes(q['total'])} per rank" in line
     assert (q["total"] > plain["total"]) == warns
     assert any(ln.startswith("warning: relora.base_quant=nf4 holds more per rank") for ln in out) == warns
+
+
+def test_passes_over_the_prepared_data(dry_run, tiny_data):
+    """train.max_steps x global batch x seq_len against the prepared train split: said, and warned
+    about past one pass; nothing while the first-use cache does not hold the data yet."""
+    from relora_dist.data import read_meta
+
+    have = read_meta(tiny_data)["num_blocks"]["train"] * 32
+    small = ["--relora.enabled=false", "--data.seq_len=32", "--train.global_batch_size=8", "--train.micro_batch_size=8"]
+    steps = have // (8 * 32) // 2  # half a pass
+    out = dry_run(1, *small, f"--data.prepared_dir={tiny_data}", f"--train.max_steps={steps}")
+    assert out[-1] == (f"{steps * 8 * 32 / have:.3g} passes over the training data ({have / 1e6:.3g} M tokens in "
+                       f"{tiny_data}): train.max_steps={steps} x global batch 8 x seq_len 32 = "
+                       f"{steps * 8 * 32 / 1e6:.3g} M tokens")
+    out = dry_run(1, *small, f"--data.cache_dir={Path(tiny_data).parent}", f"--train.max_steps={6 * steps}")
+    assert out[-2].startswith(f"{6 * steps * 8 * 32 / have:.3g} passes over the training data") and str(tiny_data) in out[-2]
+    assert out[-1].startswith("warning: the run repeats its training data 3 times") and f"max_steps to {have // (8 * 32)} " in out[-1]
+    out = dry_run(1, *small, f"--data.cache_dir={Path(tiny_data).parent / 'empty'}")
+    assert not any("passes over" in line for line in out)

@@ -28,7 +28,7 @@ import time
 from relora_dist.data.blocks import FORMAT_VERSION, DataError
 from relora_dist.tokenizer import tokenizer_checksum
 
-__all__ = ["ensure_prepared", "wait_for_prepared", "WaitError", "DEFAULT_PREPARE_TIMEOUT_S"]
+__all__ = ["ensure_prepared", "cache_folder", "wait_for_prepared", "WaitError", "DEFAULT_PREPARE_TIMEOUT_S"]
 
 DEFAULT_PREPARE_TIMEOUT_S = 1800.0  # = config.DataConfig.prepare_timeout_s
 POLL_S = 1.0
@@ -141,6 +141,17 @@ def wait_for_prepared(target: str, timeout_s: float, *, rank: int, preparer: int
         time.sleep(min(POLL_S, max(0.0, timeout_s - waited)))
 
 
+def cache_folder(sources: list[str] | None, tokenizer_dir: str, cache_dir: str, seq_len: int,
+                 val_fraction: float = 0.05, seed: int = 0, *, hf_dataset: str | None = None,
+                 hf_split: str = "train", text_field: str = "text", txt_split: str = "paragraph") -> str:
+    """The folder ensure_prepared uses for these inputs, prepared or not (complete once it holds
+    meta.json)."""
+    extra = {"hf_dataset": hf_dataset, "hf_split": hf_split, "text_field": text_field,
+             "txt_split": txt_split}
+    return os.path.join(os.path.abspath(cache_dir),
+                        _cache_key(sources, tokenizer_dir, seq_len, val_fraction, seed, extra))
+
+
 def ensure_prepared(sources: list[str] | None, tokenizer_dir: str, cache_dir: str, seq_len: int,
                     val_fraction: float = 0.05, seed: int = 0, *, hf_dataset: str | None = None,
                     hf_split: str = "train", text_field: str = "text",
@@ -158,8 +169,8 @@ def ensure_prepared(sources: list[str] | None, tokenizer_dir: str, cache_dir: st
 
     extra = {"hf_dataset": hf_dataset, "hf_split": hf_split, "text_field": text_field,
              "txt_split": txt_split}
-    key = _cache_key(sources, tokenizer_dir, seq_len, val_fraction, seed, extra)
-    target = os.path.join(os.path.abspath(cache_dir), key)
+    target = cache_folder(sources, tokenizer_dir, cache_dir, seq_len, val_fraction, seed, **extra)
+    key = os.path.basename(target)
     if _is_complete(target):
         return target
     kwargs = dict(sources=sources, tokenizer_dir=tokenizer_dir, seq_len=seq_len,
