@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="alias of --model.init_from: HF model folder to start from (default: none)")
     parser.add_argument("--dry_run", action="store_true",
                         help="validate arguments, config, data, tokenizer and the DeepSpeed batch arithmetic "
-                             "against WORLD_SIZE, print a summary and the per-rank memory plan of both phases "
-                             "and exit without training (default: off)")
+                             "against WORLD_SIZE, print a summary, the per-rank memory plan of both phases and "
+                             "(data prepared) the passes over the training data, and exit without training "
+                             "(default: off)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     return parser
 
@@ -185,6 +186,34 @@ def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
     return lines
 
 
+def data_passes(cfg: Config) -> list[str]:
+    """--dry_run: how many passes over the training split train.max_steps implies, once the data is
+    prepared (data.prepared_dir, or the first-use cache already holds these sources); nothing when
+    its size is not known yet. A paper preset over a small folder otherwise repeated it ~21 times
+    (configs/60m_paper.yaml over 61 M tokens) with no word."""
+    from relora_dist.data import DEFAULT_CORPUS, read_meta, tokenizer_dir_of
+    from relora_dist.data.first_use import _is_complete, cache_folder
+
+    d, t = cfg.data, cfg.train
+    folder = d.prepared_dir or cache_folder(d.sources or [str(DEFAULT_CORPUS)], tokenizer_dir_of(cfg), d.cache_dir,
+                                            d.seq_len, d.val_fraction, t.seed)
+    if not _is_complete(folder):
+        return []
+    meta = read_meta(folder)
+    blocks = int(meta["num_blocks"]["train"]) * (int(meta["seq_len"]) // d.seq_len)  # validated: a divisor
+    have, need = blocks * d.seq_len, t.max_steps * t.global_batch_size * d.seq_len
+    if not have:
+        return []
+    passes = need / have
+    lines = [f"{passes:.3g} passes over the training data ({have / 1e6:.3g} M tokens in {folder}): train.max_steps="
+             f"{t.max_steps} x global batch {t.global_batch_size} x seq_len {d.seq_len} = {need / 1e6:.3g} M tokens"]
+    if passes > 1:
+        lines.append(f"warning: the run repeats its training data {passes:.3g} times; prepare more data "
+                     f"(relora-prepare-data) or lower train.max_steps to {max(1, have // (t.global_batch_size * d.seq_len))} "
+                     f"for one pass")
+    return lines
+
+
 def _rendezvous_error(e: BaseException, timeout_s: float) -> str:
     env = os.environ
     where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
@@ -235,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ok: world size {world}, global batch {t.global_batch_size} = micro batch "
                   f"{t.micro_batch_size} x {world} ranks x {t.global_batch_size // (t.micro_batch_size * world)} "
                   f"accumulation steps; output {cfg.run.output_dir}")
-            print("\n".join(memory_plan(cfg, template, world)))
+            print("\n".join(memory_plan(cfg, template, world) + data_passes(cfg)))
         return 0
     if "OMP_NUM_THREADS" not in os.environ and world > 1:
         import torch
@@ -260,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Trainer(cfg, template, info).train()
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        if info.is_main:
+        if info.is_main or getattr(e, "every_rank", False):  # e.g. a rank that stopped waiting for data
             print(f"error: {_one_line(e)}", file=sys.stderr)
         code = 2
     except RunAborted as e:

@@ -53,6 +53,11 @@ class DataConfig:
     """Already-prepared data folder (tools/prepare_data.py output); overrides sources when set."""
     cache_dir: str = ".cache/data"
     """Where sources are tokenized and packed on first use (relative paths: to the working dir)."""
+    prepare_timeout_s: float = 1800.0
+    """Preparing on first use in a multi-rank run: seconds the ranks other than each node's local
+    rank 0 (which prepares) wait for the folder before stopping with a line that says to run
+    relora-prepare-data beforehand (no collective waits on preparation). 1800 s is ~18 GB of text at
+    the ~10 MB/s one process tokenizes; past that, preparing apart frees the accelerators."""
     seq_len: int = 128
     """Tokens per training sequence (packed block length)."""
     val_fraction: float = 0.05

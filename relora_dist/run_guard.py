@@ -143,7 +143,8 @@ def run_fingerprints(cfg, tokenizer_dir: str | None = None) -> dict[str, str]:
     fingerprint; otherwise the data cache's key (sources' paths, sizes and mtimes, the tokenizer,
     seq_len, val_fraction, seed), the same key that names the prepared folder."""
     from relora_dist.data.check import tokenizer_dir_of
-    from relora_dist.data.prepare import DEFAULT_CORPUS, _cache_key
+    from relora_dist.data.first_use import _cache_key
+    from relora_dist.data.prepare import DEFAULT_CORPUS
     from relora_dist.tokenizer import tokenizer_fingerprint
 
     d = cfg.data

@@ -71,7 +71,8 @@ class Trainer:
 
         data_dir = c.data.prepared_dir or ensure_prepared(
             c.data.sources or [str(DEFAULT_CORPUS)], tokenizer_dir, c.data.cache_dir,
-            c.data.seq_len, c.data.val_fraction, c.train.seed)
+            c.data.seq_len, c.data.val_fraction, c.train.seed, timeout_s=c.data.prepare_timeout_s,
+            local_rank=info.local_rank)  # no collective: first_use.py
         check_tokenizer_matches(data_dir, self.tokenizer.vocab_size)
         self.train_blocks = PackedBlocks(data_dir, "train", c.data.seq_len)
         self.val_blocks = PackedBlocks(data_dir, "val", c.data.seq_len)

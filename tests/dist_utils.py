@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _worker(rank: int, world_size: int, port: int, scenario: str, overrides: list[str], ds_config: str,
-            out_dir: str, kwargs: dict, env: dict) -> None:
+            out_dir: str, kwargs: dict, env: dict, timeout_s: float = 240) -> None:
     os.environ.clear()  # the forkserver's environment is the one of its start: take the test's own
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -32,7 +32,7 @@ def _worker(rank: int, world_size: int, port: int, scenario: str, overrides: lis
     from relora_dist.backends.ds_config import load_ds_template
     from tests import scenarios
 
-    info = init_distributed(timeout_s=240)
+    info = init_distributed(timeout_s=timeout_s)
     cfg = load_config(None, overrides)
     template = load_ds_template(REPO / ds_config)
     result = getattr(scenarios, scenario)(cfg, template, info, **kwargs)
@@ -56,10 +56,11 @@ def _start_method() -> str:
 
 
 def run_world(world_size: int, scenario: str, overrides: list[str], out_dir: Path,
-              ds_config: str = "ds_configs/zero2.json", **kwargs) -> list[dict]:
+              ds_config: str = "ds_configs/zero2.json", pg_timeout_s: float = 240, **kwargs) -> list[dict]:
+    """`pg_timeout_s`: every process group's timeout (RELORA_DIST_TIMEOUT_S of a launch)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mp.start_processes(_worker, args=(world_size, free_port(), scenario, overrides, ds_config, str(out_dir), kwargs,
-                                      dict(os.environ)),
+                                      dict(os.environ), pg_timeout_s),
                        nprocs=world_size, join=True, start_method=_start_method())
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 

@@ -309,3 +309,39 @@ def relora_runs(cfg, template, info, runs: list[list[str]], stop_at: int | None 
         del t
         gc.collect()
     return out
+
+
+def first_use_without_collective(cfg, template, info, bad_source: str, delay_s: float) -> dict:
+    """Data prepared on first use under a process-group timeout shorter than the preparation:
+    first a source that does not decode (every rank must fail at once), then the bundled corpus
+    with `delay_s` of sleep injected into rank 0's prepare_dataset, followed by two training steps."""
+    import contextlib
+    import io
+    import time
+
+    from relora_dist.data import DataError, ensure_prepared, first_use, prepare, tokenizer_dir_of
+
+    d = cfg.data
+    t0 = time.monotonic()
+    try:
+        ensure_prepared([bad_source], tokenizer_dir_of(cfg), d.cache_dir, d.seq_len, d.val_fraction,
+                        timeout_s=d.prepare_timeout_s, local_rank=info.local_rank)
+        failure = ""
+    except DataError as e:
+        failure = str(e)
+    fail_s = time.monotonic() - t0
+
+    if info.rank == 0:
+        real = prepare.prepare_dataset
+
+        def slow(**kwargs):
+            time.sleep(delay_s)
+            return real(**kwargs)
+
+        prepare.prepare_dataset = slow
+    first_use.PROGRESS_EVERY_S = 2.0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        t = Trainer(cfg, template, info)
+    st = t.train()
+    return {"failure": failure, "fail_s": fail_s, "output": out.getvalue(), "steps": st.step}

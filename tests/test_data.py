@@ -9,7 +9,7 @@ import pydoc_data.topics
 import pytest
 import torch
 
-import relora_dist.data.prepare as prepare  # where ensure_prepared looks up prepare_dataset
+import relora_dist.data.prepare as prepare  # where ensure_prepared (first_use.py) looks up prepare_dataset
 from relora_dist.data import (DEFAULT_CORPUS, DEFAULT_TOKENIZER, BlockLoader, DataError,
                               PackedBlocks, check_tokenizer_matches, ensure_prepared,
                               eval_batches, load_documents, prepare_dataset, read_meta)

@@ -146,3 +146,22 @@ def test_init_from_gqa_model_is_planned_with_its_own_shapes(dry_run, tmp_path):
     warm = mm.per_rank_bytes(shape, 2, 2, "warm_start", compute="fp32", r=8)["total"]
     square = mm.per_rank_bytes(mm.Shape(64, 172, 2, _vocab()), 2, 2, "warm_start", compute="fp32", r=8)["total"]
     assert f"full-rank warm start {mm.fmt_bytes(warm)}, " in out[1] and warm < square
+
+
+def test_passes_over_the_prepared_data(dry_run, tiny_data):
+    """train.max_steps x global batch x seq_len against the prepared train split: said, and warned
+    about past one pass; nothing while the first-use cache does not hold the data yet."""
+    from relora_dist.data import read_meta
+
+    have = read_meta(tiny_data)["num_blocks"]["train"] * 32
+    small = ["--relora.enabled=false", "--data.seq_len=32", "--train.global_batch_size=8", "--train.micro_batch_size=8"]
+    steps = have // (8 * 32) // 2  # half a pass
+    out = dry_run(1, *small, f"--data.prepared_dir={tiny_data}", f"--train.max_steps={steps}")
+    assert out[-1] == (f"{steps * 8 * 32 / have:.3g} passes over the training data ({have / 1e6:.3g} M tokens in "
+                       f"{tiny_data}): train.max_steps={steps} x global batch 8 x seq_len 32 = "
+                       f"{steps * 8 * 32 / 1e6:.3g} M tokens")
+    out = dry_run(1, *small, f"--data.cache_dir={Path(tiny_data).parent}", f"--train.max_steps={6 * steps}")
+    assert out[-2].startswith(f"{6 * steps * 8 * 32 / have:.3g} passes over the training data") and str(tiny_data) in out[-2]
+    assert out[-1].startswith("warning: the run repeats its training data 3 times") and f"max_steps to {have // (8 * 32)} " in out[-1]
+    out = dry_run(1, *small, f"--data.cache_dir={Path(tiny_data).parent / 'empty'}")
+    assert not any("passes over" in line for line in out)

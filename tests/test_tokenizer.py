@@ -1,5 +1,6 @@
 """Tokenizer: bundled model properties, training, and transformers parity."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from relora_dist.data import DEFAULT_CORPUS, DEFAULT_TOKENIZER
-from relora_dist.tokenizer import (_training_sentences, load_tokenizer, tokenizer_checksum,
+from relora_dist.tokenizer import (_sampled_texts, _training_sentences, load_tokenizer, tokenizer_checksum,
                                    train_tokenizer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +63,27 @@ def test_train_tokenizer_deterministic_and_path_independent(tmp_path):
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (600, 1, 2)
     text = TOPICS[50]  # unseen text still round-trips (byte fallback)
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_sampling_documents_bounds_what_is_read(tmp_path):
+    """--sample_docs / --sample_mb: a seeded uniform sample, in corpus order; under both caps the
+    corpus is read whole (so the bundled tokenizer rebuilds byte-identical)."""
+    from relora_dist.documents import load_documents
+    from relora_dist.tools.train_tokenizer import main
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"doc {i}: {t}"}) + "\n" for i, t in enumerate(TOPICS * 3)))
+    docs = load_documents([str(src)])
+    texts = list(docs["text"])
+    assert list(_sampled_texts(docs, 0, 0)) == texts == list(_sampled_texts(docs, 10**6, 1e6))
+    some = list(_sampled_texts(docs, sample_docs=30))
+    assert len(texts) == 3 * len(TOPICS) and len(some) == 30 and some == [t for t in texts if t in set(some)]  # corpus order
+    assert some == list(_sampled_texts(docs, sample_docs=30)) != list(_sampled_texts(docs, 30, seed=1))
+    total = sum(len(t.encode()) for t in texts)
+    assert len(list(_sampled_texts(docs, sample_mb=total / 4 / 1e6))) == len(texts) // 4
+    assert main(["--input", str(src), "--out", str(tmp_path / "tok"), "--vocab_size", "400",
+                 "--sample_docs", "50", "--num_threads", "1"]) == 0
+    assert load_tokenizer(str(tmp_path / "tok")).vocab_size == 400
 
 
 def test_training_sentences_cuts_long_documents():

@@ -3,7 +3,8 @@
     ../documents.py  load documents from files (no tokenizer: tokenizer training reads them too)
     stream.py        the inputs as a stream of units, tokenized on a pool of processes
     shards.py        token shards: the resumable writer and the view that reads blocks across them
-    prepare.py       tokenize, split train/val, pack to disk; the prepare-on-first-use cache
+    prepare.py       tokenize, split train/val, pack to disk
+    first_use.py     the prepare-on-first-use cache, shared by a launch's ranks without a collective
     blocks.py        the prepared format: meta.json checks and the memory-mapped block view
     loader.py        deterministic, resumable, rank-sharded training batches; evaluation batches
     check.py         the same rules applied to a run config before any work (named by config key)
@@ -21,7 +22,8 @@ _WHERE = {
                                 "read_meta"),
     "relora_dist.data.check": ("PREPARE_HINT", "check_data_config", "tokenizer_dir_of"),
     "relora_dist.data.loader": ("BlockLoader", "DistributedBlockSampler", "eval_batches"),
-    "relora_dist.data.prepare": ("DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "ensure_prepared", "prepare_dataset"),
+    "relora_dist.data.first_use": ("ensure_prepared",),
+    "relora_dist.data.prepare": ("DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "prepare_dataset"),
     "relora_dist.documents": ("load_documents",),
 }
 _MODULE = {name: module for module, names in _WHERE.items() for name in names}

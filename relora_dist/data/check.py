@@ -38,6 +38,8 @@ def check_data_values(cfg) -> None:
         raise ConfigError(str(e)) from None
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    if not cfg.data.prepare_timeout_s > 0:
+        raise ConfigError(f"data.prepare_timeout_s={cfg.data.prepare_timeout_s} must be > 0 seconds")
 
 
 def check_data_config(cfg) -> int:

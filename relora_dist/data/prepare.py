@@ -1,5 +1,6 @@
 """Preparing data: documents -> token ids -> packed fixed-length blocks on disk (the format is
-described in :mod:`relora_dist.data.blocks`), and the cache that prepares a corpus on first use.
+described in :mod:`relora_dist.data.blocks`). The cache that prepares a corpus on first use is in
+first_use.py.
 """
 from __future__ import annotations
 
@@ -8,18 +9,15 @@ import itertools
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 
 import numpy as np
-import torch
 
 from relora_dist import resources
 from relora_dist.data.blocks import FORMAT_VERSION, SPLITS, DataError, check_seq_len
 from relora_dist.tokenizer import load_tokenizer, tokenizer_checksum
 
-__all__ = ["DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "prepare_dataset", "ensure_prepared"]
+__all__ = ["DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "prepare_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,73 +188,3 @@ def source_identity(sources, hf_dataset=None, hf_split="train") -> list:
             ids.append([os.stat(src).st_size, _sha256_files([src])])
     return ids + ([f"hf:{hf_dataset}[{hf_split}]"] if hf_dataset else [])
 
-
-def _cache_key(sources, tokenizer_dir, seq_len, val_fraction, seed, extra: dict) -> str:
-    items = []
-    for src in sources or []:
-        if not os.path.isfile(src):
-            raise DataError(f"data file {src!r} not found; check the path")
-        st = os.stat(src)
-        # path + size + mtime: cheap, and changes whenever the file is rewritten.
-        items.append([os.path.abspath(src), st.st_size, st.st_mtime_ns])
-    payload = {"format_version": FORMAT_VERSION, "sources": items,
-               "tokenizer": tokenizer_checksum(tokenizer_dir), "seq_len": seq_len,
-               "val_fraction": val_fraction, "seed": seed, **extra}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return f"L{seq_len}-{digest}"
-
-
-def _is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "meta.json"))
-
-
-def _prepare_atomic(target: str, **kwargs) -> None:
-    """Prepare into a temp dir beside ``target`` and rename it into place, so other
-    processes never see a half-written directory; a lost race just discards our copy."""
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
-    try:
-        prepare_dataset(out_dir=tmp, **kwargs)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _is_complete(target):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def ensure_prepared(sources: list[str] | None, tokenizer_dir: str, cache_dir: str, seq_len: int,
-                    val_fraction: float = 0.05, seed: int = 0, *, hf_dataset: str | None = None,
-                    hf_split: str = "train", text_field: str = "text",
-                    txt_split: str = "paragraph", num_proc: int = 1) -> str:
-    """Return a directory of prepared data for these inputs, preparing it on first use.
-
-    Cached under ``cache_dir/<key>`` where the key hashes source paths+sizes+mtimes, the
-    tokenizer checksum, seq_len, val_fraction and seed. Under an initialized
-    ``torch.distributed`` only global rank 0 prepares; the others wait at a barrier.
-    """
-    extra = {"hf_dataset": hf_dataset, "hf_split": hf_split, "text_field": text_field,
-             "txt_split": txt_split}
-    target = os.path.join(os.path.abspath(cache_dir),
-                          _cache_key(sources, tokenizer_dir, seq_len, val_fraction, seed, extra))
-    kwargs = dict(sources=sources, tokenizer_dir=tokenizer_dir, seq_len=seq_len,
-                  val_fraction=val_fraction, seed=seed, num_proc=num_proc, **extra)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        error = None
-        if dist.get_rank() == 0 and not _is_complete(target):
-            try:
-                _prepare_atomic(target, **kwargs)
-            except Exception as e:  # reach the barrier anyway, or the other ranks hang there
-                error = e
-        dist.barrier()
-        if error is not None:
-            raise error
-    # Also the fallback when cache_dir is node-local in a multi-node run: a rank that still
-    # does not see the data prepares its own copy (atomic rename keeps that race safe).
-    if not _is_complete(target):
-        _prepare_atomic(target, **kwargs)
-    return target
