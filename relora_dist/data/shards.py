@@ -23,20 +23,14 @@ import re
 
 import numpy as np
 
+from relora_dist.integrity import fsync_path
+
 __all__ = ["SHARDED_FORMAT_VERSION", "MANIFEST", "SHARD_RE", "ShardWriter", "TokenShards"]
 
 SHARDED_FORMAT_VERSION = 2
 MANIFEST = "manifest.jsonl"
 SHARD_RE = re.compile(r"(train|val)-\d{5}\.bin(\.tmp)?")
 SPLITS = ("train", "val")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_files(paths: list[str]) -> str:
@@ -137,7 +131,7 @@ class ShardWriter:
             os.fsync(f.fileno())
             f.close()
             os.replace(self._path(s, c["shard"]) + ".tmp", self._path(s, c["shard"]))
-        _fsync_dir(self.dir)  # the renames are durable before the manifest says the shard is done
+        fsync_path(self.dir)  # the renames are durable before the manifest says the shard is done
         entry = {"shard": c["shard"], "units": c["units"],
                  **{s: {"documents": c["count"][s][0], "tokens": c["count"][s][1], "sha256": c["sha"][s].hexdigest()}
                     for s in SPLITS}}
