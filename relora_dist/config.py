@@ -147,9 +147,13 @@ class ReLoRAConfig:
     warm_start_schedule: str = "paper"
     """paper: one warmup + cosine envelope over the whole run (train.max_steps); the switch comes
     mid-schedule near the peak LR and the ReLoRA phase re-warms up to the same envelope after the
-    switch and after every reset (the reference's cosine_restarts shape). anneal: the warm start is
-    a complete warmup + cosine down to min_lr_ratio, then the jagged cosine over the ReLoRA phase
-    alone."""
+    switch and after every reset (the reference's cosine_restarts shape). reference: the reference
+    repository's two runs as its README says the paper ran them: the warm start as paper's (a cosine
+    over the whole run, stopped at the switch), then a fresh jagged cosine over the ReLoRA phase
+    alone, from the peak again (multiplier up to 0.15-0.22 above paper's on the 60m/130m/350m paper
+    presets, 0.31 on the default run). anneal: the warm start is a complete warmup + cosine down to
+    min_lr_ratio, then the same fresh jagged cosine as reference. The default stays paper: it is
+    what earlier runs, checkpoints (a resume refuses a change) and the README's measurements used."""
     lr_restarts: str = "auto"
     """auto: the LR restarts from 0 after every reset (the jagged cosine) and only then; true: the
     same jagged LR also when relora.resets=false (the LoRA baseline with ReLoRA's LR, which

@@ -253,7 +253,7 @@ CASES = {
                                        "use merge_precision=fp32 or merge_master_device=device"]),
     "phase stage": (lambda f: ["relora.phase_stage=2"], ["relora.phase_stage '2'", "use same or 3"]),
     "warm start schedule": (lambda f: ["relora.warm_start_schedule=cosine"],
-                            ["relora.warm_start_schedule 'cosine'", "use paper or anneal"]),
+                            ["relora.warm_start_schedule 'cosine'", "use paper, reference or anneal"]),
     "lr restarts": (lambda f: ["relora.lr_restarts=sometimes"], ["relora.lr_restarts 'sometimes'", "use auto, true or false"]),
     "carry optimizer state": (lambda f: ["relora.carry_optimizer_state=always"],
                               ["relora.carry_optimizer_state 'always'", "use auto, true or false"]),
