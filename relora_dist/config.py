@@ -95,7 +95,14 @@ class OptimizerConfig:
     lr: float = 3e-3
     """Peak learning rate of the full-rank (warm-start) phase."""
     weight_decay: float = 0.0
-    """Weight decay (AdamW: decoupled; sgd: L2); never applied to norms and biases."""
+    """Weight decay (AdamW: decoupled; sgd: L2); applied to norms and biases only with decay_1d."""
+    decay_1d: bool = False
+    """Decay parameters with fewer than 2 dimensions (norm weights, biases) too, as the reference
+    does (torchrun_main.py passes every trainable parameter to one AdamW group). false (default):
+    matrices and embeddings only, the common practice of GPT-2/nanoGPT (configure_optimizers) and
+    the Hugging Face Trainer (no decay for biases and LayerNorm weights): decaying a norm's gain
+    pulls it toward 0, not toward its init of 1. No effect with weight_decay=0 (the reference's and
+    the presets' value)."""
     beta1: float = 0.9
     """AdamW beta1 (unused by sgd)."""
     beta2: float = 0.95
