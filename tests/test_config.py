@@ -245,6 +245,8 @@ CASES = {
                             ["relora.warm_start_steps=300", "train.max_steps=300", "for a 300-step run pass --relora.warm_start_steps=100"]),
     "optimizer_reset": (lambda f: ["relora.optimizer_reset=prune"], ["relora.optimizer_reset 'prune'", "use "]),
     "prune ratio": (lambda f: ["relora.prune_ratio=2"], ["relora.prune_ratio=2", "must be"]),
+    "prune threshold": (lambda f: ["relora.prune_threshold=median"],
+                        ["relora.prune_threshold 'median'", "use one of kthvalue, quantile"]),
     "merge precision": (lambda f: ["relora.merge_precision=fp16"], ["relora.merge_precision 'fp16'", "use "]),
     "merge master device": (lambda f: ["relora.merge_master_device=gpu"],
                             ["relora.merge_master_device 'gpu'", "use device or cpu"]),
