@@ -18,8 +18,9 @@ Deliberate differences from the reference implementation (github Guitaricet/relo
 * A is drawn from a generator seeded by a stable hash of (seed, restart_index, module_name) instead of
   relying on every rank having consumed the global RNG identically; every rank and every world size
   draws the identical A.
-* Magnitude pruning uses ``torch.kthvalue`` so it works above 2**24 elements (``torch.quantile``
-  raises there; axolotl silently skips such tensors).
+* Magnitude pruning finds its threshold with ``torch.kthvalue`` so it works above 2**24 elements
+  (``torch.quantile`` raises there; axolotl silently skips such tensors); its ``quantile`` rule
+  computes torch.quantile's value from order statistics, so it has no such limit either.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from torch import Tensor, nn
 
 # The rules (hyperparameters, target selection, pruning) live in relora_rules, shared with the
 # start-up config check; re-exported here as part of this module's API.
-from relora_dist.relora_rules import (DEFAULT_TARGETS, PRUNE_MODES, ReLoRAConfigError, check_hparams,
-                                      check_prune, select_targets)
+from relora_dist.relora_rules import (DEFAULT_TARGETS, PRUNE_MODES, PRUNE_THRESHOLDS, ReLoRAConfigError,
+                                      check_hparams, check_prune, check_prune_threshold, select_targets)
 
 __all__ = [
     "DEFAULT_TARGETS",
     "PRUNE_MODES",
+    "PRUNE_THRESHOLDS",
     "ReLoRAConfigError",
     "ReLoRALinear",
     "wrap_model",
@@ -318,7 +320,8 @@ def prune_generator(seed: int, restart_index: int, name: str, state_key: str) ->
     return _generator(_stable_seed("prune", int(seed), int(restart_index), name, state_key))
 
 
-def prune_mask(t: Tensor, mode: str, p: float, generator: torch.Generator | None = None) -> Tensor:
+def prune_mask(t: Tensor, mode: str, p: float, generator: torch.Generator | None = None,
+               threshold_rule: str = "kthvalue") -> Tensor:
     """Keep-mask (bool, shape of ``t``, on ``t.device``) over the FULL tensor; the state is then
     ``t * mask``.
 
@@ -326,21 +329,43 @@ def prune_mask(t: Tensor, mode: str, p: float, generator: torch.Generator | None
       ZeroRedundancyOptimizer is not needed).
     * ``"random"``: keep where ``U[0,1) > p``, U drawn on CPU from ``generator`` (deterministic when
       the generator comes from prune_generator; the global RNG when None).
-    * ``"magnitude"``: keep where ``|t| > thr``, ``thr`` = the k-th smallest ``|t|`` over the whole
-      tensor with ``k = max(1, ceil(p * n))`` (``torch.kthvalue``; works above 2**24 elements).  So at
-      least ``ceil(p*n)`` elements are pruned (exactly that many when |t| has no ties); p = 0 prunes
-      the minimum (as ``|t| > quantile(|t|, 0)`` does), p = 1 prunes everything.
+    * ``"magnitude"``: keep where ``|t| > thr``, ``thr = magnitude_threshold(t, p, threshold_rule)``
+      over the whole tensor. kthvalue: the k-th smallest ``|t|``, ``k = max(1, ceil(p * n))``, so at
+      least ``ceil(p*n)`` elements are pruned (exactly that many when |t| has no ties); p = 0
+      prunes the minimum (as ``|t| > quantile(|t|, 0)`` does), p = 1 prunes everything.
+      quantile: ``torch.quantile(|t|, p)``'s value (the reference's rule), at any size.
     """
     flat = t.reshape(-1)
-    thr = magnitude_threshold(flat, p) if mode == "magnitude" and flat.numel() else None
+    thr = magnitude_threshold(flat, p, threshold_rule) if mode == "magnitude" and flat.numel() else None
     return prune_keep(flat, 0, flat.numel(), mode, p, generator, thr).reshape(t.shape)
 
 
-def magnitude_threshold(full: Tensor, p: float) -> Tensor:
-    """The k-th smallest ``|full|`` (k = max(1, ceil(p * n))) over the WHOLE tensor: magnitude
-    pruning keeps what lies above it."""
-    k = max(1, math.ceil(p * full.numel()))
-    return torch.kthvalue(full.detach().reshape(-1).abs().float(), k).values
+def magnitude_threshold(full: Tensor, p: float, rule: str = "kthvalue") -> Tensor:
+    """Magnitude pruning's threshold over the WHOLE tensor (pruning keeps what lies above it),
+    a 0-dim fp32 tensor on ``full``'s device.
+
+    * ``kthvalue``: the k-th smallest ``|full|``, k = max(1, ceil(p * n)).
+    * ``quantile``: ``torch.quantile(|full|.float(), p)`` (default linear interpolation), computed
+      like ATen's quantile (ranks = p * (n - 1) in fp32, weight = rank - floor(rank), lerp of the two
+      neighbouring order statistics), so below 2**24 elements the value is bitwise torch.quantile's;
+      above, where torch.quantile refuses, the rank is taken in fp64 (fp32 no longer holds n - 1).
+      The upper neighbour is the lower one when it is repeated, else the smallest larger value:
+      a count and a min instead of a second selection (2**24 elements, one CPU core: 0.2 s
+      against 0.3 s)."""
+    check_prune_threshold(rule)
+    x = full.detach().reshape(-1).abs().float()
+    n = x.numel()
+    if rule == "kthvalue":
+        return torch.kthvalue(x, max(1, math.ceil(p * n))).values
+    rank = torch.tensor(p, dtype=torch.float32 if n <= 1 << 24 else torch.float64) * (n - 1)
+    lo = int(rank)  # rank >= 0: truncation is floor, as ATen's ranks.toType(kLong)
+    below = torch.kthvalue(x, lo + 1).values
+    if lo == n - 1 or float(rank) == lo:
+        return below
+    # The (lo + 2)-th smallest is `below` again when at least lo + 2 entries are <= it; chosen on
+    # the device (no host synchronization per tensor, see relora_steps._magnitude_thresholds).
+    above = torch.where((x <= below).sum() >= lo + 2, below, torch.where(x > below, x, torch.inf).min())
+    return torch.lerp(below, above, (rank - lo).to(torch.float32).to(x.device))
 
 
 def prune_keep(fragment: Tensor, start: int, numel: int, mode: str, p: float,
@@ -348,7 +373,7 @@ def prune_keep(fragment: Tensor, start: int, numel: int, mode: str, p: float,
     """prune_mask's decision for elements [start, start + len(fragment)) of a flat tensor of
     ``numel`` elements, made over the WHOLE tensor: the same bits as the matching slice of
     ``prune_mask(full)``. Magnitude needs the whole tensor's ``threshold``
-    (magnitude_threshold); random draws U over all ``numel`` elements and keeps the fragment's
+    (magnitude_threshold, either rule); random draws U over all ``numel`` elements and keeps the fragment's
     part; so each rank prunes its own shard."""
     check_prune(mode, p)
     if mode == "zero" or numel == 0:

@@ -24,6 +24,9 @@ DEFAULT_TARGETS: list[str] = [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|dow
 
 PRUNE_MODES = ("zero", "random", "magnitude")
 
+#: How magnitude pruning finds its threshold (relora.prune_threshold; relora.magnitude_threshold).
+PRUNE_THRESHOLDS = ("kthvalue", "quantile")
+
 
 class ReLoRAConfigError(ValueError):
     """A ReLoRA setting is invalid; the message names the problem and the fix on one line."""
@@ -47,6 +50,11 @@ def check_prune(mode: str, p: float, keys: dict[str, str] | None = None, allow_n
         raise ReLoRAConfigError(f"unknown {k['mode']} '{mode}': use one of {', '.join(modes)}")
     if not (isinstance(p, numbers.Real) and 0.0 <= p <= 1.0):
         raise ReLoRAConfigError(f"{k['p']}={p!r} must be in [0, 1] (e.g. 0.9 or 0.99)")
+
+
+def check_prune_threshold(rule: str, key: str = "magnitude threshold rule") -> None:
+    if rule not in PRUNE_THRESHOLDS:
+        raise ReLoRAConfigError(f"unknown {key} '{rule}': use one of {', '.join(PRUNE_THRESHOLDS)}")
 
 
 def module_pattern(name: str) -> str:
@@ -102,15 +110,18 @@ def select_targets(model: nn.Module, patterns: list[str] | None, r: int, keys: d
 
 
 _KEYS = {"r": "relora.r", "alpha": "relora.alpha", "dropout": "relora.dropout", "targets": "relora.targets",
-         "pattern": "relora.targets", "mode": "relora.optimizer_reset", "p": "relora.prune_ratio"}
+         "pattern": "relora.targets", "mode": "relora.optimizer_reset", "p": "relora.prune_ratio",
+         "threshold": "relora.prune_threshold"}
 
 
 def check_relora_config(cfg) -> None:
-    """relora.r/alpha/dropout and the optimizer reset, by the rules wrap_model and prune_keep apply."""
+    """relora.r/alpha/dropout and the optimizer reset, by the rules wrap_model, prune_keep and
+    magnitude_threshold apply."""
     r = cfg.relora
     try:
         check_hparams(r.r, r.alpha, r.dropout, _KEYS)
         check_prune(r.optimizer_reset, r.prune_ratio, _KEYS, allow_none=True)
+        check_prune_threshold(r.prune_threshold, _KEYS["threshold"])
     except ReLoRAConfigError as e:
         raise ConfigError(str(e)) from None
 

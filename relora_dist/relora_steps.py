@@ -240,11 +240,11 @@ def reinit_adapters(backend: Backend, modules: dict[str, ReLoRALinear], seed: in
 
 
 def prune_adapter_moments(backend: Backend, modules: dict[str, ReLoRALinear], mode: str, ratio: float,
-                          seed: int, restart_index: int) -> None:
+                          seed: int, restart_index: int, threshold_rule: str = "kthvalue") -> None:
     """Prune the adapters' Adam moments (embeddings/norms/head keep theirs), per tensor.
 
-    Each key's mask is decided over the WHOLE tensor (a magnitude threshold must not depend on
-    how ZeRO splits it) and each rank applies its own fragment. A tensor that one rank holds whole
+    Each key's mask is decided over the WHOLE tensor (a magnitude threshold, by either
+    `threshold_rule` of magnitude_threshold, must not depend on how ZeRO splits it) and each rank applies its own fragment. A tensor that one rank holds whole
     (under ZeRO-2 all but the few that straddle a partition edge) is pruned by that rank alone;
     only the others are gathered. Gathering every moment instead cost 2 full-size all-reduces per
     tensor and key: 4.6 s of a 7.6 s reset at 350m, r=128, 2 ranks (measured). Random masks come
@@ -266,7 +266,7 @@ def prune_adapter_moments(backend: Backend, modules: dict[str, ReLoRALinear], mo
     flags = backend.all_reduce_max(torch.tensor([missing, *whole], dtype=torch.float32)).tolist()
     if flags[0]:
         return
-    thresholds = (_magnitude_thresholds(backend, local, numels, [bool(f) for f in flags[1:]], ratio)
+    thresholds = (_magnitude_thresholds(backend, local, numels, [bool(f) for f in flags[1:]], ratio, threshold_rule)
                   if mode == "magnitude" else {key: [None] * len(params) for key in ADAM_STATE_KEYS})
     for i, (name, p) in enumerate(params):
         keeps = {}
@@ -282,7 +282,7 @@ def prune_adapter_moments(backend: Backend, modules: dict[str, ReLoRALinear], mo
 
 
 def _magnitude_thresholds(backend: Backend, local: dict, numels: list[int], whole: list[bool],
-                          ratio: float) -> dict[str, torch.Tensor]:
+                          ratio: float, rule: str = "kthvalue") -> dict[str, torch.Tensor]:
     """Per moment key, every tensor's whole-tensor magnitude threshold, each found by ONE rank:
     the rank holding the tensor whole, else rank j % world, to which the fragments are reduced
     (batched). One all-reduce of the thresholds shares them (each entry is set by exactly one
@@ -296,7 +296,7 @@ def _magnitude_thresholds(backend: Backend, local: dict, numels: list[int], whol
         thr = torch.zeros(n, dtype=torch.float32, device=backend.comm_device)
         for j, (_, frag) in enumerate(local[key]):
             if whole[j] and frag.numel() == numels[j]:
-                thr[j] = magnitude_threshold(frag, ratio)
+                thr[j] = magnitude_threshold(frag, ratio, rule)
         mine: list = []
         for owner in range(world):  # all reduces first, so the ranks then find thresholds in parallel
             idx = [j for j in range(n) if not whole[j] and j % world == owner]
@@ -304,7 +304,7 @@ def _magnitude_thresholds(backend: Backend, local: dict, numels: list[int], whol
             if rank == owner:
                 mine = list(zip(idx, fulls))
         for j, full in mine:
-            thr[j] = magnitude_threshold(full, ratio)
+            thr[j] = magnitude_threshold(full, ratio, rule)
         backend.all_reduce_sum_(thr)
         out[key] = thr
     return out
@@ -351,7 +351,8 @@ def relora_reset(backend: Backend, modules: dict[str, ReLoRALinear], masters: Fr
     t1 = time.perf_counter()
     reinit_adapters(backend, modules, cfg.train.seed, restart_index)
     t2 = time.perf_counter()
-    prune_adapter_moments(backend, modules, r.optimizer_reset, r.prune_ratio, cfg.train.seed, restart_index)
+    prune_adapter_moments(backend, modules, r.optimizer_reset, r.prune_ratio, cfg.train.seed, restart_index,
+                          r.prune_threshold)
     t3 = time.perf_counter()
     timings.update(merge=t1 - t0, reinit=t2 - t1, prune=t3 - t2, total=t3 - t0)
     return timings

@@ -82,7 +82,7 @@ RUN_IDENTITY = {
     "schedule": None,
     "relora": ("enabled", "warm_start_steps", "r", "alpha", "dropout", "targets", "train_extra", "cycle_length",
                "first_warmup", "restart_warmup", "lr", "resets", "optimizer_reset", "prune_ratio",
-               "merge_precision", "warm_start_schedule", "carry_optimizer_state", "lr_restarts"),
+               "prune_threshold", "merge_precision", "warm_start_schedule", "carry_optimizer_state", "lr_restarts"),
 }
 # Of those, the ones that change tensor shapes or the set of trained tensors: never allowed.
 STRUCTURAL = ("model.*", "relora.enabled", "relora.r", "relora.targets")

@@ -14,6 +14,12 @@ that LR-0 step (see ``is_reset_step``) and step t+1 begins the restart warmup.  
 ``(update_step - start) % C == 1`` after incrementing update_step, i.e. the same steps.)  With T
 steps (t = 0..T-1) there are T/C - 1 resets, at t = C, 2C, ..., T - C.
 
+Three whole-run shapes, relora.warm_start_schedule (``lr_multiplier``): ``paper`` (one envelope over
+the whole run, the ReLoRA phase re-warming up to it: whole_run_jagged), ``reference`` (the reference
+repository's two runs as its README says the paper's were run: the warm start cut from a cosine over
+the whole run, then a fresh jagged cosine over the ReLoRA phase alone: reference_two_run) and
+``anneal`` (the warm start's own complete cosine, then the same fresh jagged cosine).
+
 ``lr_multiplier`` and ``reset_due`` apply these to a run's config (global step -> multiplier, and
 whether a reset follows the step); the trainer calls nothing else.
 """
@@ -25,8 +31,13 @@ import numbers
 
 from relora_dist.config import Config, ConfigError
 
-__all__ = ["ScheduleError", "warmup_cosine", "jagged_cosine", "whole_run_jagged", "validate_jagged",
+__all__ = ["ScheduleError", "WARM_START_SCHEDULES", "warmup_cosine", "jagged_cosine", "whole_run_jagged",
+           "reference_two_run", "validate_jagged",
            "check_min_lr_ratio", "check_schedule_config", "is_reset_step", "fitting_phase_lengths"]
+
+
+#: relora.warm_start_schedule values (see lr_multiplier).
+WARM_START_SCHEDULES = ("paper", "reference", "anneal")
 
 
 class ScheduleError(ValueError):
@@ -117,6 +128,9 @@ def check_schedule_config(cfg) -> None:
     """schedule.* and, when the ReLoRA phase resets, its jagged cosine, named by config key: the same
     rules jagged_cosine enforces at run time (validate_jagged), raised as ConfigError."""
     r, t = cfg.relora, cfg.train
+    if r.enabled and r.warm_start_schedule not in WARM_START_SCHEDULES:
+        raise ConfigError(f"relora.warm_start_schedule '{r.warm_start_schedule}' unknown: use "
+                          f"{', '.join(WARM_START_SCHEDULES[:-1])} or {WARM_START_SCHEDULES[-1]}")
     if cfg.schedule.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be >= 0")
     if r.enabled and r.warm_start_steps >= t.max_steps:
@@ -224,12 +238,51 @@ def is_reset_step(t: int, cycle_length: int, total: int | None = None) -> bool:
     return total is None or t < total
 
 
+def reference_two_run(step: int, total_steps: int, warmup: int, switch: int, first_warmup: int,
+                      restart_warmup: int, cycle_length: int, min_lr_ratio: float, restarts: bool = True) -> float:
+    """The reference repository's recipe (github Guitaricet/relora, README "Reproducibility note":
+    the paper's warm-start runs were given the full num_training_steps and stopped at the switch;
+    the ReLoRA run loads the weights with --warmed_up_model and its training_state.json, so its
+    scheduler runs over num_training_steps - update_step, torchrun_main.py), as two runs:
+
+    * step < switch (warm-start run, scheduler "cosine"): warmup_cosine(step, warmup, total_steps, m),
+      i.e. step / warmup, then m + (1-m) * (1 + cos(pi (step - warmup) / (total_steps - warmup))) / 2
+    * t = step - switch, T = total_steps - switch (ReLoRA run, scheduler "cosine_restarts", a fresh
+      scheduler from its step 0): jagged_cosine(t, T, W1, Wr, C, m) with restarts, else
+      warmup_cosine(t, W1, T, m) (the reference's LoRA baseline: scheduler "cosine").
+
+    Against ``paper`` (whole_run_jagged): the same warm start, but the ReLoRA phase's cosine starts
+    again from the peak over T instead of continuing the whole run's envelope, so after the first
+    warmup it runs above paper's until both reach min_lr_ratio at the end. Against ``anneal``: the
+    same ReLoRA phase, but the warm start is not annealed (anneal decays to min_lr_ratio inside the
+    warm start, the reference README's other option, "Providing only the number of training steps").
+    Largest |difference| in the multiplier, all steps of the bundled presets (60m/130m/350m_paper,
+    default): reference - paper 0.150 / 0.194 / 0.216 / 0.306 (at the end of the first ReLoRA
+    warmup: 1.0 against 0.938 / 0.903 / 0.882 / 0.789); reference - anneal 0.847 / 0.817 / 0.792 /
+    0.741 (last warm-start step: 0.946 / 0.914 / 0.887 / 0.835 against about min_lr_ratio)."""
+    step = _int("step", step, 0)
+    if step < switch:
+        return warmup_cosine(step, warmup, total_steps, min_lr_ratio)
+    return _relora_phase(step - switch, total_steps - switch, first_warmup, restart_warmup, cycle_length,
+                         min_lr_ratio, restarts)
+
+
+def _relora_phase(t: int, total: int, first_warmup: int, restart_warmup: int, cycle_length: int,
+                  min_lr_ratio: float, restarts: bool) -> float:
+    """A fresh schedule over the ReLoRA phase alone: jagged cosine with restarts, else warmup+cosine."""
+    if not restarts:
+        return warmup_cosine(t, min(first_warmup, total), total, min_lr_ratio)
+    return jagged_cosine(t, total, first_warmup, restart_warmup, cycle_length, min_lr_ratio)
+
+
 def lr_multiplier(cfg: Config, step: int) -> float:
-    """LR multiplier for global step `step` (0-based). relora.warm_start_schedule=paper: one
+    """LR multiplier for global step `step` (0-based), by relora.warm_start_schedule. paper: one
     warmup+cosine envelope over the whole run, the ReLoRA phase ramping back up to it after the
-    switch and after every reset (schedule.whole_run_jagged). anneal: a complete warmup+cosine
-    inside the warm start, then the jagged cosine over the ReLoRA phase alone, or plain
-    warmup+cosine for the LoRA baseline (relora.resets=false)."""
+    switch and after every reset (whole_run_jagged). reference: the warm start as paper's, then a
+    fresh jagged cosine over the ReLoRA phase alone (reference_two_run). anneal: a complete
+    warmup+cosine inside the warm start, then the same fresh jagged cosine. Without restarts
+    (relora.resets=false, the LoRA baseline) reference and anneal use a plain warmup+cosine over the
+    ReLoRA phase."""
     r, s = cfg.relora, cfg.schedule
     restarts = r.resets if r.lr_restarts == "auto" else r.lr_restarts == "true"
     # Warmups longer than their phase are clamped to it, so a short debug run (--train.max_steps=4)
@@ -237,17 +290,18 @@ def lr_multiplier(cfg: Config, step: int) -> float:
     if not r.enabled:
         total = cfg.train.max_steps
         return warmup_cosine(step, min(s.warmup_steps, total), total, s.min_lr_ratio)
+    switch = r.warm_start_steps
     if r.warm_start_schedule == "paper":
-        switch = r.warm_start_steps
         warmup = min(s.warmup_steps, switch) if switch else min(r.first_warmup, cfg.relora_steps)
         return whole_run_jagged(step, cfg.train.max_steps, warmup, switch, min(r.first_warmup, cfg.relora_steps),
                                 r.restart_warmup, r.cycle_length, s.min_lr_ratio, restarts)
-    if step < r.warm_start_steps:
-        return warmup_cosine(step, min(s.warmup_steps, r.warm_start_steps), r.warm_start_steps, s.min_lr_ratio)
-    t = step - r.warm_start_steps
-    if not restarts:
-        return warmup_cosine(t, min(r.first_warmup, cfg.relora_steps), cfg.relora_steps, s.min_lr_ratio)
-    return jagged_cosine(t, cfg.relora_steps, r.first_warmup, r.restart_warmup, r.cycle_length, s.min_lr_ratio)
+    if r.warm_start_schedule == "reference":
+        return reference_two_run(step, cfg.train.max_steps, min(s.warmup_steps, switch), switch, r.first_warmup,
+                                 r.restart_warmup, r.cycle_length, s.min_lr_ratio, restarts)
+    if step < switch:
+        return warmup_cosine(step, min(s.warmup_steps, switch), switch, s.min_lr_ratio)
+    return _relora_phase(step - switch, cfg.relora_steps, r.first_warmup, r.restart_warmup, r.cycle_length,
+                         s.min_lr_ratio, restarts)
 
 
 def reset_due(cfg: Config, step: int) -> bool:

@@ -42,13 +42,14 @@ from relora_dist.validation import validate
 
 
 def param_groups(model: torch.nn.Module, cfg: Config, lr: float, shape=lambda p: p.shape) -> list[dict]:
-    """Trainable params in two AdamW groups: decoupled decay on matrices, none on norms/biases.
-    `shape` gives a param's whole shape (Backend.shape: a sharded param's own shape is its shard's)."""
+    """Trainable params in two AdamW groups: decoupled decay on matrices, none on norms/biases
+    (optimizer.decay_1d=true: decay on every trainable param, as the reference). `shape` gives a
+    param's whole shape (Backend.shape: a sharded param's own shape is its shard's)."""
+    o = cfg.optimizer
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if len(shape(p)) >= 2 else no_decay).append(p)
-    o = cfg.optimizer
+            (decay if o.decay_1d or len(shape(p)) >= 2 else no_decay).append(p)
     common = dict(lr=lr) if o.name == "sgd" else dict(lr=lr, betas=(o.beta1, o.beta2), eps=o.eps)
     groups = [dict(params=decay, weight_decay=o.weight_decay, **common),
               dict(params=no_decay, weight_decay=0.0, **common)]

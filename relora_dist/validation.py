@@ -8,7 +8,7 @@ order (the import order is config -> owners -> validation -> cli/trainer):
     model.py          model.* and model.init_from            -> the LlamaConfig the run builds
     relora_rules.py   relora.r/alpha/dropout, the optimizer reset, relora.targets against the model
     quant.py          relora.base_quant / quant_merge / quant_compute_dtype (+ bitsandbytes packing)
-    schedule.py       schedule.* and the jagged cosine over the ReLoRA phase
+    schedule.py       schedule.*, relora.warm_start_schedule and the jagged cosine over the ReLoRA phase
     resume.py         checkpoint.*, and never training over another run's checkpoints
     data/check.py     data.*: tokenizer, sources, prepared blocks vs seq_len / tokenizer / batch sizes
 
@@ -113,8 +113,6 @@ def check_run_values(cfg: Config) -> None:
     if r.merge_master_device == "cpu" and r.merge_precision == "bf16":
         raise ConfigError("relora.merge_master_device=cpu with relora.merge_precision=bf16: bf16 merges keep "
                           "no fp32 master to place; use merge_precision=fp32 or merge_master_device=device")
-    if r.warm_start_schedule not in ("paper", "anneal"):
-        raise ConfigError(f"relora.warm_start_schedule '{r.warm_start_schedule}' unknown: use paper or anneal")
     if r.lr_restarts not in ("auto", "true", "false"):
         raise ConfigError(f"relora.lr_restarts '{r.lr_restarts}' unknown: use auto, true or false")
     if r.carry_optimizer_state not in ("auto", "true", "false"):

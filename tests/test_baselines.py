@@ -56,6 +56,19 @@ def test_param_groups_decay_matrices_only():
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
 
 
+def test_param_groups_decay_1d_decays_every_trainable_param():
+    """optimizer.decay_1d=true: one decayed group holding every trainable param, biases and the
+    norm included (the reference's single AdamW group); frozen params stay out of both."""
+    lin = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    lin[2].requires_grad_(False)
+    cfg = Config()
+    cfg.optimizer.weight_decay = 0.1
+    cfg.optimizer.decay_1d = True
+    groups = param_groups(lin, cfg, lr=1e-3)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.1
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in lin[:2].parameters()]
+
+
 @pytest.mark.spawn
 def test_sgd_optimizer_runs_relora_without_moment_resets(tiny_data, tmp_path):
     r = _run(tiny_data, tmp_path, **{"optimizer.name": "sgd", "optimizer.lr": 0.1,

@@ -11,7 +11,7 @@ from torch import nn
 from relora_dist.relora import (DEFAULT_TARGETS, ReLoRAConfigError, ReLoRALinear, cumulative_rank,
                                 draw_lora_A, effective_rank, flat_slice_delta,
                                 freeze_for_full_rank, freeze_for_relora_phase, lora_delta,
-                                lora_delta_rows, prune_generator, prune_mask, relora_modules,
+                                lora_delta_rows, magnitude_threshold, prune_generator, prune_mask, relora_modules,
                                 set_adapters_active, wrap_model)
 
 transformers = pytest.importorskip("transformers")
@@ -344,6 +344,58 @@ def test_prune_magnitude_huge_tensor():
     assert math.ceil(0.9 * n) <= n_pruned <= math.ceil(0.9 * n) + 100  # + ties in fp32 randn
     thr = torch.kthvalue(t.abs(), math.ceil(0.9 * n)).values
     assert torch.equal(keep, t.abs() > thr)
+    # The quantile rule past torch.quantile's limit: numpy's linear quantile (fp64) as reference.
+    np = pytest.importorskip("numpy")
+    q = magnitude_threshold(t, 0.9, "quantile")
+    assert q.item() == pytest.approx(float(np.quantile(t.abs().numpy(), 0.9)), rel=1e-6)
+    n_q = n - int((t.abs() > q).sum())  # the reference's rule: keep |t| > threshold
+    assert math.floor(0.9 * (n - 1)) + 1 <= n_q <= n_pruned
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.9, 0.99, 1.0])
+def test_prune_quantile_rule_is_torch_quantile(p):
+    """relora.prune_threshold=quantile: the threshold is bitwise torch.quantile(|t|, p) (linear
+    interpolation), so the reference's `|t| > threshold` prunes floor(p*(n-1)) + 1 entries, one
+    fewer than kthvalue's ceil(p*n) when p*n's fractional part is below p (a 128 x 1024 lora_A at
+    p = 0.99: 129761 against 129762, distinct values); ties (a repeated order statistic) included."""
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(n, generator=g) for n in (1, 2, 97, 1000, 128 * 1024)]
+    tensors += [torch.randint(0, 4, (1001,), generator=g).float(), torch.randn(33, 7, generator=g).bfloat16()]
+    for t in tensors:
+        ref = torch.quantile(t.abs().float().flatten(), p)
+        assert torch.equal(magnitude_threshold(t, p, "quantile"), ref), (t.shape, p)
+        keep = prune_mask(t, "magnitude", p, None, threshold_rule="quantile")
+        assert torch.equal(keep, t.abs().float() > ref)
+    t = (torch.randperm(128 * 1024, generator=g) + 1).float() / (128 * 1024)  # distinct, exact in fp32
+    n_quantile = int((~prune_mask(t, "magnitude", p, None, threshold_rule="quantile")).sum())
+    n_kthvalue = int((~prune_mask(t, "magnitude", p, None)).sum())
+    if p < 1:  # at p = 1 both prune everything
+        assert n_quantile == math.floor(p * (t.numel() - 1)) + 1
+    assert n_kthvalue - n_quantile == {0.0: 0, 0.5: 0, 0.9: 1, 0.99: 1, 1.0: 0}[p]
+    with pytest.raises(ReLoRAConfigError, match="unknown magnitude threshold rule 'median'"):
+        magnitude_threshold(t, p, "median")
+
+
+def test_sharded_magnitude_thresholds_follow_the_rule():
+    """relora_steps._magnitude_thresholds finds each threshold over the whole tensor, whether one
+    rank holds it whole or its fragments are assembled first, by the configured rule (one rank
+    here; the fragments of two ranks are summed into the same buffer the same way)."""
+    from types import SimpleNamespace
+
+    from relora_dist.relora_steps import ADAM_STATE_KEYS, _magnitude_thresholds
+
+    backend = SimpleNamespace(world_size=1, rank=0, comm_device=torch.device("cpu"),
+                              all_reduce_sum_=lambda t, dst=None: None)
+    g = torch.Generator().manual_seed(2)
+    full = [torch.randn(n, generator=g) for n in (300, 4096)]
+    local = {key: [(0, f * (i + 1)) for f in full] for i, key in enumerate(ADAM_STATE_KEYS)}
+    for whole in ([True, True], [False, False]):
+        for rule in ("kthvalue", "quantile"):
+            thr = _magnitude_thresholds(backend, local, [f.numel() for f in full], whole, 0.99, rule)
+            for i, key in enumerate(ADAM_STATE_KEYS):
+                want = [magnitude_threshold(f * (i + 1), 0.99, rule) for f in full]
+                assert torch.equal(thr[key], torch.stack(want)), (whole, rule, key)
+    assert not torch.equal(thr["exp_avg"], _magnitude_thresholds(backend, local, [300, 4096], whole, 0.99)["exp_avg"])
 
 
 # ----------------------------------------------------------------------------------- ranks

@@ -231,3 +231,39 @@ def test_a_short_run_is_told_phase_lengths_that_fit():
         fit = fitting_phase_lengths(n)
         check_schedule_config(load_config(None, [f"--train.max_steps={n}", *(f"--relora.{k}={v}" for k, v in fit.items())]))
     assert fitting_phase_lengths(2) is None
+
+
+def test_reference_schedule_is_the_reference_repositorys_two_runs():
+    """relora.warm_start_schedule=reference, hand-computed (env(p) = 0.1 + 0.45 (1 + cos(pi p))):
+    run 1, the warm start, is a cosine over all 400 steps (warmup 20) stopped at the switch (step
+    100); run 2, the ReLoRA phase, is a fresh jagged cosine over its own 300 steps (W1 = 10,
+    Wr = 5, C = 100), from the peak again: env((t - 10) / 290)."""
+    from relora_dist.config import load_config
+    from relora_dist.schedule import lr_multiplier, reset_due
+
+    def cfg(schedule, *extra):
+        return load_config(None, ["--train.max_steps=400", "--relora.warm_start_steps=100", "--schedule.warmup_steps=20",
+                                  "--relora.cycle_length=100", "--relora.first_warmup=10", "--relora.restart_warmup=5",
+                                  "--schedule.min_lr_ratio=0.1", f"--relora.warm_start_schedule={schedule}", *extra])
+
+    ref, paper, anneal = cfg("reference"), cfg("paper"), cfg("anneal")
+    hand = {10: 0.5,                     # warmup 10 / 20
+            50: 0.9862301196726987,      # env((50 - 20) / 380)
+            99: 0.907386127349082,       # env(79 / 380): not annealed at the switch
+            100: 0.0, 105: 0.5,          # the ReLoRA run's first warmup, 5 / 10 of the PEAK
+            110: 1.0,                    # env(0): its cosine starts again from the peak
+            200: 0.0,                    # reset step (t = 100)
+            203: 0.46919954143779585,    # 3 / 5 * env((100 + 5 - 10) / 290)
+            250: 0.574362508863438,      # env(140 / 290)
+            399: 0.1000264047475991}     # env(289 / 290)
+    for step, want in hand.items():
+        assert lr_multiplier(ref, step) == pytest.approx(want, rel=1e-12, abs=1e-15), step
+    assert [s for s in range(400) if reset_due(ref, s)] == [200, 300]
+    # the warm start is paper's, the ReLoRA phase anneal's
+    assert all(lr_multiplier(ref, s) == lr_multiplier(paper, s) for s in range(100))
+    assert all(lr_multiplier(ref, s) == lr_multiplier(anneal, s) for s in range(100, 400))
+    assert lr_multiplier(ref, 110) - lr_multiplier(paper, 110) > 0.1  # paper: env over the whole run, 0.881
+    # the LoRA baseline's second run: scheduler "cosine" over the phase, no restarts
+    lora = cfg("reference", "--relora.resets=false")
+    assert lr_multiplier(lora, 200) == pytest.approx(0.8025341794130721, rel=1e-12)  # env((100 - 10) / 290)
+    assert lr_multiplier(lora, 250) == pytest.approx(hand[250], rel=1e-12)
