@@ -42,8 +42,8 @@ def _worker(rank: int, world_size: int, port: int, scenario: str, overrides: lis
 
 
 # Ranks start from a forkserver that has imported torch, DeepSpeed, transformers and the trainer once
-# per test session: a spawned rank spent ~3 s of CPU importing them again, in each of the ~170
-# ranks the suite starts. Forking from that server is safe: it holds no threads, process group or
+# per test session: each spawned rank spent ~3 s of CPU importing them again (tests/test_adam8bit.py:
+# 41.7 s with spawn, 28.8 s from the forkserver, same loaded machine, one after the other). Forking from that server is safe: it holds no threads, process group or
 # open files (multiprocessing's own forkserver protocol), and each rank takes the test's environment.
 PRELOAD = ["torch", "deepspeed", "transformers", "relora_dist.trainer", "tests.scenarios"]
 
