@@ -344,4 +344,5 @@ def first_use_without_collective(cfg, template, info, bad_source: str, delay_s: 
     with contextlib.redirect_stdout(out):
         t = Trainer(cfg, template, info)
     st = t.train()
-    return {"failure": failure, "fail_s": fail_s, "output": out.getvalue(), "steps": st.step}
+    return {"failure": failure, "fail_s": fail_s, "output": out.getvalue(), "steps": st.step,
+            "data_dir": t.train_blocks.data_dir, "data_sha256": t.train_blocks.meta["data_sha256"]}

@@ -67,3 +67,8 @@ def test_two_ranks_prepare_longer_than_the_process_group_timeout(tmp_path):
     assert r0["steps"] == r1["steps"] == 2
     assert "rank 0: preparing the data into" in r0["output"]
     assert "rank 1: waiting for rank 0 to prepare the data into" in r1["output"], r1["output"]
+    # Both ranks read one folder, holding the bytes one process prepares from the same inputs.
+    from relora_dist.data import DEFAULT_CORPUS, DEFAULT_TOKENIZER, prepare_dataset
+
+    one = prepare_dataset([DEFAULT_CORPUS], DEFAULT_TOKENIZER, str(tmp_path / "one"), 32, progress=False)
+    assert r0["data_dir"] == r1["data_dir"] and r0["data_sha256"] == r1["data_sha256"] == one["data_sha256"]
