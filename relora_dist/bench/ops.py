@@ -12,7 +12,8 @@ ops it runs), counted once per call at the outermost level (the mode is switched
 runs, so the ops a kernel calls internally are not counted again). Not counted, because they launch
 no kernel on a GPU: views and other aliasing ops (every op whose schema returns an alias of an
 input without writing it: view, t, transpose, slice, expand, detach, alias, as_strided, ...) and
-metadata/allocation-only ops (`METADATA_ONLY`: _unsafe_view, empty, resize_, set_, ...).
+metadata/allocation-only ops (`METADATA_ONLY`: _unsafe_view, empty, resize_, set_, ...; and the
+profiler's record_function markers, which FSDP2 dispatches as ops around each of its hooks).
 Collectives that dispatch as ops (c10d.*, FSDP2's foreach copy-in/out) are counted like aten ops.
 
 Each op is attributed to a source:
@@ -20,7 +21,8 @@ Each op is attributed to a source:
 * `backward`: autograd's own kernels (run by the autograd engine, no Python frame in between);
 * `hooks`: engine machinery inside forward or backward: any op whose innermost non-torch Python
   frame is in deepspeed/ or torch/distributed/ (DeepSpeed's per-gradient hooks and bucket
-  reductions, ZeRO-3 / FSDP2 parameter gathers and gradient reduce-scatters);
+  reductions, ZeRO-3 / FSDP2 parameter gathers and gradient reduce-scatters; DeepSpeed's ZeRO-3
+  replacement of F.linear is model math, not a hook);
 * `step`: everything under the engine's step: optimizer, clipping and grad norm, overflow check;
 * `other`: the rest of `Trainer.train_step` (batch transfer, loss averaging and its all-reduce).
 
@@ -51,10 +53,17 @@ METADATA_ONLY = frozenset({
     "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "record_stream",
 })
 
+# record_function markers (FSDP2 wraps its hooks in them): profiler bookkeeping, no kernel.
+METADATA_NAMESPACES = frozenset({"profiler"})
+
 _TORCH = os.path.dirname(torch.__file__) + os.sep
 _TORCH_DIST = _TORCH + "distributed" + os.sep
 _AUTOGRAD_ENGINE = (_TORCH + os.path.join("autograd", "graph.py"), "_engine_run_backward")
 _ENGINE_DIRS = (_TORCH_DIST, os.sep + "deepspeed" + os.sep)
+# DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear by its own autograd Function (when the
+# model is built under zero.Init with memory_efficient_linear): its frames are the linear's math,
+# not engine machinery, so they are skipped like torch's own frames.
+_MODEL_MATH = (os.path.join("deepspeed", "runtime", "zero", "linear.py"),)
 
 _launch_cache: dict[Any, bool] = {}
 
@@ -66,8 +75,8 @@ def is_launch(func: Any) -> bool:
     if hit is None:
         schema = func._schema
         view = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-        name = schema.name.split("::")[-1]
-        hit = _launch_cache[func] = not view and name not in METADATA_ONLY
+        namespace, _, name = schema.name.rpartition("::")
+        hit = _launch_cache[func] = not view and name not in METADATA_ONLY and namespace not in METADATA_NAMESPACES
     return hit
 
 
@@ -82,6 +91,9 @@ def _frame_source(region: str) -> str:
                 return "hooks"
             if (path, f.f_code.co_name) == _AUTOGRAD_ENGINE:
                 return "backward"  # called by the autograd engine itself: a backward kernel
+            f = f.f_back
+            continue
+        if path.endswith(_MODEL_MATH):
             f = f.f_back
             continue
         if any(d in path for d in _ENGINE_DIRS):
