@@ -129,8 +129,10 @@ class FSDP2Backend(Backend):
         else:
             # foreach: one launch per update op for all params of a group, which torch picks by
             # itself for GPU tensors but not for CPU ones; named so that a CPU run steps (and
-            # `tools/bench.py --count-ops` counts) as a GPU run does: 11 launches per param
-            # otherwise (2,352 of the 5,431 step launches of a ReLoRA FSDP2 step, 350m structure).
+            # `tools/bench.py --count-ops` counts) as a GPU run does. Measured at the 350m
+            # structure, rank 0 of 2: the per-param AdamW (11 launches per param) and grad norm
+            # (4 per grad) made the step 3,075 of a full-rank step's 6,149 launches and 5,427 of a
+            # ReLoRA step's 10,013; with foreach and _foreach_norm 467 and 803.
             optimizer = torch.optim.AdamW(param_groups, foreach=True)
         self.optimizer = optimizer
         return FSDPEngine(model, optimizer, self)
@@ -214,9 +216,8 @@ class FSDP2Backend(Backend):
         """Global L2 norm of the sharded grads: local sums of squares (float64), one SUM all-reduce.
 
         The local norms come from one `torch._foreach_norm` over all grads, on their device: the
-        per-grad form (`g.double().pow(2).sum().cpu()`, 4 launches and a device-to-host copy per
-        grad) was 4 x 219 of the 3,079 launches of a full-rank FSDP2 step at the 350m structure
-        (`tools/bench.py --count-ops`, docs/benchmarks.md)."""
+        per-grad form (`g.double().pow(2).sum().cpu()`) launched 4 ops per grad, and on a GPU
+        synchronised on each (`tools/bench.py --count-ops`, docs/benchmarks.md)."""
         grads = [_local(p.grad) for p in params]
         if grads:
             norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
