@@ -142,7 +142,8 @@ class OpCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def instrument(engine: Any, counter: OpCounter) -> Iterator[None]:
     """Set `counter.region` around the engine's forward, backward and step (instance attributes
-    over the class methods; DeepSpeed's engine and relora_dist's FSDPEngine alike), removed after."""
+    over the class methods; DeepSpeed's engine and relora_dist's FSDPEngine alike). Afterwards the
+    attributes are what they were: the collective counter's own wrappers (comm.track_engine) stay."""
     def wrap(name: str, region: str) -> Callable:
         method = getattr(engine, name)
 
@@ -152,13 +153,17 @@ def instrument(engine: Any, counter: OpCounter) -> Iterator[None]:
         return wrapped
 
     names = {"forward": "forward", "backward": "backward", "step": "step"}
+    before = {name: engine.__dict__[name] for name in names if name in engine.__dict__}
     for name, region in names.items():
         engine.__dict__[name] = wrap(name, region)
     try:
         yield
     finally:
         for name in names:
-            engine.__dict__.pop(name, None)
+            if name in before:
+                engine.__dict__[name] = before[name]
+            else:
+                engine.__dict__.pop(name, None)
 
 
 def count_steps(trainer: Any, steps: int) -> dict:
