@@ -184,12 +184,11 @@ def summarize_stage(ranks: list[dict]) -> dict:
     return out
 
 
-
-
 def summarize_ops(ranks: list[dict]) -> dict:
     """Operator launches per step (relora_dist/bench/ops.py) of each phase on rank 0, by source,
-    the ratios ReLoRA / full rank, and every rank's per-step total (ranks differ little: ZeRO and
-    FSDP2 give each rank the same kinds of work, on different slices)."""
+    the ratios ReLoRA / full rank, and every rank's per-step total (equal on both ranks in the
+    committed runs, benchmarks/ops_*.json: ZeRO and FSDP2 give each rank the same work on its own
+    slices)."""
     r0 = ranks[0]
     phases = ("full_rank", "relora", "relora_post_reset")
     ops = {ph: r0[ph]["ops"] for ph in phases}
