@@ -61,7 +61,7 @@ _TORCH_DIST = _TORCH + "distributed" + os.sep
 _AUTOGRAD_ENGINE = (_TORCH + os.path.join("autograd", "graph.py"), "_engine_run_backward")
 _ENGINE_DIRS = (_TORCH_DIST, os.sep + "deepspeed" + os.sep)
 # DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear by its own autograd Function (when the
-# model is built under zero.Init with memory_efficient_linear): its frames are the linear's math,
+# model is built inside its partitioning init context, memory_efficient_linear): its frames are the linear's math,
 # not engine machinery, so they are skipped like torch's own frames.
 _MODEL_MATH = (os.path.join("deepspeed", "runtime", "zero", "linear.py"),)
 
