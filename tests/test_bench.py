@@ -29,7 +29,7 @@ def smoke(tmp_path_factory) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "bench.py"), "--preset", "tiny", "--steps", "6", "--stages", "3",
-         "--out", str(out), "--cache-dir", str(tmp / "data")],
+         "--count-ops", "--out", str(out), "--cache-dir", str(tmp / "data")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -181,6 +181,64 @@ def test_shard_local_merge_moves_fewer_bytes_than_gather_merges(smoke):
     merge = smoke["stages"]["3"]["merge"]
     local = merge["shard_local"]["bytes_per_rank"]
     assert 0 < local < merge["allgather_fp32"]["bytes_per_rank"] < merge["gathered_params"]["bytes_per_rank"]
+
+
+def _adapter_forward_ops() -> int:
+    """Launches one active adapter adds to a wrapped linear's forward, counted here apart from the
+    bench: the same OpCounter on one ReLoRALinear over a [batch, seq, in] input, as in the model."""
+    from relora_dist.bench.ops import OpCounter
+    from relora_dist.relora import ReLoRALinear
+
+    layer = ReLoRALinear(torch.nn.Linear(16, 24, bias=False), r=4, alpha=8)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    counts = []
+    for active in (False, True):
+        layer.adapter_active = active
+        with OpCounter() as c, c.as_region("forward"):
+            layer(x)
+        assert set(c.by_source) == {"forward"}, c.by_source  # model code under forward: nothing else
+        counts.append(c.by_source["forward"])
+    return counts[1] - counts[0]
+
+
+def test_op_counter_skips_views_and_attributes_sources():
+    from relora_dist.bench.ops import OpCounter, is_launch
+
+    assert not is_launch(torch.ops.aten.view.default) and not is_launch(torch.ops.aten.t.default)
+    assert not is_launch(torch.ops.aten.detach.default) and not is_launch(torch.ops.aten._unsafe_view.default)
+    assert is_launch(torch.ops.aten.mm.default) and is_launch(torch.ops.aten.add_.Tensor)
+    w = torch.randn(3, 4, requires_grad=True)
+    with OpCounter() as c:
+        with c.as_region("forward"):
+            y = (w.t() @ torch.ones(3, 2)).view(-1).sum()  # t, view: not counted; ones, mm, sum: counted
+        with c.as_region("backward"):
+            y.backward()
+    assert c.by_source["forward"] == 3, c.by_op
+    assert c.by_source["backward"] > 0 and c.by_source["hooks"] == 0
+    assert _adapter_forward_ops() > 0
+
+
+@pytest.mark.spawn
+def test_op_counts_per_phase_and_source(smoke):
+    s = smoke["stages"]["3"]
+    phases = ("full_rank", "relora", "relora_post_reset")
+    for ph in phases:
+        assert s["ops_per_step"][ph] == pytest.approx(sum(s["ops_by_source"][ph].values()))
+        assert set(s["ops_by_source"][ph]) == {"forward", "backward", "hooks", "step", "other"}
+        assert len(s["ops_per_step_per_rank"][ph]) == 2
+        assert not any(op.startswith(("aten.view.", "aten.t.", "aten.detach."))
+                       for src in s["ops_top"][ph].values() for op in src)
+    src = s["ops_by_source"]
+    # The model's forward differs between the phases by the adapters alone: exactly their launches
+    # per wrapped linear, as counted on one ReLoRALinear apart from the bench.
+    assert s["wrapped_linears"] == 14
+    assert src["relora"]["forward"] - src["full_rank"]["forward"] == 14 * _adapter_forward_ops()
+    # ZeRO-3 gathers params in hooks in forward and backward; a step after a reset launches the same ops.
+    assert src["full_rank"]["hooks"] > 0 and src["full_rank"]["step"] > 0
+    assert s["ops_per_step"]["relora_post_reset"] == s["ops_per_step"]["relora"]
+    assert s["ops_ratio"] == pytest.approx(s["ops_per_step"]["relora"] / s["ops_per_step"]["full_rank"])
+    assert s["verdicts"]["ops_ratio"]["status"] == "not_applicable"  # tiny: 2 layers, not the 350m structure
+    assert "| operator launches / step (rank 0) |" in smoke["_stdout"]
 
 
 def test_payload_convention():

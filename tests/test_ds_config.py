@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from relora_dist.config import Config, ConfigError, load_config
 from relora_dist.backends.ds_config import build_ds_config, load_ds_template, with_model_buckets
@@ -149,3 +150,26 @@ def test_auto_bucket_size_is_capped_at_the_trainable_elements_and_absent_stays_d
         assert with_model_buckets(ds, 10**9)["zero_optimization"] == ds["zero_optimization"]
     for name in ("zero2", "zero3", "zero3_offload"):  # the shipped templates ask for it
         assert load_ds_template(REPO / "ds_configs" / f"{name}.json")["zero_optimization"]["reduce_bucket_size"] == "auto"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_foreach_overflow_check_answers_like_deepspeeds_per_gradient_check(dtype):
+    """ZeRO-2's overflow check as one foreach op (backends/zero.fuse_overflow_check) against
+    DeepSpeed's own per-gradient test, summed the way its serial check sums it."""
+    from deepspeed.runtime.utils import has_inf_or_nan
+
+    from relora_dist.backends.zero import overflow_foreach
+
+    def grads(bad):
+        g = [torch.randn(4, 3, dtype=dtype), None, torch.zeros(0, dtype=dtype), torch.randn(7, dtype=dtype) * 1e30]
+        if bad is not None:
+            g[3][5] = bad
+        return g
+
+    for bad in (None, float("nan"), float("inf"), -float("inf"), 3e38):
+        g = grads(bad)
+        expected = bool(sum(has_inf_or_nan(x).float() for x in g if x is not None))
+        got = overflow_foreach(g)
+        assert got.shape == (1,) and got.dtype == torch.bool
+        assert bool(got) == expected, (bad, dtype)
+    assert not bool(overflow_foreach([None, torch.zeros(0)]))

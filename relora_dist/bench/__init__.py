@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--z3-bwd-hook-fix", action="store_true",
                    help="experiment: drop DeepSpeed's cached ZeRO-3 backward-hook functions at the switch "
                         "(see runner._patch_teardown_drop_bwd_fns); off = the engine as it is")
+    p.add_argument("--count-ops", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="also count operator launches per step (aten ops below autograd, views excluded) in N "
+                        "untimed steps per phase (default 1 when given; see relora_dist/bench/ops.py)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per rank, the same for every stage (0 = cores / world)")
     p.add_argument("--base-quant", default="none", choices=["none", "nf4", "int8"],

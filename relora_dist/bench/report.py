@@ -17,6 +17,8 @@ TARGETS = {
     "post_reset_step_ratio": 1.05,  # median step after the last reset / before the first; world 1-2, tiny/20m
     "comm_bytes_ratio_phase_stage3": 1.1,  # ZeRO-3 ReLoRA phase (phase_stage=3) vs ZeRO-2 full rank
     "fsdp2_vs_zero2_tok_s": 0.95,  # FSDP2 full-rank tok/s / ZeRO-2 full-rank tok/s, same run: at least this
+    "ops_ratio": 0.9,  # ReLoRA / full-rank operator launches per step, 350m structure (24 layers), ZeRO-2 and FSDP2
+    "ops_full_rank": 2500,  # full-rank operator launches per step and rank, 350m structure
 }
 
 
@@ -102,6 +104,8 @@ def judge(stage: int, s: dict, preset: str) -> dict:
         f"<= {TARGETS['comm_bytes_ratio_phase_stage3']} (ZeRO-2 run with relora.phase_stage=3)",
         stage == 2 and rstage == 3, comm_reason)
 
+    if "ops_ratio" in s:
+        verdicts.update(_ops_verdicts(s, stage))
     if "train_extra_false" in s:
         te = s["train_extra_false"]
         verdicts["step_time_ratio_train_extra_false"] = _verdict(
@@ -109,6 +113,33 @@ def judge(stage: int, s: dict, preset: str) -> dict:
             applicable, lambda: (f"matmul FLOPs alone give {te['flops_ratio_expected']:.2f}; CPU-time ratio "
                                  f"{te['step_cpu_time_ratio']:.2f}"))
     return verdicts
+
+
+def _ops_verdicts(s: dict, stage) -> dict:
+    """The operator-launch targets: they hold for the 350m structure (the preset's 24 layers of 7
+    wrapped linears; launches do not depend on the widths), ZeRO-2 and FSDP2."""
+    from relora_dist.model import PRESETS
+
+    structure_350m = (s["model"]["num_layers"] == PRESETS["350m"].num_layers
+                      and s.get("wrapped_linears") == 7 * PRESETS["350m"].num_layers)
+    src = s["ops_by_source"]
+
+    def parts(ph: str) -> str:
+        return ", ".join(f"{k} {v:.0f}" for k, v in src[ph].items())
+
+    def ratio_reason() -> str:
+        grown = {k: src["relora"][k] - src["full_rank"][k] for k in src["full_rank"]}
+        return (f"{s['ops_per_step']['relora']:.0f} vs {s['ops_per_step']['full_rank']:.0f} launches per step; "
+                f"ReLoRA {parts('relora')}; full rank {parts('full_rank')}; the largest growth: "
+                + ", ".join(f"{k} {v:+.0f}" for k, v in sorted(grown.items(), key=lambda kv: -kv[1])[:3]))
+
+    ops_ratio = _verdict(s["ops_ratio"], TARGETS["ops_ratio"],
+                         f"<= {TARGETS['ops_ratio']} (350m structure, ZeRO-2 and FSDP2)",
+                         structure_350m and str(stage) in ("2", "fsdp2"), ratio_reason)
+    full = _verdict(s["ops_per_step"]["full_rank"], TARGETS["ops_full_rank"],
+                    f"<= {TARGETS['ops_full_rank']} (350m structure)", structure_350m,
+                    lambda: f"full rank {parts('full_rank')}")
+    return {"ops_ratio": ops_ratio, "ops_full_rank": full}
 
 
 def _post_reset_reason(s: dict) -> str:
@@ -322,6 +353,17 @@ def format_table(result: dict) -> str:
             lines.append(f"| train_extra=false: step / CPU-time / FLOPs / state / grad ratio, trainable fraction | | | "
                          f"{te['step_time_ratio']:.3f} / {te['step_cpu_time_ratio']:.3f} / {te['flops_ratio_expected']:.3f} / "
                          f"{te['state_bytes_ratio']:.3f} / {te['grad_bytes_ratio']:.4f}, {te['trainable_fraction']:.4f} | | |")
+        if "ops_per_step" in s:
+            ops = s["ops_per_step"]
+            row("operator launches / step (rank 0)", f"{ops['full_rank']:.0f}", f"{ops['relora']:.0f}",
+                f"{s['ops_ratio']:.3f}", "ops_ratio")
+            for src in s["ops_by_source"]["full_rank"]:
+                row(f"  {src}", f"{s['ops_by_source']['full_rank'][src]:.0f}",
+                    f"{s['ops_by_source']['relora'][src]:.0f}", _fmt(s["ops_source_ratio"][src]), "")
+            row("  after the last reset", "", f"{ops['relora_post_reset']:.0f}", f"{s['ops_ratio_post_reset']:.3f}", "")
+            t = v["ops_full_rank"]
+            lines.append(f"| operator launches / full-rank step vs target | {ops['full_rank']:.0f} | | | {t['target']} "
+                         f"| {t['status']} |")
         for key, t in v.items():
             if t["status"] == "missed":
                 lines.append(f"missed {key}: {t['reason']}")

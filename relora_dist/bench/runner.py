@@ -22,6 +22,7 @@ import torch
 
 from relora_dist.bench.comm import CommCounter, track_engine
 from relora_dist.bench.memory import engine_tensor_bytes, reset_peak_rss, rss_report
+from relora_dist.bench.ops import count_steps
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("2", "3", "fsdp2")
@@ -125,9 +126,12 @@ def _ctx_switches() -> tuple[int, int]:
     return ru.ru_nvcsw, ru.ru_nivcsw
 
 
-def _run_steps(trainer: Any, counter: CommCounter, warmup: int, steps: int, snapshot: bool = True) -> dict:
-    """warmup + measured steps (timed, collectives counted), then (with `snapshot`) one untimed
-    step that reads the engine's tensors right after its last backward.
+def _run_steps(trainer: Any, counter: CommCounter, warmup: int, steps: int, snapshot: bool = True,
+               count_ops: int = 0) -> dict:
+    """warmup + measured steps (timed, collectives counted), then `count_ops` untimed steps whose
+    operator launches are counted (relora_dist/bench/ops.py; apart, so that counting costs no
+    measured time), then (with `snapshot`) one untimed step that reads the engine's tensors right
+    after its last backward.
 
     Also the process's context switches over the measured steps (getrusage, every thread of the
     process: torch's OpenMP pool, gloo's threads): voluntary switches per step are the diagnostic
@@ -148,6 +152,7 @@ def _run_steps(trainer: Any, counter: CommCounter, warmup: int, steps: int, snap
     ctx1 = _ctx_switches()
     counter.enabled = False
     comm = counter.summary(steps)
+    ops = count_steps(trainer, count_ops) if count_ops else None
     snap: dict = {}
     at_state: list[int] = []
     if snapshot:
@@ -160,7 +165,7 @@ def _run_steps(trainer: Any, counter: CommCounter, warmup: int, steps: int, snap
            "involuntary_per_step": (ctx1[1] - ctx0[1]) / steps if ctx0 else float("nan")}
     return {"step_times": times, "step_cpu_times": cpu_times, "comm": comm, "state": snap,
             "ctx_switches": ctx, "loadavg": os.getloadavg(),
-            "cuda": _cuda_memory(at_state[0] if at_state else None)}
+            "cuda": _cuda_memory(at_state[0] if at_state else None), "ops": ops}
 
 
 def _param_counts(trainer: Any) -> dict:
@@ -227,7 +232,7 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
                          "effective_rank_every": cfg.relora.effective_rank_every,
                          "quant_double_quant": cfg.relora.quant_double_quant,
                          "torch_threads": torch.get_num_threads(), "backend": trainer.backend.name}
-    warmup, n = args["warmup"], args["steps"]
+    warmup, n, nops = args["warmup"], args["steps"], args.get("count_ops", 0)
 
     if args.get("z3_bwd_hook_fix") and trainer.backend.name == "zero3":
         _patch_teardown_drop_bwd_fns(trainer)
@@ -236,7 +241,7 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     track_engine(trainer.engine, counter)
     res["params_full_rank"] = _param_counts(trainer)
     reset_ok = reset_peak_rss()
-    res["full_rank"] = _run_steps(trainer, counter, warmup, n)
+    res["full_rank"] = _run_steps(trainer, counter, warmup, n, count_ops=nops)
     res["full_rank"]["rss"] = rss_report(reset_ok)
 
     # --- switch ---------------------------------------------------------------------------------
@@ -252,8 +257,9 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     trainer.backend.release_memory()
     track_engine(trainer.engine, counter)
     res["params_relora"] = _param_counts(trainer)
+    res["wrapped_linears"] = len(trainer.modules)
     reset_ok = reset_peak_rss()
-    res["relora"] = _run_steps(trainer, counter, warmup, n)
+    res["relora"] = _run_steps(trainer, counter, warmup, n, count_ops=nops)
     res["relora"]["rss"] = rss_report(reset_ok)
 
     # --- resets, as Trainer.train does them ------------------------------------------------------
@@ -279,7 +285,7 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     # --- ReLoRA steps after the last reset: same measure as before the first ----------------------
     # A collective at a reset can leave the process slower for good (at world 1, gloo threads that
     # run OpenMP regions make libgomp manage more threads than cores and throttle its spinning).
-    res["relora_post_reset"] = _run_steps(trainer, counter, warmup, n, snapshot=False)
+    res["relora_post_reset"] = _run_steps(trainer, counter, warmup, n, snapshot=False, count_ops=nops)
 
     # --- merge alone: shard-local vs gather-based (right after a reset: B = 0, weights unchanged)
     _timed(trainer.reset)
@@ -373,6 +379,6 @@ def run_stage(a: argparse.Namespace, stage: str, data_dir: str) -> list[dict]:
         args = {"stage": stage, "overrides": _overrides(a, stage, data_dir, str(Path(tmp) / "run")),
                 "warmup": a.warmup, "steps": a.steps, "resets": a.resets, "merge_repeats": a.merge_repeats,
                 "train_extra_false": a.train_extra_false, "threads": a.threads,
-                "z3_bwd_hook_fix": a.z3_bwd_hook_fix}
+                "z3_bwd_hook_fix": a.z3_bwd_hook_fix, "count_ops": a.count_ops}
         mp.spawn(_worker, args=(a.world_size, free_port(), args, tmp), nprocs=a.world_size, join=True)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(a.world_size)]

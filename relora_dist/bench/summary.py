@@ -163,6 +163,8 @@ def summarize_stage(ranks: list[dict]) -> dict:
             m = out["merge"][name]
             m["time_vs_shard_local"] = m["time_s"] / base["time_s"]
             m["bytes_vs_shard_local"] = m["bytes_per_rank"] / base["bytes_per_rank"] if base["bytes_per_rank"] else None
+    if r0["full_rank"].get("ops"):
+        out.update(summarize_ops(ranks))
     if "relora_no_extra" in r0:
         pn = r0["params_relora_no_extra"]
         ne = _step_median(ranks, "relora_no_extra")
@@ -182,3 +184,24 @@ def summarize_stage(ranks: list[dict]) -> dict:
     return out
 
 
+def summarize_ops(ranks: list[dict]) -> dict:
+    """Operator launches per step (relora_dist/bench/ops.py) of each phase on rank 0, by source,
+    the ratios ReLoRA / full rank, and every rank's per-step total (equal on both ranks in the
+    committed runs, benchmarks/ops_*.json: ZeRO and FSDP2 give each rank the same work on its own
+    slices)."""
+    r0 = ranks[0]
+    phases = ("full_rank", "relora", "relora_post_reset")
+    ops = {ph: r0[ph]["ops"] for ph in phases}
+    full = ops["full_rank"]["total"]
+    out = {"ops_per_step": {ph: ops[ph]["total"] for ph in phases},
+           "ops_by_source": {ph: ops[ph]["by_source"] for ph in phases},
+           "ops_top": {ph: ops[ph]["top_ops"] for ph in phases},
+           "ops_per_step_per_rank": {ph: [r[ph]["ops"]["total"] for r in ranks] for ph in phases},
+           "ops_ratio": ops["relora"]["total"] / full,
+           "ops_ratio_post_reset": ops["relora_post_reset"]["total"] / full,
+           "ops_source_ratio": {src: _ratio(ops["relora"]["by_source"][src], ops["full_rank"]["by_source"][src])
+                                for src in ops["full_rank"]["by_source"]},
+           "ops_steps_counted": ops["full_rank"]["steps"]}
+    if "wrapped_linears" in r0:
+        out["wrapped_linears"] = r0["wrapped_linears"]
+    return out
