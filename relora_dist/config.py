@@ -88,6 +88,11 @@ class TrainConfig:
     is counted in train/skipped_steps; stops after train.max_skipped_steps such steps in a row)."""
     max_skipped_steps: int = 10
     """With on_nonfinite=skip: consecutive non-finite steps tolerated before the run stops."""
+    compile: bool = False
+    """torch.compile each decoder layer (relora_dist/compile.py): ZeRO-2 and FSDP2 (ZeRO-3 and a
+    quantized base are refused). Recompiles once at the switch to ReLoRA, never at a reset; the
+    first steps of each phase pay the compilation. Off by default: see docs/benchmarks.md
+    ("Compiled decoder blocks") for what it measured here."""
 
 
 @dataclass
