@@ -371,4 +371,5 @@ def compile_run(cfg, template, info) -> dict:
     marks["end"] = graphs()
     return {"losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
             "evals": torch.tensor([e["eval_loss"] for e in st.evals], dtype=torch.float64),
-            "graphs": marks, "restart_index": st.restart_index}
+            "graphs": marks, "restart_index": st.restart_index, "names": list(t.model.state_dict()),
+            "compiled_layers": sum(getattr(m, "_compiled_call_impl", None) is not None for m in t.model.modules())}
