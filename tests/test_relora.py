@@ -516,16 +516,22 @@ def test_flat_slice_bitexact_larger_shapes_and_blocks(monkeypatch, block_rows):
 
 
 def test_batched_kthvalue_thresholds_equal_per_tensor():
-    """The reset's batched threshold (one kthvalue per tensor size) is each tensor's own."""
+    """The reset's batched threshold (one kthvalue per tensor size; on an accelerator, forced here)
+    is each tensor's own, over several batches per size."""
+    from relora_dist import relora_steps
     from relora_dist.relora_steps import _held_thresholds
 
     g = torch.Generator().manual_seed(5)
     frags = [torch.randn(n, generator=g).to(dt) for n, dt in
              ((96, torch.float32), (40, torch.bfloat16), (96, torch.bfloat16), (7, torch.float32), (40, torch.float32))]
     frags[0][:10] = 0.0  # ties
-    for rule in ("kthvalue", "quantile"):
-        for ratio in (0.0, 0.5, 0.9, 1.0):
-            got = dict(_held_thresholds(frags, ratio, rule))
-            assert sorted(got) == list(range(len(frags)))
-            for j, f in enumerate(frags):
-                assert torch.equal(got[j], magnitude_threshold(f, ratio, rule)), (rule, ratio, j)
+    batch, relora_steps._BATCH_ELEMENTS = relora_steps._BATCH_ELEMENTS, 100
+    try:
+        for rule in ("kthvalue", "quantile"):
+            for ratio in (0.0, 0.5, 0.9, 1.0):
+                got = dict(_held_thresholds(frags, ratio, rule, batched=True))
+                assert sorted(got) == list(range(len(frags)))
+                for j, f in enumerate(frags):
+                    assert torch.equal(got[j], magnitude_threshold(f, ratio, rule)), (rule, ratio, j)
+    finally:
+        relora_steps._BATCH_ELEMENTS = batch
