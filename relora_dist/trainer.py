@@ -98,7 +98,10 @@ class Trainer:
         # rank, so the same command gives the same run: torch's own initial seed differs per process.
         torch.manual_seed(c.train.seed + 1_000_003 * info.rank)
         if c.train.compile:  # before the engines shard and hook the layers, as torchtitan orders it
-            compile_blocks(self.model)
+            layers = compile_blocks(self.model)
+            if info.is_main:
+                print(f"note: train.compile: {layers} decoder layers compile at their first step and again at the "
+                      f"switch to ReLoRA (torch.compile)", flush=True)
         self.backend = make_backend(resolve_backend(ds_template, c), self.ds_config, info.rank, info.world_size,
                                     c.optimizer.name)
         self.state = TrainState()
