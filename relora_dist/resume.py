@@ -70,7 +70,8 @@ def _say_quant_change(state: CheckpointState, ckpt_dir: Path) -> None:
 # a resume with any of them changed is refused unless checkpoint.allow_changes lists it. Not here:
 # train.max_steps (extends or shortens the run), micro_batch_size, the world size and the ZeRO
 # stage (the same math in another reduction order: resumes within 1e-4), relora.phase_stage and
-# relora.merge_master_device (where state lives), relora.effective_rank_every, eval, logging,
+# relora.merge_master_device (where state lives), relora.effective_rank_every, train.compile (the same
+# math compiled: losses within 1e-5), eval, logging,
 # relora.base_quant / quant_compute_dtype / quant_merge / quant_double_quant (they change the trajectory, but the
 # checkpoint holds fp32 masters, so a run may resume with or without quantization: one note line),
 # checkpoint and output settings. None = every key of the section.

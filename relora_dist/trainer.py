@@ -20,6 +20,7 @@ from relora_dist import faults, run_guard
 from relora_dist import relora_steps as steps
 from relora_dist import resume, schedule
 from relora_dist.backends.factory import make_backend
+from relora_dist.compile import compile_blocks
 from relora_dist.config import Config, dump_config
 from relora_dist.data import (
     DEFAULT_CORPUS,
@@ -96,6 +97,11 @@ class Trainer:
         # The global RNGs (adapter dropout; anything DeepSpeed draws) start from train.seed and the
         # rank, so the same command gives the same run: torch's own initial seed differs per process.
         torch.manual_seed(c.train.seed + 1_000_003 * info.rank)
+        if c.train.compile:  # before the engines shard and hook the layers, as torchtitan orders it
+            layers = compile_blocks(self.model)
+            if info.is_main:
+                print(f"note: train.compile: {layers} decoder layers compile at their first step and again at the "
+                      f"switch to ReLoRA (torch.compile)", flush=True)
         self.backend = make_backend(resolve_backend(ds_template, c), self.ds_config, info.rank, info.world_size,
                                     c.optimizer.name)
         self.state = TrainState()

@@ -7,6 +7,7 @@ order (the import order is config -> owners -> validation -> cli/trainer):
 
     model.py          model.* and model.init_from            -> the LlamaConfig the run builds
     relora_rules.py   relora.r/alpha/dropout, the optimizer reset, relora.targets against the model
+    compile.py        train.compile against what it cannot compile
     quant.py          relora.base_quant / quant_merge / quant_compute_dtype (+ bitsandbytes packing)
     schedule.py       schedule.*, relora.warm_start_schedule and the jagged cosine over the ReLoRA phase
     resume.py         checkpoint.*, and never training over another run's checkpoints
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from relora_dist.compile import check_compile_config
 from relora_dist.config import OPTIMIZERS, Config, ConfigError, _suggest
 from relora_dist.data.check import check_data_config, check_data_values
 from relora_dist.model import check_model_config
@@ -37,6 +39,7 @@ def validate_config(cfg: Config) -> None:
     # Cheap value rules first, then what reads files (checkpoints, data), then what builds the model.
     check_data_values(cfg)  # first: the eval_tokens rule below divides by data.seq_len
     check_run_values(cfg)
+    check_compile_config(cfg)
     check_writable_dirs(cfg)
     if cfg.relora.enabled:
         check_relora_config(cfg)

@@ -346,3 +346,30 @@ def first_use_without_collective(cfg, template, info, bad_source: str, delay_s: 
     st = t.train()
     return {"failure": failure, "fail_s": fail_s, "output": out.getvalue(), "steps": st.step,
             "data_dir": t.train_blocks.data_dir, "data_sha256": t.train_blocks.meta["data_sha256"]}
+
+
+def compile_run(cfg, template, info) -> dict:
+    """A run through train() that records dynamo's graph count when each phase begins and at each
+    reset (train.compile: one recompile at the switch, none at a reset)."""
+    from torch._dynamo.utils import counters
+
+    graphs = lambda: int(counters["stats"]["unique_graphs"])  # noqa: E731
+    marks: dict = {}
+    t = Trainer(cfg, template, info)
+    switch, reset = t.switch_to_relora, t.reset
+
+    def on_switch():
+        marks["before_switch"] = graphs()
+        switch()
+
+    def on_reset():
+        marks.setdefault("resets", []).append(graphs())
+        return reset()
+
+    t.switch_to_relora, t.reset = on_switch, on_reset
+    st = t.train()
+    marks["end"] = graphs()
+    return {"losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
+            "evals": torch.tensor([e["eval_loss"] for e in st.evals], dtype=torch.float64),
+            "graphs": marks, "restart_index": st.restart_index, "names": list(t.model.state_dict()),
+            "compiled_layers": sum(getattr(m, "_compiled_call_impl", None) is not None for m in t.model.modules())}

@@ -317,3 +317,60 @@ def test_committed_fsdp2_benchmark_compares_the_engines():
     assert v["status"] == ("met" if v["value"] >= 0.95 else "missed")
     # Only trainable params' gradients are reduce-scattered: FSDP2 agrees with ZeRO on the bytes.
     assert abs(f2["grad_bytes_ratio"] - f2["trainable_fraction"]) < 0.01
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("ops_*.json")), ids=lambda p: p.name)
+def test_committed_op_counts_are_consistent(path):
+    """Every committed `--count-ops` JSON: per-phase totals are the sum of their sources, a step
+    after a reset launches what a step before it did, the ratio is ReLoRA / full rank; a run with
+    train.compile counted its compiled graphs' fused kernels in forward and backward (not the eager
+    ops that dynamo falls back to under a dispatch mode)."""
+    result = json.loads(path.read_text())
+    assert result["config"]["count_ops"] >= 1
+    compiled = "--train.compile=true" in (result["config"].get("override") or [])
+    for name, s in result["stages"].items():
+        for ph in ("full_rank", "relora", "relora_post_reset"):
+            assert s["ops_per_step"][ph] == pytest.approx(sum(s["ops_by_source"][ph].values())), (name, ph)
+            kernels = {src: sum(v for op, v in ops.items() if op.startswith("inductor::"))
+                       for src, ops in s["ops_top"][ph].items()}
+            if compiled:
+                assert kernels["forward"] > 0 and kernels["backward"] > 0, (name, ph)
+                assert not any(op.startswith("aten.native_layer_norm") or op == "aten.rsqrt.default"
+                               for op in s["ops_top"][ph]["forward"]), (name, ph)  # RMSNorm ran fused
+            else:
+                assert not any(kernels.values()), (name, ph)
+        assert s["ops_per_step"]["relora_post_reset"] == s["ops_per_step"]["relora"], name
+        assert s["ops_ratio"] == pytest.approx(s["ops_per_step"]["relora"] / s["ops_per_step"]["full_rank"])
+
+
+@pytest.mark.spawn  # inductor compiles C++ through gcc (a subprocess)
+@pytest.mark.slow
+def test_op_counter_counts_a_compiled_graphs_kernels():
+    """Under the counter a compiled module runs compiled: its fused kernels count one each and its
+    extern matmuls as the ops they dispatch; none of its eager ops (gelu, layer norm) appear."""
+    from relora_dist.bench.ops import OpCounter, count_compiled_kernels
+
+    count_compiled_kernels()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.norm = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(torch.nn.functional.gelu(self.lin(x))) * 2 + 1
+
+    block = Block()
+    block.compile()
+    x = torch.randn(4, 8, requires_grad=True)
+    block(x).sum().backward()  # compiles outside the counter
+    with OpCounter() as c:
+        with c.as_region("forward"):
+            y = block(x).sum()
+        with c.as_region("backward"):
+            y.backward()
+    ops = {op for src in c.by_op.values() for op in src}
+    assert any(op.startswith("inductor::cpp_fused") for op in c.by_op["forward"]), c.by_op
+    assert any(op.startswith("inductor::cpp_fused") for op in c.by_op["backward"]), c.by_op
+    assert "aten.addmm.out" in c.by_op["forward"] and "aten.mm.out" in c.by_op["backward"]
+    assert not any(op.startswith(("aten.gelu", "aten.native_layer_norm")) for op in ops), ops

@@ -437,6 +437,22 @@ def test_sharded_magnitude_thresholds_follow_the_rule():
 
 # ----------------------------------------------------------------------------------- ranks
 
+def test_effective_rank_counts_what_fp64_svdvals_counts():
+    """The Gram/eigvalsh count equals the fp64 SVD count on merged-adapter deltas (fp32 sums of
+    rank-r products, with fp32 round-off), wide and tall, and on full-rank and graded spectra."""
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for out_f, in_f, r, terms in ((48, 96, 4, 3), (96, 48, 8, 2), (64, 64, 16, 5)):
+        d = sum(torch.randn(out_f, r, generator=g) @ torch.randn(r, in_f, generator=g) for _ in range(terms))
+        cases.append(d.float())
+    u, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    cases.append((u * torch.logspace(0, -8, 40, dtype=torch.float64)) @ u.T)  # 1e-4 cut at index 20
+    cases.append(torch.randn(30, 50, generator=g))
+    for d in cases:
+        s = torch.linalg.svdvals(d.double())
+        assert effective_rank(d) == int((s > 1e-4 * s.max()).sum()), d.shape
+
+
 def test_effective_rank():
     g = torch.Generator().manual_seed(0)
     for k in (1, 3, 7, 20):
@@ -497,3 +513,25 @@ def test_flat_slice_bitexact_larger_shapes_and_blocks(monkeypatch, block_rows):
     exact = 0.25 * (B.double() @ A.double()).reshape(-1)
     ulp = torch.finfo(torch.float32).eps * exact.abs().float()
     assert torch.all((full.double() - exact).abs() <= ulp.double())
+
+
+def test_batched_kthvalue_thresholds_equal_per_tensor():
+    """The reset's batched threshold (one kthvalue per tensor size; on an accelerator, forced here)
+    is each tensor's own, over several batches per size."""
+    from relora_dist import relora_steps
+    from relora_dist.relora_steps import _held_thresholds
+
+    g = torch.Generator().manual_seed(5)
+    frags = [torch.randn(n, generator=g).to(dt) for n, dt in
+             ((96, torch.float32), (40, torch.bfloat16), (96, torch.bfloat16), (7, torch.float32), (40, torch.float32))]
+    frags[0][:10] = 0.0  # ties
+    batch, relora_steps._BATCH_ELEMENTS = relora_steps._BATCH_ELEMENTS, 100
+    try:
+        for rule in ("kthvalue", "quantile"):
+            for ratio in (0.0, 0.5, 0.9, 1.0):
+                got = dict(_held_thresholds(frags, ratio, rule, batched=True))
+                assert sorted(got) == list(range(len(frags)))
+                for j, f in enumerate(frags):
+                    assert torch.equal(got[j], magnitude_threshold(f, ratio, rule)), (rule, ratio, j)
+    finally:
+        relora_steps._BATCH_ELEMENTS = batch

@@ -64,7 +64,7 @@ from relora_dist.model import PRESETS
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 p = PRESETS["350m"]
 h, i, L = p.hidden_size, p.intermediate_size, p.num_layers
-total = 0.0
+total = gram_total = 0.0
 for shape, n in (((h, h), 4), ((i, h), 2), ((h, i), 1)):
     x = torch.randn(*shape, device=dev, dtype=torch.float64)
     torch.linalg.svdvals(x)
@@ -72,9 +72,26 @@ for shape, n in (((h, h), 4), ((i, h), 2), ((h, i), 1)):
     t0 = time.perf_counter(); torch.linalg.svdvals(x)
     if dev == "cuda": torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    # relora.effective_rank since: the fp64 Gram matrix of the shorter side and eigvalsh
+    g = lambda: torch.linalg.eigvalsh(x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x)
+    g()
+    if dev == "cuda": torch.cuda.synchronize()
+    t0 = time.perf_counter(); g()
+    if dev == "cuda": torch.cuda.synchronize()
+    dg = time.perf_counter() - t0
     total += dt * n * L
-    print(f"svdvals fp64 {shape}: {dt:.4f} s")
-print(f"effective-rank diagnostic at 350m: {total:.1f} s per reset (rank 0)")
+    gram_total += dg * n * L
+    print(f"svdvals fp64 {shape}: {dt:.4f} s, gram+eigvalsh fp64: {dg:.4f} s")
+print(f"effective-rank diagnostic at 350m: {total:.1f} s per reset with svdvals, {gram_total:.1f} s with gram+eigvalsh (rank 0)")
+# The reset's magnitude-prune thresholds: 672 adapter moments (r=128), one kthvalue each or batched.
+from relora_dist.relora_steps import _held_thresholds
+r = 128
+frags = [torch.randn(n, device=dev) for n in [r * h] * 22 * L + [r * i] * 6 * L]  # 11 and 3 per layer, x2 moments
+for batched in (False, True, False, True):
+    if dev == "cuda": torch.cuda.synchronize()
+    t0 = time.perf_counter(); _held_thresholds(frags, 0.9, "kthvalue", batched=batched)
+    if dev == "cuda": torch.cuda.synchronize()
+    print(f"prune thresholds, {len(frags)} tensors, batched={batched}: {time.perf_counter() - t0:.3f} s")
 PY
 
 COMMON=(--prepared-dir "$DATA" --preset "$PRESET" --world-size 1 --precision bf16 --rank 128 --seq-len "$SEQ" --micro-batch "$MB"
@@ -93,4 +110,29 @@ bench zero2_nf4_adamw8bit 110 "${COMMON[@]}" --stages 2 --no-train-extra-false -
   --override=--relora.merge_master_device=cpu --override=--optimizer.name=adamw8bit
 # 6. The other engines.
 bench zero3_fsdp2 170 "${COMMON[@]}" --stages 3 fsdp2 --no-train-extra-false
+# 7. A micro-batch that fills memory (64 x 512 at 350m), eager and with train.compile (the first
+#    steps of each phase compile; --warmup 3 keeps them out of the timed ones).
+bench zero2_mb64 150 "${COMMON[@]}" --stages 2 --no-train-extra-false --micro-batch 64
+bench zero2_mb64_compile 200 "${COMMON[@]}" --stages 2 --no-train-extra-false --micro-batch 64 \
+  --override=--train.compile=true
+# MFU per phase of every JSON: tokens/s x model FLOPs per token (relora_dist.model.flops_per_token,
+# the same in both phases) / the device's bf16 peak (PEAK, default the H100/H200's 989e12).
+$PY - "$OUT" "${PEAK:-989e12}" <<'PY' 2>&1 | tee -a "$log" "$OUT/mfu.txt"
+import json, sys
+from pathlib import Path
+from transformers import LlamaConfig
+from relora_dist.model import flops_per_token
+out, peak = Path(sys.argv[1]), float(sys.argv[2])
+for path in sorted(out.glob("*.json")):
+    data = json.loads(path.read_text())
+    for name, s in data.get("stages", {}).items():
+        m, tps = s.get("model"), s.get("tokens_per_s")
+        if not m or not tps:
+            continue
+        cfg = LlamaConfig(hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+                          num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
+                          vocab_size=m["vocab_size"])
+        f = flops_per_token(cfg, data["config"]["seq_len"])
+        print(f"{path.stem} stage {name}: MFU " + ", ".join(f"{ph} {v * f / peak:.1%}" for ph, v in tps.items()))
+PY
 echo "=== done at $(( $(date +%s) - START )) s" | tee -a "$log"

@@ -186,13 +186,13 @@ class FSDP2Backend(Backend):
         engine.module.train(train)
 
     def forward_loss(self, engine, batch):
-        return engine(input_ids=batch, labels=batch).loss
+        return engine(input_ids=batch, labels=batch, use_cache=False).loss
 
     def train_step(self, engine, micro_batches, before_update=None):
         engine.module.train()
         losses, n = [], len(micro_batches)
         for i, batch in enumerate(micro_batches):
-            loss = engine.forward(input_ids=batch, labels=batch).loss
+            loss = engine.forward(input_ids=batch, labels=batch, use_cache=False).loss
             # Mean over micro-batches, like DeepSpeed's loss / gradient_accumulation_steps; every
             # micro-batch's gradients are reduce-scattered into the sharded fp32 grads.
             engine.backward(loss / n)

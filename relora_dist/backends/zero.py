@@ -100,13 +100,13 @@ class ZeroBackend(Backend):
         engine.train(train)
 
     def forward_loss(self, engine, batch):
-        return engine(input_ids=batch, labels=batch).loss
+        return engine(input_ids=batch, labels=batch, use_cache=False).loss
 
     def train_step(self, engine, micro_batches, before_update=None):
         engine.train()
         losses = []
         for i, batch in enumerate(micro_batches):
-            loss = engine(input_ids=batch, labels=batch).loss
+            loss = engine(input_ids=batch, labels=batch, use_cache=False).loss
             engine.backward(loss)
             if before_update is not None and i == len(micro_batches) - 1:
                 before_update()

@@ -26,6 +26,16 @@ Each op is attributed to a source:
 * `step`: everything under the engine's step: optimizer, clipping and grad norm, overflow check;
 * `other`: the rest of `Trainer.train_step` (batch transfer, loss averaging and its all-reduce).
 
+Compiled decoder blocks (`train.compile`): torch.compile runs a graph's fused kernels as calls of
+C++ functions (CPU inductor; Triton launches on a GPU) that never reach a dispatch mode, and by
+default dynamo falls back to eager code while a dispatch mode is active, which would count the
+eager ops. The counter therefore declares `ignore_compile_internals` (the compiled code runs, the
+mode still sees what the graph dispatches: its extern matmuls `aten.mm.out`/`addmm.out` and any
+fallback op), and `count_compiled_kernels` wraps every fused kernel of the generated modules so
+that each call counts as one launch (`inductor::cpp_fused_*`), under the region it runs in
+(forward, or backward for the compiled backward graph). One fused kernel is one launch on a GPU
+too, but inductor's CPU and GPU fusion choices can differ; the count is the CPU graph's.
+
 Caveat: an optimizer built with `foreach=False` (torch's default for CPU tensors) issues one op per
 tensor where a GPU run's default `foreach=True` issues one `_foreach_*` op per group; under ZeRO the
 optimizer steps over flat partitions (a few tensors), under FSDP2 over every sharded parameter, so
@@ -102,9 +112,63 @@ def _frame_source(region: str) -> str:
     return "backward" if region == "backward" else region  # an autograd device thread: no Python frame
 
 
+# The counter active now, for the kernels of compiled graphs (count_compiled_kernels).
+_ACTIVE: list = [None]
+
+
+def count_compiled_kernels() -> None:
+    """From now on, wrap the fused kernels of every module inductor loads so that the active
+    OpCounter counts each call as a launch (see the module docstring). Call it before the first
+    compilation: modules loaded earlier stay unwrapped. Idempotent."""
+    from torch._inductor.codecache import PyCodeCache
+
+    if getattr(PyCodeCache, "_counts_kernels", False):
+        return
+    load = PyCodeCache.load_by_key_path.__func__
+
+    def counted_load(cls, *args, **kwargs):
+        module = load(cls, *args, **kwargs)
+        for name, fn in list(vars(module).items()):
+            if name.startswith("cpp_fused") and callable(fn) and not getattr(fn, "_counted", False):
+                setattr(module, name, _counted_kernel(fn, name))
+        return module
+
+    PyCodeCache.load_by_key_path = classmethod(counted_load)
+    PyCodeCache._counts_kernels = True
+
+
+def _counted_kernel(fn: Callable, name: str) -> Callable:
+    key = "inductor::" + name.rstrip("0123456789").rstrip("_")
+
+    def kernel(*args):
+        counter = _ACTIVE[0]
+        if counter is not None and counter.enabled:
+            counter.count_kernel(key)
+        return fn(*args)
+    kernel._counted = True
+    return kernel
+
+
 class OpCounter(TorchDispatchMode):
     """Counts kernel-launching ops by source while active and `enabled` (see module docstring).
     `region` is set by `instrument(engine)`; outside forward/backward/step it is `other`."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True  # compiled graphs run as compiled (not as eager code) while counting
+
+    def __enter__(self):
+        _ACTIVE[0] = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE[0] = None
+        return super().__exit__(*exc)
+
+    def count_kernel(self, key: str) -> None:
+        """One call of a compiled graph's fused kernel: model code of the region it runs in."""
+        self.by_source[self.region] += 1
+        self.by_op[self.region][key] += 1
 
     def __init__(self) -> None:
         super().__init__()

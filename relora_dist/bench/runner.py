@@ -213,6 +213,10 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
 
     counter = CommCounter().install()
     cfg = load_config(None, args["overrides"])
+    if args.get("count_ops") and cfg.train.compile:
+        from relora_dist.bench.ops import count_compiled_kernels
+
+        count_compiled_kernels()  # before the first compilation (see ops.py)
     # FSDP2 takes its batch, clipping and precision from the ZeRO-2 template, as the tests run it.
     template = load_ds_template(REPO_ROOT / "ds_configs" / f"zero{3 if args['stage'] == '3' else 2}.json")
     res: dict[str, Any] = {"rank": info.rank, "stage": args["stage"]}
