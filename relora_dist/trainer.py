@@ -44,7 +44,7 @@ from relora_dist.validation import validate
 def param_groups(model: torch.nn.Module, cfg: Config, lr: float, shape=lambda p: p.shape) -> list[dict]:
     """Trainable params in two AdamW groups: decoupled decay on matrices, none on norms/biases
     (optimizer.decay_1d=true: decay on every trainable param, as the reference). `shape` gives a
-    param's whole shape (Backend.shape: a sharded param's own shape is its shard's)."""
+    param's whole shape (Shards.shape: a sharded param's own shape is its shard's)."""
     o = cfg.optimizer
     decay, no_decay = [], []
     for _, p in model.named_parameters():
@@ -122,7 +122,7 @@ class Trainer:
             self.switch_to_relora()
         else:
             freeze_for_full_rank(self.model) if c.relora.enabled else None
-            self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr, self.backend.shape))
+            self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr, self.backend.shards.shape))
         if manifest is not None:
             resume.load_checkpoint(self.checkpoint_state(), self.resumed_from)
         if info.is_main:  # each resumed segment's config is kept beside the first one's
@@ -148,8 +148,8 @@ class Trainer:
         phase_backend = self.backend.relora_phase_backend(self.cfg)
         self.engine, self.masters = steps.switch_to_relora(
             self.backend, engine, self.model, self.cfg, self.modules,
-            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr, self.backend.shape),
-            self.precision == "fp32" or self.backend.fp32_params, phase_backend)
+            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr, self.backend.shards.shape),
+            self.precision == "fp32" or self.backend.shards.fp32_params, phase_backend)
         self.backend = phase_backend
         del engine
         self.state.restart_index = 0
@@ -203,7 +203,7 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def trainable_params(self) -> int:
-        return sum(self.backend.numel(p) for p in self.model.parameters() if p.requires_grad)
+        return sum(self.backend.shards.numel(p) for p in self.model.parameters() if p.requires_grad)
 
     # --- the loop ---------------------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> TrainState:
@@ -284,7 +284,7 @@ class Trainer:
 
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce a small CPU tensor through the accelerator (NCCL takes only device tensors);
-        none at world size 1 (see Backend.gather_flat_slices for why collectives cost more there)."""
+        none at world size 1 (see Shards.gather_slices for why collectives cost more there)."""
         if self.info.world_size == 1:
             return t.clone()
         on_device = t.to(self.device)
@@ -320,7 +320,7 @@ class Trainer:
 
     def total_params(self) -> int:
         quantized = sum(m.weight.numel() for m in self.modules.values() if m.qweight is not None)
-        return quantized + sum(self.backend.numel(p) for p in self.model.parameters())
+        return quantized + sum(self.backend.shards.numel(p) for p in self.model.parameters())
 
     def _quant_note(self) -> str:
         from relora_dist.quant_steps import quantized_nbytes
