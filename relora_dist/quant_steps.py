@@ -68,7 +68,7 @@ def _like(qw: QuantizedWeight, full: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight.quantize(full, qw.kind, qw.double_quant)
 
 
-def quantized_nbytes(modules: dict[str, ReLoRALinear]) -> int:
+def held_quantized_nbytes(modules: dict[str, ReLoRALinear]) -> int:
     return sum(m.qweight.nbytes() for m in modules.values() if m.qweight is not None)
 
 

@@ -81,8 +81,8 @@ def _place(t: torch.Tensor, device: str) -> torch.Tensor:
     return t.pin_memory() if torch.cuda.is_available() else t
 
 
-def capture_frozen_masters(backend: Backend, modules: dict[str, ReLoRALinear], compute_fp32: bool,
-                           relora_cfg, engine_alive: bool) -> FrozenMasters:
+def capture_frozen_masters(backend: Backend, modules: dict[str, ReLoRALinear], relora_cfg, *, compute_fp32: bool,
+                           engine_alive: bool) -> FrozenMasters:
     """Take the merge targets at the switch. With a warm-start engine alive (and bf16 compute) the
     fp32 values come from its optimizer master, not from the rounded bf16 module copy."""
     if relora_cfg.merge_precision == "bf16":
@@ -103,7 +103,7 @@ def capture_frozen_masters(backend: Backend, modules: dict[str, ReLoRALinear], c
 
 
 def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Config,
-                     modules: dict[str, ReLoRALinear], param_groups_fn, compute_fp32: bool,
+                     modules: dict[str, ReLoRALinear], param_groups_fn, *, compute_fp32: bool,
                      phase_backend: Backend | None = None):
     """Full-rank engine -> ReLoRA engine over only the trainable params.
 
@@ -117,7 +117,7 @@ def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Conf
     phase_backend = phase_backend or backend
     masters = None
     if engine is not None and not compute_fp32:
-        masters = capture_frozen_masters(backend, modules, compute_fp32, r, True)
+        masters = capture_frozen_masters(backend, modules, r, compute_fp32=compute_fp32, engine_alive=True)
     carried = None
     if engine is not None and r.train_extra and r.carry_optimizer_state != "false" and cfg.optimizer.name == "adamw":
         carried = capture_extra_moments(backend, engine, model, modules)
@@ -128,13 +128,13 @@ def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Conf
     set_adapters_active(model, True)
     if r.base_quant != "none":  # before the engine: it must never see the frozen weights' Parameters
         if masters is None:
-            masters = capture_frozen_masters(phase_backend, modules, compute_fp32, r, False)
+            masters = capture_frozen_masters(phase_backend, modules, r, compute_fp32=compute_fp32, engine_alive=False)
         quantize_frozen_base(phase_backend, modules, masters, cfg)
     new_engine = phase_backend.build_engine(model, param_groups_fn(model))
     if carried is not None:
         restore_extra_moments(phase_backend, new_engine, model, *carried)
     if masters is None:
-        masters = capture_frozen_masters(phase_backend, modules, compute_fp32, r, False)
+        masters = capture_frozen_masters(phase_backend, modules, r, compute_fp32=compute_fp32, engine_alive=False)
     if r.effective_rank_every >= 0:
         masters.at_switch = {n: _merge_target(phase_backend, m, masters, n).float().cpu().clone()
                              for n, m in modules.items()}
@@ -358,7 +358,7 @@ def relora_reset(backend: Backend, modules: dict[str, ReLoRALinear], masters: Fr
 
 
 def rank_stats(backend: Backend, modules: dict[str, ReLoRALinear], masters: FrozenMasters,
-               restarts_done: int, measure: bool) -> dict[str, float]:
+               restarts_done: int, *, measure: bool) -> dict[str, float]:
     """Cumulative rank (sum of r over adapters so far, capped) and, when `measure`, the numerical
     rank of W_now - W_switch including the live adapter. Collective: each rank forms the delta on
     its slice, the slices are all-gathered, and rank 0 alone runs the SVDs."""

@@ -150,10 +150,8 @@ def relora_checks(cfg, template, info) -> dict:
     out["grad_abs_second"] = {n: torch.tensor(v) for n, v in grads[1].items()}
 
     # --- run to the LR-0 step, then reset -------------------------------------------------------
-    from relora_dist import schedule
-
     lr0 = None
-    while not schedule.reset_due(cfg, t.state.step - 1):
+    while not t.reset_due():
         lr0 = t.train_step(t.loader.next_batch())["lr"]
     out["lr_of_step_before_reset"] = lr0
     out["base_maxdiff_within_cycle"] = max(

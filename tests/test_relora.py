@@ -88,12 +88,12 @@ def test_bias_linear_and_from_linear():
     lin = nn.Linear(10, 6, bias=True)
     x = torch.randn(3, 10)
     ref = lin(x)
-    m = ReLoRALinear.from_linear(lin, 2, 4.0, 0.0, name="x")
+    m = ReLoRALinear(lin, 2, 4.0, 0.0, name="x")
     assert m.bias is lin.bias and m.weight is lin.weight
     assert [n for n, _ in m.named_parameters()] == ["weight", "bias", "lora_A", "lora_B"]
     m.adapter_active = True
     assert torch.equal(m(x), ref)
-    m2 = ReLoRALinear.from_linear(nn.Linear(10, 6, bias=False), 2, 4.0)
+    m2 = ReLoRALinear(nn.Linear(10, 6, bias=False), 2, 4.0)
     assert m2.bias is None
     assert [n for n, _ in m2.named_parameters()] == ["weight", "lora_A", "lora_B"]
 

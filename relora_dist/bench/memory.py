@@ -40,9 +40,9 @@ def engine_tensor_bytes(trainer: Any) -> dict:
     out = {c: 0 for c in CATEGORY_ORDER}
     for key, cat in claimed.items():
         out[cat] += sizes[key]
-    from relora_dist.quant_steps import quantized_nbytes
+    from relora_dist.quant_steps import held_quantized_nbytes
 
-    out["params"] += quantized_nbytes(trainer.modules)  # a quantized base: a replica outside the engine
+    out["params"] += held_quantized_nbytes(trainer.modules)  # a quantized base: a replica outside the engine
     out["merge_masters"] = trainer.masters.nbytes() if trainer.masters is not None else 0
     out["state"] = sum(out[c] for c in STATE_CATEGORIES) + out["merge_masters"]
     # Accelerator-resident state: with relora.merge_master_device=cpu the fp32 merge masters live
