@@ -9,6 +9,7 @@ engine exists, and reads and writes the moments of parameters by the flat ranges
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ def require_adamw(optimizer: Any) -> None:
         raise TypeError(f"resuming optimizer state supports AdamW, not {type(optimizer).__name__}")
 
 
-class OptimizerState:
+class OptimizerState(ABC):
     """Moments of the optimizer of the engine this backend built last. `shards` is the engine's
     Shards (ranges and collectives); `name` the optimizer (adamw, sgd: the plain classes)."""
 
@@ -56,26 +57,26 @@ class OptimizerState:
         """Called when that engine is torn down."""
 
     # --- the state --------------------------------------------------------------------------------
+    @abstractmethod
     def params(self, engine: Any) -> list[torch.nn.Parameter]:
         """The module params the engine's optimizer updates (its view of the param groups)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def adam_step(self, engine: Any) -> int | None:
         """Adam's step counter (shared by every stepped tensor), None before the first step."""
-        raise NotImplementedError
 
+    @abstractmethod
     def init(self, engine: Any, step: int) -> None:
         """Create Adam's lazily-built state (zero moments, the saved step counter) so that resume
         and the switch can overwrite the moments."""
-        raise NotImplementedError
 
     def link_fragments(self, engine: Any) -> None:
         """Make per-param views of the optimizer state valid (ZeRO-2 needs it; see there)."""
 
+    @abstractmethod
     def state_fragment(self, p: torch.nn.Parameter, key: str) -> torch.Tensor | None:
         """This rank's fragment of state `key` of p (the range of Shards.fp32_fragment), None
         before the first step. No communication."""
-        raise NotImplementedError
 
     def local_state(self, p: torch.nn.Parameter, key: str) -> tuple[int, torch.Tensor] | None:
         """(flat start, 1-D fragment) of this rank's part of state `key` of p, the fragment
@@ -90,13 +91,13 @@ class OptimizerState:
         _, frag = self.local_state(p, key)
         frag.mul_(keep.to(frag))  # a view into the optimizer's state: in place
 
+    @abstractmethod
     def gather_state(self, p: torch.nn.Parameter, key: str) -> torch.Tensor | None:
         """Full fp32 state `key` of p (collective), None before the first step."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write_state(self, p: torch.nn.Parameter, key: str, full_value: torch.Tensor) -> None:
         """Set this rank's shard of state `key` from the full value."""
-        raise NotImplementedError
 
     def finish_writes(self) -> None:
         """Complete a series of write_state calls (8-bit state is quantized per stepped tensor

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -100,7 +101,9 @@ class ZeroBackend(Backend):
         self.shards = self._shards(rank, world_size)
         state = self._states.get("adamw" if optimizer_name == "sgd" else optimizer_name)
         if state is None:
-            raise ValueError(f"optimizer.name={optimizer_name} is not supported under {self.name}: use adamw")
+            # config validation says so first (validation.py); this guards a backend built directly
+            raise ValueError(f"optimizer.name={optimizer_name} under {self.name}: use optimizer.name=adamw or "
+                             f"ds_configs/zero2.json with relora.phase_stage=same")
         self.optimizer_state = state(self.shards, optimizer_name)
 
     def describe(self) -> dict:
@@ -205,9 +208,9 @@ class ZeroAdamW(OptimizerState):
     """torch AdamW (or SGD) stepping DeepSpeed's flat fp32 partitions: its state is keyed by those
     flats, and `_hp_mapping` on each param points at the param's fragment of them."""
 
+    @abstractmethod
     def flats(self, engine: Any) -> list[torch.Tensor]:
         """The flat fp32 partitions the inner torch optimizer steps (its state keys)."""
-        raise NotImplementedError
 
     def adam_step(self, engine: Any) -> int | None:
         state = engine.optimizer.optimizer.state
