@@ -55,17 +55,18 @@ class Backend(ABC):
         return {"backend": self.name}
 
     # --- one training step ------------------------------------------------------------------------
-    @abstractmethod
     def set_lr(self, engine: Any, lr: float) -> None:
-        """Set the learning rate of every param group."""
+        """Set the learning rate of every param group (both kinds of engine expose the optimizer's)."""
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
 
-    @abstractmethod
     def set_train(self, engine: Any, train: bool) -> None:
         """Train or eval mode of the wrapped module (dropout)."""
+        engine.train(train)
 
-    @abstractmethod
     def forward_loss(self, engine: Any, batch: torch.Tensor) -> torch.Tensor:
         """The causal-LM loss of one micro-batch (labels = inputs)."""
+        return engine(input_ids=batch, labels=batch).loss
 
     @abstractmethod
     def train_step(self, engine: Any, micro_batches: list[torch.Tensor],

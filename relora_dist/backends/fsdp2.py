@@ -202,16 +202,6 @@ class FSDP2Backend(Backend):
         release_memory()
 
     # --- one training step ------------------------------------------------------------------------
-    def set_lr(self, engine, lr):
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-
-    def set_train(self, engine, train):
-        engine.module.train(train)
-
-    def forward_loss(self, engine, batch):
-        return engine(input_ids=batch, labels=batch).loss
-
     def train_step(self, engine, micro_batches, before_update=None):
         engine.module.train()
         losses, n = [], len(micro_batches)

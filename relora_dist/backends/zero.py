@@ -109,16 +109,6 @@ class ZeroBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "zero_stage": self.stage}
 
-    def set_lr(self, engine, lr):
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-
-    def set_train(self, engine, train):
-        engine.train(train)
-
-    def forward_loss(self, engine, batch):
-        return engine(input_ids=batch, labels=batch).loss
-
     def train_step(self, engine, micro_batches, before_update=None):
         engine.train()
         losses = []
