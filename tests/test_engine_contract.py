@@ -30,7 +30,8 @@ def test_no_deepspeed_internals_outside_backends():
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if INTERNALS.search(line):
                 hits.append(f"{rel}:{i}: {line.strip()}")
-    assert not hits, "engine internals outside relora_dist/backends/ (add a member to a face: Shards, OptimizerState or Probe):\n" + "\n".join(hits)
+    assert not hits, ("engine internals outside relora_dist/backends/ (add a member to a face: Shards, "
+                      "OptimizerState or Probe):\n" + "\n".join(hits))
 
 
 def test_the_grep_finds_what_it_forbids():
