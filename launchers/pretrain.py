@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from relora_dist.cli import main, parse_args, prepare  # noqa: E402,F401  (parse_args/prepare: tests)
+from relora_dist.cli import main, parse_args  # noqa: E402,F401  (parse_args: tests)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -129,15 +129,10 @@ def _seconds(env: str, default: float) -> float:
     return value
 
 
-def prepare(argv: list[str]) -> tuple[Config, dict]:
+def _prepare(argv: list[str]) -> tuple[Config, dict, argparse.Namespace]:
     """Everything that can reject the run, before any process group, data preparation, model build
     or file write: arguments, config (keys, types, values, paths, prepared data, tokenizer, model,
     ReLoRA targets/rank) and the DeepSpeed template against this launch's WORLD_SIZE."""
-    cfg, template, _ = _prepare(argv)
-    return cfg, template
-
-
-def _prepare(argv: list[str]) -> tuple[Config, dict, argparse.Namespace]:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     # Imported once the arguments parse: validation reaches torch and transformers (~3 s), which a
@@ -308,12 +303,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _newest(cfg: Config) -> str:
-    from pathlib import Path
-
     from relora_dist.checkpoint import find_latest
+    from relora_dist.resume import checkpoint_root
 
-    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.output_dir) / "checkpoints"
-    return str(find_latest(root, strict=False) or "none")
+    return str(find_latest(checkpoint_root(cfg), strict=False) or "none")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+DEFAULT_TARGETS: list[str] = [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"]
+"""relora.targets' default: every attention and MLP projection of a LLaMA decoder layer."""
 
 
 class ConfigError(ValueError):
@@ -144,9 +146,7 @@ class ReLoRAConfig:
     """Adapter scale numerator: s = alpha / r (reference: 32)."""
     dropout: float = 0.0
     """Dropout on the adapter input (reference: 0.1)."""
-    targets: list[str] = field(
-        default_factory=lambda: [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"]
-    )
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Regexes (re.search) over module names selecting the Linear layers to wrap."""
     train_extra: bool = True
     """Keep embeddings, norms and lm_head trainable in ReLoRA phases (paper: yes)."""
@@ -316,7 +316,7 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-def _suggest(name: str, options: list[str]) -> str:
+def suggest(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(sorted(options))}"
 
@@ -379,11 +379,11 @@ def _field(cfg: Config, dotted: str) -> tuple[Any, str, Any]:
         )
     section, key = dotted.split(".", 1)
     if section not in SECTIONS:
-        raise ConfigError(f"unknown config section '{section}': {_suggest(section, list(SECTIONS))}")
+        raise ConfigError(f"unknown config section '{section}': {suggest(section, list(SECTIONS))}")
     sub = getattr(cfg, section)
     hints = typing.get_type_hints(type(sub))
     if key not in hints:
-        raise ConfigError(f"unknown config key '{dotted}': {_suggest(key, list(hints))}")
+        raise ConfigError(f"unknown config key '{dotted}': {suggest(key, list(hints))}")
     return sub, key, hints[key]
 
 

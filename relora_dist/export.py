@@ -59,12 +59,12 @@ def _live_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
             continue
         module_name = name.rsplit(".", 1)[0]
         if engine is not None and p.requires_grad:
-            yield name, backend.full_fp32(p).reshape(backend.shape(p)).cpu()
+            yield name, backend.shards.gather_fp32(p).reshape(backend.shards.shape(p)).cpu()
         elif masters is not None and masters.kept and module_name in masters.shards and name.endswith("weight"):
-            shape = backend.shape(p)
-            yield name, backend.gather_owned(p, masters.shards[module_name].to(p.device)).view(shape).cpu()
+            shape = backend.shards.shape(p)
+            yield name, backend.shards.gather_owned(p, masters.shards[module_name].to(p.device)).view(shape).cpu()
         else:
-            yield name, backend.gather_full(p).cpu()
+            yield name, backend.shards.gather_param(p).cpu()
     for module_name, m in model.modules.items():
         if m.qweight is not None:  # a quantized base: its fp32 master is the weight (never dequantized bytes)
             yield f"{module_name}.weight", full_master(backend, m, masters.shards[module_name]).cpu()
@@ -73,7 +73,7 @@ def _live_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 def _live_adapters(model) -> Iterator[Adapter]:
     for module_name, m in model.modules.items():
         if m.adapter_active:
-            yield module_name, model.backend.full_fp32(m.lora_A).cpu(), model.backend.full_fp32(m.lora_B).cpu(), m.scale
+            yield module_name, model.backend.shards.gather_fp32(m.lora_A).cpu(), model.backend.shards.gather_fp32(m.lora_B).cpu(), m.scale
 
 
 def export_hf(state, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from relora_dist.config import ConfigError, _suggest
+from relora_dist.config import ConfigError, suggest
 from relora_dist.tokenizer import has_tokenizer
 
 
@@ -54,7 +54,7 @@ def llama_config(
     """LlamaConfig for a preset; non-zero keyword values override the preset's dimensions. Raises
     ValueError naming the model.* keys (check_model_config reports it as a ConfigError)."""
     if preset not in PRESETS:
-        raise ValueError(f"model.preset '{preset}' unknown: {_suggest(preset, list(PRESETS))}")
+        raise ValueError(f"model.preset '{preset}' unknown: {suggest(preset, list(PRESETS))}")
     for key, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
                        ("num_layers", num_layers), ("num_heads", num_heads)):
         if value < 0:
@@ -202,10 +202,6 @@ def build_model(config, seed: int, init_from: str = "") -> torch.nn.Module:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.float()
-
-
-def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:

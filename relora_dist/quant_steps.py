@@ -1,7 +1,7 @@
 """The ReLoRA steps of a quantized frozen base (relora.base_quant): quantize at the switch,
 requantize at each reset, requantize after a checkpoint load.
 
-The fp32 merge masters are the truth. Each rank keeps only its `master_range` slice, so a
+The fp32 merge masters are the truth. Each rank keeps only its `owned_range` slice, so a
 requantization gathers the merged fp32 W once (one weight at a time: a transient out x in x 4
 bytes per rank, e.g. 11.2 MB for a 350m MLP weight) and every rank quantizes the same tensor.
 bitsandbytes' quantization is deterministic, so every rank holds the same bytes (tests/test_quant.py
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from relora_dist.backends.base import Backend
+from relora_dist.backends.base import Backend, release_memory
 from relora_dist.quant import QuantizedWeight, compute_dtype_of
 from relora_dist.relora import ReLoRALinear, lora_delta
 
 
 def full_master(backend: Backend, m: ReLoRALinear, shard: torch.Tensor) -> torch.Tensor:
     """The whole fp32 [out, in] weight from every rank's master slice (collective)."""
-    full = backend.gather_owned(m.weight, shard.to(backend.comm_device, torch.float32))
+    full = backend.shards.gather_owned(m.weight, shard.to(backend.shards.comm_device, torch.float32))
     return full.view(m.out_features, m.in_features)
 
 
@@ -36,7 +36,7 @@ def quantize_frozen_base(backend: Backend, modules: dict[str, ReLoRALinear], mas
         qw = QuantizedWeight.quantize(full_master(backend, m, masters.shards[name]), r.base_quant, r.quant_double_quant)
         m.quantize_base(qw, cd)
         total += qw.nbytes()
-    backend.release_memory()  # the compute-dtype weights just dropped
+    release_memory()  # the compute-dtype weights just dropped
     return total
 
 
@@ -68,7 +68,7 @@ def _like(qw: QuantizedWeight, full: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight.quantize(full, qw.kind, qw.double_quant)
 
 
-def quantized_nbytes(modules: dict[str, ReLoRALinear]) -> int:
+def held_quantized_nbytes(modules: dict[str, ReLoRALinear]) -> int:
     return sum(m.qweight.nbytes() for m in modules.values() if m.qweight is not None)
 
 

@@ -124,11 +124,6 @@ class ReLoRALinear(nn.Module):
         self.quant_compute_dtype = None
         self.train(base.training)  # inherit train/eval mode (new modules default to train)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, *,
-                    name: str = "", seed: int = 0) -> "ReLoRALinear":
-        return cls(linear, r, alpha, dropout, name=name, seed=seed)
-
     def quantize_base(self, qweight, compute_dtype: torch.dtype | None) -> None:
         """Hold the frozen base as `qweight` (a relora_dist.quant.QuantizedWeight) from now on. The
         `weight` Parameter is removed, so no engine sees or stores it; `self.weight` becomes a
@@ -227,7 +222,7 @@ def wrap_model(model: nn.Module, target_patterns: list[str] | None, r: int, alph
     for n, m in chosen.items():
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, ReLoRALinear.from_linear(m, r, alpha, dropout, name=n, seed=seed))
+        setattr(parent, child, ReLoRALinear(m, r, alpha, dropout, name=n, seed=seed))
     return sorted(chosen)
 
 

@@ -17,10 +17,10 @@ import re
 import torch
 from torch import nn
 
-from relora_dist.config import ConfigError
+from relora_dist.config import DEFAULT_TARGETS, ConfigError
 
-#: Hugging Face LLaMA attention and MLP projections (what the reference wraps for LLaMA).
-DEFAULT_TARGETS: list[str] = [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"]
+#: DEFAULT_TARGETS (config.py): Hugging Face LLaMA attention and MLP projections (what the
+#: reference wraps for LLaMA).
 
 PRUNE_MODES = ("zero", "random", "magnitude")
 

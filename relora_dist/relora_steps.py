@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from relora_dist.backends.base import Backend
+from relora_dist.backends.optimizer_state import ADAM_KEYS
 from relora_dist.quant_steps import merge_quantized, quantize_frozen_base
 from relora_dist.config import Config
 from relora_dist.relora import (
@@ -31,12 +32,10 @@ from relora_dist.relora import (
     set_adapters_active,
 )
 
-ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
-
 
 @dataclass
 class FrozenMasters:
-    """fp32 merge targets of the frozen (wrapped) weights: each rank keeps the `master_range`
+    """fp32 merge targets of the frozen (wrapped) weights: each rank keeps the `owned_range`
     slice of every W, 1/world of it under ZeRO-2 and ZeRO-3 alike.
 
     After the switch the frozen W is in no optimizer, so under bf16 it has no fp32 master and every
@@ -57,7 +56,7 @@ class FrozenMasters:
     quant_merge: str = "master"
     """How a quantized base (relora.base_quant) is merged: see quant_steps.merge_quantized."""
     at_switch: dict[str, torch.Tensor] = field(default_factory=dict)
-    """W at the switch, for the effective-rank diagnostic: this rank's `master_range` slice only,
+    """W at the switch, for the effective-rank diagnostic: this rank's `owned_range` slice only,
     in fp32 on the CPU so it costs no accelerator memory."""
 
     @property
@@ -83,8 +82,8 @@ def _place(t: torch.Tensor, device: str) -> torch.Tensor:
     return t.pin_memory() if torch.cuda.is_available() else t
 
 
-def capture_frozen_masters(backend: Backend, modules: dict[str, ReLoRALinear], compute_fp32: bool,
-                           relora_cfg, engine_alive: bool) -> FrozenMasters:
+def capture_frozen_masters(backend: Backend, modules: dict[str, ReLoRALinear], relora_cfg, *, compute_fp32: bool,
+                           engine_alive: bool) -> FrozenMasters:
     """Take the merge targets at the switch. With a warm-start engine alive (and bf16 compute) the
     fp32 values come from its optimizer master, not from the rounded bf16 module copy."""
     if relora_cfg.merge_precision == "bf16":
@@ -98,14 +97,14 @@ def capture_frozen_masters(backend: Backend, modules: dict[str, ReLoRALinear], c
     # world 1 (H200, benchmarks/gpu/), the gap between allocated memory and the engine's tensors.
     with torch.no_grad():
         for name, m in modules.items():
-            value = (backend.fp32_master_slice(m.weight) if engine_alive
-                     else backend.owned_view(m.weight).float().clone())
+            value = (backend.shards.owned_fp32(m.weight) if engine_alive
+                     else backend.shards.owned_view(m.weight).float().clone())
             shards[name] = _place(value, relora_cfg.merge_master_device)
     return FrozenMasters(shards, quant_merge=relora_cfg.quant_merge)
 
 
 def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Config,
-                     modules: dict[str, ReLoRALinear], param_groups_fn, compute_fp32: bool,
+                     modules: dict[str, ReLoRALinear], param_groups_fn, *, compute_fp32: bool,
                      phase_backend: Backend | None = None):
     """Full-rank engine -> ReLoRA engine over only the trainable params.
 
@@ -119,7 +118,7 @@ def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Conf
     phase_backend = phase_backend or backend
     masters = None
     if engine is not None and not compute_fp32:
-        masters = capture_frozen_masters(backend, modules, compute_fp32, r, True)
+        masters = capture_frozen_masters(backend, modules, r, compute_fp32=compute_fp32, engine_alive=True)
     carried = None
     if engine is not None and r.train_extra and r.carry_optimizer_state != "false" and cfg.optimizer.name == "adamw":
         carried = capture_extra_moments(backend, engine, model, modules)
@@ -130,13 +129,13 @@ def switch_to_relora(backend: Backend, engine, model: torch.nn.Module, cfg: Conf
     set_adapters_active(model, True)
     if r.base_quant != "none":  # before the engine: it must never see the frozen weights' Parameters
         if masters is None:
-            masters = capture_frozen_masters(phase_backend, modules, compute_fp32, r, False)
+            masters = capture_frozen_masters(phase_backend, modules, r, compute_fp32=compute_fp32, engine_alive=False)
         quantize_frozen_base(phase_backend, modules, masters, cfg)
     new_engine = phase_backend.build_engine(model, param_groups_fn(model))
     if carried is not None:
         restore_extra_moments(phase_backend, new_engine, model, *carried)
     if masters is None:
-        masters = capture_frozen_masters(phase_backend, modules, compute_fp32, r, False)
+        masters = capture_frozen_masters(phase_backend, modules, r, compute_fp32=compute_fp32, engine_alive=False)
     if r.effective_rank_every >= 0:
         masters.at_switch = {n: _merge_target(phase_backend, m, masters, n).float().cpu().clone()
                              for n, m in modules.items()}
@@ -150,12 +149,12 @@ def capture_extra_moments(backend: Backend, engine, model: torch.nn.Module,
     """(Adam step, {name: {key: full moment on the CPU}}) of every parameter that stays trainable
     after the switch (all but the wrapped base weights and the adapters), read from the warm-start
     engine before it is freed (collective). None before its first step."""
-    backend.link_optimizer_fragments(engine)
-    step = backend.adam_step(engine)
+    backend.optimizer_state.link_fragments(engine)
+    step = backend.optimizer_state.adam_step(engine)
     if step is None:
         return None
     frozen = {id(p) for m in modules.values() for p in (m.weight, m.bias, m.lora_A, m.lora_B) if p is not None}
-    moments = {name: {key: backend.full_optimizer_state(p, key).float().cpu().clone() for key in ADAM_STATE_KEYS}
+    moments = {name: {key: backend.optimizer_state.gather_state(p, key).float().cpu().clone() for key in ADAM_KEYS}
                for name, p in model.named_parameters() if id(p) not in frozen and p.requires_grad}
     return step, moments
 
@@ -165,21 +164,21 @@ def restore_extra_moments(backend: Backend, engine, model: torch.nn.Module, step
     """Write carried moments into the ReLoRA engine's optimizer, sharded as it wants them. DeepSpeed
     keeps one Adam step per flat group, so the adapters (zero moments) share the carried step: their
     first updates are (1-beta1)/sqrt(1-beta2) = 0.45x a fresh Adam's, inside the first warmup."""
-    backend.init_optimizer_state(engine, step)
+    backend.optimizer_state.init(engine, step)
     for name, p in model.named_parameters():
         if name in moments and p.requires_grad:
             for key, value in moments[name].items():
-                backend.write_optimizer_state(p, key, value)
+                backend.optimizer_state.write_state(p, key, value)
 
 
 def _merge_target(backend: Backend, m: ReLoRALinear, masters: FrozenMasters, name: str) -> torch.Tensor:
-    """This rank's `master_range` slice of the merge target: the fp32 master when kept, else the
+    """This rank's `owned_range` slice of the merge target: the fp32 master when kept, else the
     compute weights."""
-    return masters.shards[name] if masters.kept else backend.owned_view(m.weight)
+    return masters.shards[name] if masters.kept else backend.shards.owned_view(m.weight)
 
 
 def merge_adapters(backend: Backend, modules: dict[str, ReLoRALinear], masters: FrozenMasters) -> int:
-    """W <- W + s*B*A on every rank's own `master_range` slice: each rank computes just its rows of
+    """W <- W + s*B*A on every rank's own `owned_range` slice: each rank computes just its rows of
     B*A (1/world of the merge work, ZeRO-2 included) and writes its slice, rounded once, into the
     compute weights; ZeRO-2 then all-gathers the rounded slices to rebuild its replicated copy.
     Only A and B (fp32 masters, batched into a few all-reduces) and, under ZeRO-2, the
@@ -192,7 +191,7 @@ def merge_adapters(backend: Backend, modules: dict[str, ReLoRALinear], masters: 
         for j, (name, m) in enumerate(group):
             A = adapters[2 * j].view(m.r, m.in_features)
             B = adapters[2 * j + 1].view(m.out_features, m.r)
-            start, end = backend.master_range(m.weight)
+            start, end = backend.shards.owned_range(m.weight)
             delta = flat_slice_delta(A, B, m.scale, start, end, m.in_features)
             target = _merge_target(backend, m, masters, name)
             if m.qweight is not None:
@@ -203,7 +202,7 @@ def merge_adapters(backend: Backend, modules: dict[str, ReLoRALinear], masters: 
             target.add_(delta.to(device=target.device, dtype=target.dtype))
             if finish is not None:  # the previous W's all-gather ran while this delta was computed
                 moved += finish()
-            finish = backend.write_owned_slice(m.weight, target)
+            finish = backend.shards.write_owned(m.weight, target)
     return moved + (finish() if finish is not None else 0)
 
 
@@ -225,8 +224,8 @@ def _full_fp32_masters(backend: Backend, params: list[torch.nn.Parameter]) -> li
     (DeepSpeed's per-param getter is one full-size all-reduce each: 336 of them per reset at 350m)."""
     items = []
     for p in params:
-        start, _, frag = backend.fp32_fragment(p)
-        items.append((backend.numel(p), start, frag if frag is not None else torch.zeros(0)))
+        start, _, frag = backend.shards.fp32_fragment(p)
+        items.append((backend.shards.numel(p), start, frag if frag is not None else torch.zeros(0)))
     return _assemble(backend, items)
 
 
@@ -236,8 +235,8 @@ def reinit_adapters(backend: Backend, modules: dict[str, ReLoRALinear], seed: in
     for name, m in modules.items():
         A = draw_lora_A(tuple(m.lora_A.shape if m.lora_A.numel() else (m.r, m.in_features)),
                         seed, restart_index, m.relora_name or name)
-        backend.write_trainable(m.lora_A, A)
-        backend.write_trainable(m.lora_B, torch.zeros(m.out_features, m.r))
+        backend.shards.write_trainable(m.lora_A, A)
+        backend.shards.write_trainable(m.lora_B, torch.zeros(m.out_features, m.r))
 
 
 def prune_adapter_moments(backend: Backend, modules: dict[str, ReLoRALinear], mode: str, ratio: float,
@@ -258,20 +257,20 @@ def prune_adapter_moments(backend: Backend, modules: dict[str, ReLoRALinear], mo
         return
     params = [(f"{m.relora_name or name}.{pname}", p) for name, m in modules.items()
               for pname, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B))]
-    numels = [backend.numel(p) for _, p in params]
-    local = {key: [backend.local_state(p, key) for _, p in params] for key in ADAM_STATE_KEYS}
+    numels = [backend.shards.numel(p) for _, p in params]
+    local = {key: [backend.optimizer_state.local_state(p, key) for _, p in params] for key in ADAM_KEYS}
     # One small collective: does any rank lack optimizer state (no step since the engine was
     # built: nothing to prune), and which tensors does some rank hold whole.
     missing = any(f is None for frags in local.values() for f in frags)
     whole = [f is not None and f[1].numel() == n for f, n in zip(local["exp_avg_sq"], numels)]
-    flags = backend.all_reduce_max(torch.tensor([missing, *whole], dtype=torch.float32)).tolist()
+    flags = backend.shards.all_reduce_max(torch.tensor([missing, *whole], dtype=torch.float32)).tolist()
     if flags[0]:
         return
     thresholds = (_magnitude_thresholds(backend, local, numels, [bool(f) for f in flags[1:]], ratio, threshold_rule)
-                  if mode == "magnitude" else {key: [None] * len(params) for key in ADAM_STATE_KEYS})
+                  if mode == "magnitude" else {key: [None] * len(params) for key in ADAM_KEYS})
     for i, (name, p) in enumerate(params):
         keeps = {}
-        for key in ADAM_STATE_KEYS:
+        for key in ADAM_KEYS:
             start, frag = local[key][i]
             if frag.numel():
                 keeps[key] = prune_keep(frag, start, numels[i], mode, ratio,
@@ -279,7 +278,7 @@ def prune_adapter_moments(backend: Backend, modules: dict[str, ReLoRALinear], mo
         if keeps:
             keeps["exp_avg"] = keeps["exp_avg"] & keeps["exp_avg_sq"]
             for key, keep in keeps.items():
-                backend.mask_local_state(p, key, keep)
+                backend.optimizer_state.mask_local_state(p, key, keep)
 
 
 def _magnitude_thresholds(backend: Backend, local: dict, numels: list[int], whole: list[bool],
@@ -291,10 +290,10 @@ def _magnitude_thresholds(backend: Backend, local: dict, numels: list[int], whol
     values of all tensors (1.1 s of a 3.7 s reset at 350m, r=128, ZeRO-3, 2 ranks)."""
     world, rank, n = backend.world_size, backend.rank, len(numels)
     out = {}
-    for key in ADAM_STATE_KEYS:
+    for key in ADAM_KEYS:
         # On the device that holds the moments: a host tensor here made every threshold a
         # device-to-host copy and every mask a copy back, each one a synchronization.
-        thr = torch.zeros(n, dtype=torch.float32, device=backend.comm_device)
+        thr = torch.zeros(n, dtype=torch.float32, device=backend.shards.comm_device)
         held = [j for j, (_, frag) in enumerate(local[key]) if whole[j] and frag.numel() == numels[j]]
         for j, value in _held_thresholds([local[key][j][1] for j in held], ratio, rule):
             thr[held[j]] = value
@@ -306,7 +305,7 @@ def _magnitude_thresholds(backend: Backend, local: dict, numels: list[int], whol
                 mine = list(zip(idx, fulls))
         for j, full in mine:
             thr[j] = magnitude_threshold(full, ratio, rule)
-        backend.all_reduce_sum_(thr)
+        backend.shards.all_reduce_sum_(thr)
         out[key] = thr
     return out
 
@@ -358,12 +357,12 @@ def _assemble(backend: Backend, items: list[tuple[int, int, torch.Tensor]],
         while end < len(items) and (end == pos or total + items[end][0] <= _ASSEMBLE_CHUNK):
             total += items[end][0]
             end += 1
-        buf = torch.zeros(total, dtype=torch.float32, device=backend.comm_device)
+        buf = torch.zeros(total, dtype=torch.float32, device=backend.shards.comm_device)
         offset = 0
         for numel, start, frag in items[pos:end]:
             buf[offset + start:offset + start + frag.numel()] = frag.to(buf)
             offset += numel
-        backend.all_reduce_sum_(buf, dst)
+        backend.shards.all_reduce_sum_(buf, dst)
         offset = 0
         for numel, _, _ in items[pos:end]:
             out.append(buf[offset:offset + numel])
@@ -390,7 +389,7 @@ def relora_reset(backend: Backend, modules: dict[str, ReLoRALinear], masters: Fr
 
 
 def rank_stats(backend: Backend, modules: dict[str, ReLoRALinear], masters: FrozenMasters,
-               restarts_done: int, measure: bool) -> dict[str, float]:
+               restarts_done: int, *, measure: bool) -> dict[str, float]:
     """Cumulative rank (sum of r over adapters so far, capped) and, when `measure`, the numerical
     rank of W_now - W_switch including the live adapter. Collective: each rank forms the delta on
     its slice, the slices are all-gathered, and rank 0 alone runs the SVDs."""
@@ -400,12 +399,12 @@ def rank_stats(backend: Backend, modules: dict[str, ReLoRALinear], masters: Froz
         return stats
     ranks = []
     for name, m in modules.items():
-        start, end = backend.master_range(m.weight)
-        A, B = backend.full_fp32(m.lora_A), backend.full_fp32(m.lora_B)
+        start, end = backend.shards.owned_range(m.weight)
+        A, B = backend.shards.gather_fp32(m.lora_A), backend.shards.gather_fp32(m.lora_B)
         now = _merge_target(backend, m, masters, name).to(A.device, torch.float32)  # NCCL gathers device tensors
         local = now - masters.at_switch[name].to(now.device) + flat_slice_delta(
             A, B, m.scale, start, end, m.in_features).to(now.device)
-        full = backend.gather_owned(m.weight, local)
+        full = backend.shards.gather_owned(m.weight, local)
         if backend.rank == 0:
             ranks.append(effective_rank(full.view(m.out_features, m.in_features)))
     if ranks:

@@ -18,7 +18,7 @@ from relora_dist.checkpoint import (
     read_manifest,
     shard_path,
 )
-from relora_dist.config import SECTIONS, ConfigError, _suggest, to_dict
+from relora_dist.config import SECTIONS, ConfigError, suggest, to_dict
 from relora_dist.run_guard import LockHeld, abandon_newer, check_unlocked, fingerprint_changes, locked_folders
 from relora_dist.state import CheckpointState
 
@@ -204,7 +204,7 @@ def check_checkpoint_config(cfg) -> None:
         section, _, name = key.partition(".")
         if section not in SECTIONS or name not in vars(getattr(cfg, section)):
             known = [f"{s}.{k}" for s in SECTIONS for k in vars(getattr(cfg, s))]
-            raise ConfigError(f"checkpoint.allow_changes: unknown key '{key}': {_suggest(key, known)}")
+            raise ConfigError(f"checkpoint.allow_changes: unknown key '{key}': {suggest(key, known)}")
         if is_structural(key):
             raise ConfigError(f"checkpoint.allow_changes: {key} changes the model's tensors and cannot change "
                               f"within a run; drop it (use another run.output_dir for a new run)")

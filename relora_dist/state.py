@@ -21,10 +21,9 @@ from typing import Any, Callable
 
 import torch
 
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+from relora_dist.backends.optimizer_state import ADAM_KEYS
 
-
-# Name prefix, in a rank's file, of the optimizer state Backend.exact_local_state returns.
+# Name prefix, in a rank's file, of the optimizer state OptimizerState.exact_local_state returns.
 EXACT = "exact_state/"
 
 @dataclass
@@ -133,7 +132,7 @@ class ModelState:
 
     def adam_step(self) -> int | None:
         """Adam's step counter (None before the first step or with no engine)."""
-        return self.backend.adam_step(self.engine) if self.engine is not None else None
+        return self.backend.optimizer_state.adam_step(self.engine) if self.engine is not None else None
 
     # --- saving (no communication) -----------------------------------------------------------------
     def fragments(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -141,7 +140,7 @@ class ModelState:
         {param: {field: [flat start, flat end]}}."""
         backend, engine, masters = self.backend, self.engine, self.masters
         if engine is not None:
-            backend.link_optimizer_fragments(engine)
+            backend.optimizer_state.link_fragments(engine)
         tensors: dict[str, torch.Tensor] = {}
         index: dict[str, dict] = {}
 
@@ -154,17 +153,15 @@ class ModelState:
         module_of = {f"{n}.weight": n for n in self.modules}
         for name, p in self.model.named_parameters():
             if p.requires_grad and engine is not None:
-                start, _, frag = backend.fp32_fragment(p)
+                start, _, frag = backend.shards.fp32_fragment(p)
                 put(name, "master", start, frag)
                 for key in ADAM_KEYS:
-                    put(name, key, start, backend.state_fragment(p, key))
+                    put(name, key, start, backend.optimizer_state.state_fragment(p, key))
             else:
-                start, end = backend.save_range(p)
-                lstart, _ = backend.local_range(p)
-                put(name, "weight", start, backend.local_view(p)[start - lstart:end - lstart])
+                put(name, "weight", backend.shards.owned_range(p)[0], backend.shards.owned_view(p))
             module = module_of.get(name)
             if module is not None and masters is not None:
-                start, _ = backend.master_range(p)  # masters and W_switch hold exactly this range
+                start, _ = backend.shards.owned_range(p)  # masters and W_switch hold exactly this range
                 if masters.kept:
                     put(name, "merge_master", start, masters.shards[module])
                 if masters.at_switch:
@@ -173,20 +170,20 @@ class ModelState:
             # A quantized base is no Parameter: its fp32 master is what is saved (never the quantized
             # bytes), so a resume requantizes exactly and any world size / quantization setting can load it.
             if m.qweight is not None:
-                start, _ = backend.master_range(m.weight)
+                start, _ = backend.shards.owned_range(m.weight)
                 put(f"{module}.weight", "merge_master", start, masters.shards[module])
                 if masters.at_switch:
                     put(f"{module}.weight", "w_switch", start, masters.at_switch[module])
         if engine is not None:  # outside the index, like the RNG: this rank's partition only
-            for key, t in backend.exact_local_state(engine).items():
+            for key, t in backend.optimizer_state.exact_local_state(engine).items():
                 tensors[f"{EXACT}{key}"] = t.detach().contiguous().cpu().clone()
         return tensors, index
 
     def tensor_meta(self) -> dict[str, dict]:
         """Every tensor's whole shape and dtype, whichever rank holds which part of it."""
         backend = self.backend
-        meta = {name: {"shape": list(backend.shape(p)),
-                       "dtype": str(backend.storage_dtype(p)).replace("torch.", ""),
+        meta = {name: {"shape": list(backend.shards.shape(p)),
+                       "dtype": str(backend.shards.storage_dtype(p)).replace("torch.", ""),
                        "trainable": bool(p.requires_grad)}
                 for name, p in self.model.named_parameters()}
         for module, m in self.modules.items():
@@ -208,10 +205,10 @@ class ModelState:
             if p.requires_grad and engine is not None:
                 fld = "master" if reader.has(name, "master") else \
                     "merge_master" if reader.has(name, "merge_master") else "weight"
-                backend.write_trainable(p, reader.full(name, fld).float())
+                backend.shards.write_trainable(p, reader.full(name, fld).float())
             else:
                 fld = next(f for f in frozen_fields if reader.has(name, f) or f == "master")
-                backend.write_frozen(p, reader.full(name, fld))
+                backend.shards.write_frozen(p, reader.full(name, fld))
         if masters is not None:
             for module, mod in self.modules.items():
                 name = f"{module}.weight"
@@ -219,26 +216,26 @@ class ModelState:
                 # any world size): each rank copies out its own slice, in place (keeps pinned host memory).
                 if masters.kept:
                     fld = "merge_master" if reader.has(name, "merge_master") else "weight"
-                    masters.shards[module].copy_(backend.master_slice_of(mod.weight, reader.full(name, fld).float()))
+                    masters.shards[module].copy_(backend.shards.owned_slice(mod.weight, reader.full(name, fld).float()))
                 if reader.has(name, "w_switch") and masters.at_switch:
-                    masters.at_switch[module] = backend.master_slice_of(
+                    masters.at_switch[module] = backend.shards.owned_slice(
                         mod.weight, reader.full(name, "w_switch").float()).clone()
         if masters is not None and any(mod.qweight is not None for mod in self.modules.values()):
             requantize_all(backend, self.modules, masters)
         after_weights()
         if engine is not None and adam_step is not None:
-            backend.init_optimizer_state(engine, int(adam_step))
+            backend.optimizer_state.init(engine, int(adam_step))
             for name, p in self.model.named_parameters():
                 if p.requires_grad:
                     for key in ADAM_KEYS:
                         if reader.has(name, key):
-                            backend.write_optimizer_state(p, key, reader.full(name, key))
-            backend.finish_optimizer_state_writes()
+                            backend.optimizer_state.write_state(p, key, reader.full(name, key))
+            backend.optimizer_state.finish_writes()
             # Same world size and engine: the partition is the same, so state the per-parameter
             # fields restore only approximately (8-bit Adam) is copied back bit for bit.
             m = reader.manifest
             if m.get("world_size") == backend.world_size and m.get("backend", backend.name) == backend.name:
-                backend.load_exact_local_state(engine, reader.rank_tensors(backend.rank, EXACT))
+                backend.optimizer_state.load_exact_local_state(engine, reader.rank_tensors(backend.rank, EXACT))
 
 
 @dataclass

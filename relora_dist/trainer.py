@@ -45,7 +45,7 @@ from relora_dist.validation import validate
 def param_groups(model: torch.nn.Module, cfg: Config, lr: float, shape=lambda p: p.shape) -> list[dict]:
     """Trainable params in two AdamW groups: decoupled decay on matrices, none on norms/biases
     (optimizer.decay_1d=true: decay on every trainable param, as the reference). `shape` gives a
-    param's whole shape (Backend.shape: a sharded param's own shape is its shard's)."""
+    param's whole shape (Shards.shape: a sharded param's own shape is its shard's)."""
     o = cfg.optimizer
     decay, no_decay = [], []
     for _, p in model.named_parameters():
@@ -63,16 +63,31 @@ class Trainer:
         self.cfg, self.info = cfg, info
         run_guard.lock_output(cfg, info)
         self.device = info.device
-        c = cfg
-        tokenizer_dir = tokenizer_dir_of(c)
-        self.tokenizer_dir = tokenizer_dir
-        self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.ds_config = build_ds_config(ds_template, c, info.world_size)
-        self.precision = resolve_precision(c.train.precision)
-        self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])
+        self.precision = resolve_precision(cfg.train.precision)
+        self._build_data(ds_template)
+        self._build_model()
+        # The global RNGs (adapter dropout; anything DeepSpeed draws) start from train.seed and the
+        # rank, so the same command gives the same run: torch's own initial seed differs per process.
+        torch.manual_seed(cfg.train.seed + 1_000_003 * info.rank)
+        self.backend = make_backend(resolve_backend(ds_template, cfg), self.ds_config, info.rank, info.world_size,
+                                    cfg.optimizer.name)
+        self.state = TrainState()
+        self.masters = None
+        self.engine = None
+        manifest = self._start_or_resume()
+        self._build_logging(manifest)
+        self._stop_requested = False
 
+    # --- builders (in __init__'s order) -------------------------------------------------------------
+    def _build_data(self, ds_template: dict) -> None:
+        """Tokenizer, the resolved engine settings (batch arithmetic), the packed blocks and the loader."""
+        c, info = self.cfg, self.info
+        self.tokenizer_dir = tokenizer_dir_of(c)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.ds_config = build_ds_config(ds_template, c, info.world_size)
+        self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])
         data_dir = c.data.prepared_dir or ensure_prepared(
-            c.data.sources or [str(DEFAULT_CORPUS)], tokenizer_dir, c.data.cache_dir,
+            c.data.sources or [str(DEFAULT_CORPUS)], self.tokenizer_dir, c.data.cache_dir,
             c.data.seq_len, c.data.val_fraction, c.train.seed, timeout_s=c.data.prepare_timeout_s,
             local_rank=info.local_rank)  # no collective: first_use.py
         check_tokenizer_matches(data_dir, self.tokenizer.vocab_size)
@@ -83,8 +98,11 @@ class Trainer:
                      max(1, c.train.eval_tokens // c.data.seq_len))
         self.loader = BlockLoader(self.train_blocks, c.train.micro_batch_size, self.grad_accum,
                                   info.rank, info.world_size, c.train.seed)
+        self.tokens_per_step = c.train.global_batch_size * c.data.seq_len
 
-        m = c.model
+    def _build_model(self) -> None:
+        """The LLaMA model, with ReLoRA's adapters when relora.enabled, and its FLOP figures."""
+        c, m = self.cfg, self.cfg.model
         self.model_config = llama_config(m.preset, self.tokenizer.vocab_size, c.data.seq_len, m.hidden_size,
                                          m.intermediate_size, m.num_layers, m.num_heads)
         self.model = build_model(self.model_config, c.train.seed, m.init_from)  # vocab checked by validate
@@ -94,19 +112,18 @@ class Trainer:
             wrap_model(self.model, c.relora.targets, c.relora.r, c.relora.alpha, c.relora.dropout,
                        seed=c.train.seed)
             self.modules = relora_modules(self.model)
-        # The global RNGs (adapter dropout; anything DeepSpeed draws) start from train.seed and the
-        # rank, so the same command gives the same run: torch's own initial seed differs per process.
-        torch.manual_seed(c.train.seed + 1_000_003 * info.rank)
         if c.train.compile:  # before the engines shard and hook the layers, as torchtitan orders it
             layers = compile_blocks(self.model)
-            if info.is_main:
+            if self.info.is_main:
                 print(f"note: train.compile: {layers} decoder layers compile at their first step and again at the "
                       f"switch to ReLoRA (torch.compile)", flush=True)
-        self.backend = make_backend(resolve_backend(ds_template, c), self.ds_config, info.rank, info.world_size,
-                                    c.optimizer.name)
-        self.state = TrainState()
-        self.masters = None
-        self.engine = None
+        self.flops_per_token = flops_per_token(self.model_config, c.data.seq_len)
+        self.peak_flops = c.logging.peak_flops or default_peak_flops(self.device, self.precision)
+
+    def _start_or_resume(self) -> dict | None:
+        """The checkpoint folder's rules (overwrite, abandon, stale temporaries), then the first
+        engine of the phase the run is in, loaded from the checkpoint to resume. Its manifest."""
+        c, info = self.cfg, self.info
         self.output_dir = Path(c.run.output_dir)
         self.checkpoint_root = resume.checkpoint_root(c)
         resume.check_output_dir(c, self.checkpoint_root)
@@ -121,16 +138,17 @@ class Trainer:
         dist.barrier()
         self.resumed_from = resume.resume_target(c, self.checkpoint_root)
         manifest = ckpt.read_manifest(self.resumed_from) if self.resumed_from else None
-        self.flops_per_token = flops_per_token(self.model_config, c.data.seq_len)
-        self.peak_flops = c.logging.peak_flops or default_peak_flops(self.device, self.precision)
-        self.tokens_per_step = c.train.global_batch_size * c.data.seq_len
         if c.relora.enabled and (c.relora.warm_start_steps == 0 or (manifest and manifest["phase"] == "relora")):
             self.switch_to_relora()
         else:
-            freeze_for_full_rank(self.model) if c.relora.enabled else None
-            self.engine = self.backend.build_engine(self.model, param_groups(self.model, c, c.optimizer.lr, self.backend.shape))
+            self.start_full_rank()
         if manifest is not None:
             resume.load_checkpoint(self.checkpoint_state(), self.resumed_from)
+        return manifest
+
+    def _build_logging(self, manifest: dict | None) -> None:
+        """The run's config beside its output, the metrics logger and the resume line."""
+        c, info = self.cfg, self.info
         if info.is_main:  # each resumed segment's config is kept beside the first one's
             dump_config(c, self.output_dir / (f"config.{self.resumed_from.name}.yaml" if self.resumed_from
                                               else "config.yaml"))
@@ -140,12 +158,29 @@ class Trainer:
             self.log.print(f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.phase}, "
                            f"restart index {self.state.restart_index}, world size {manifest['world_size']} -> "
                            f"{info.world_size}, {manifest.get('backend', 'zero%d' % manifest['zero_stage'])} -> {self.backend.name})")
-        self._stop_requested = False
 
     # --- phases -----------------------------------------------------------------------------------
     @property
     def peak_lr(self) -> float:
         return self.cfg.relora_lr if self.state.phase == "relora" else self.cfg.optimizer.lr
+
+    def start_full_rank(self) -> None:
+        """The warm start's engine over every parameter (the wrapped weights train, adapters off)."""
+        if self.cfg.relora.enabled:
+            freeze_for_full_rank(self.model)
+        self.engine = self.backend.build_engine(
+            self.model, param_groups(self.model, self.cfg, self.cfg.optimizer.lr, self.backend.shards.shape))
+
+    def switch_due(self) -> bool:
+        """Whether the warm start ends before the next step: relora.warm_start_steps are done."""
+        r = self.cfg.relora
+        return r.enabled and self.state.phase == "full_rank" and self.state.step == r.warm_start_steps
+
+    def reset_due(self) -> bool:
+        """Whether a reset follows the step just taken. `state.step` counts steps taken, so that
+        step's 0-based index, the one its learning rate was scheduled by (schedule.lr_multiplier),
+        is state.step - 1: the step at LR 0 that a reset follows."""
+        return schedule.reset_due(self.cfg, self.state.step - 1)
 
     def switch_to_relora(self) -> None:
         """Tear down the full-rank engine and continue with adapters only (relora_steps.py)."""
@@ -154,8 +189,8 @@ class Trainer:
         phase_backend = self.backend.relora_phase_backend(self.cfg)
         self.engine, self.masters = steps.switch_to_relora(
             self.backend, engine, self.model, self.cfg, self.modules,
-            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr, self.backend.shape),
-            self.precision == "fp32" or self.backend.fp32_params, phase_backend)
+            lambda model: param_groups(model, self.cfg, self.cfg.relora_lr, self.backend.shards.shape),
+            compute_fp32=self.precision == "fp32" or self.backend.shards.fp32_params, phase_backend=phase_backend)
         self.backend = phase_backend
         del engine
         self.state.restart_index = 0
@@ -165,10 +200,10 @@ class Trainer:
         self.state.restart_index += 1
         return steps.relora_reset(self.backend, self.modules, self.masters, self.cfg, self.state.restart_index)
 
-    def rank_stats(self, measure: bool) -> dict[str, float]:
+    def rank_stats(self, *, measure: bool) -> dict[str, float]:
         if not self.modules or self.state.phase != "relora":
             return {}
-        return steps.rank_stats(self.backend, self.modules, self.masters, self.state.restart_index, measure)
+        return steps.rank_stats(self.backend, self.modules, self.masters, self.state.restart_index, measure=measure)
 
     # --- steps ------------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -209,7 +244,7 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def trainable_params(self) -> int:
-        return sum(self.backend.numel(p) for p in self.model.parameters() if p.requires_grad)
+        return sum(self.backend.shards.numel(p) for p in self.model.parameters() if p.requires_grad)
 
     # --- the loop ---------------------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> TrainState:
@@ -229,7 +264,7 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_sigterm) for sig in faults.STOP_SIGNALS}
         t_last = time.perf_counter()
         while st.step < c.train.max_steps:
-            if r.enabled and st.phase == "full_rank" and st.step == r.warm_start_steps:
+            if self.switch_due():
                 self.log_phase_summary(evals[-1] if evals else {})
                 self.export_warm_start()
                 self.switch_to_relora()
@@ -250,7 +285,7 @@ class Trainer:
             record = {"step": st.step, **metrics, "tokens_seen": st.tokens_seen, "tokens_per_s": tok_s,
                       "mfu": tok_s * self.flops_per_token / (self.peak_flops * self.info.world_size),
                       "phase": st.phase, "restart_index": st.restart_index}
-            if schedule.reset_due(c, st.step - 1):
+            if self.reset_due():
                 timings = self.reset()
                 record.update({f"reset_{k}_s": v for k, v in timings.items()}, restart_index=st.restart_index)
                 record.update(self.rank_stats(measure=r.effective_rank_every >= 0))
@@ -290,7 +325,7 @@ class Trainer:
 
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce a small CPU tensor through the accelerator (NCCL takes only device tensors);
-        none at world size 1 (see Backend.gather_flat_slices for why collectives cost more there)."""
+        none at world size 1 (see Shards.gather_slices for why collectives cost more there)."""
         if self.info.world_size == 1:
             return t.clone()
         on_device = t.to(self.device)
@@ -326,12 +361,12 @@ class Trainer:
 
     def total_params(self) -> int:
         quantized = sum(m.weight.numel() for m in self.modules.values() if m.qweight is not None)
-        return quantized + sum(self.backend.numel(p) for p in self.model.parameters())
+        return quantized + sum(self.backend.shards.numel(p) for p in self.model.parameters())
 
     def _quant_note(self) -> str:
-        from relora_dist.quant_steps import quantized_nbytes
+        from relora_dist.quant_steps import held_quantized_nbytes
 
-        held = quantized_nbytes(self.modules)
+        held = held_quantized_nbytes(self.modules)
         if not held:
             return ""
         return (f" | frozen base {self.cfg.relora.base_quant}: {held / 2**20:.1f} MB per rank, requantized from the "
@@ -379,7 +414,7 @@ class Trainer:
             summary += f", eval ppl {last_eval.get('eval_ppl', float('nan')):.2f}"
         summary += f", trainable params {self.trainable_params():,}"
         if st.phase == "relora":
-            cum = steps.rank_stats(self.backend, self.modules, self.masters, st.restart_index, False)
+            cum = steps.rank_stats(self.backend, self.modules, self.masters, st.restart_index, measure=False)
             summary += f", restart index {st.restart_index}, cumulative rank {cum['cumulative_rank_mean']:.0f}/module"
         self.log.print(summary)
 

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from relora_dist.compile import check_compile_config
-from relora_dist.config import OPTIMIZERS, Config, ConfigError, _suggest
+from relora_dist.config import OPTIMIZERS, Config, ConfigError, suggest
 from relora_dist.data.check import check_data_config, check_data_values
 from relora_dist.model import check_model_config
 from relora_dist.quant import check_quant_config
@@ -31,7 +31,7 @@ from relora_dist.resume import check_checkpoint_config
 from relora_dist.schedule import check_schedule_config
 
 
-def validate_config(cfg: Config) -> None:
+def validate(cfg: Config) -> None:
     """Every check that needs no process group, world size or DeepSpeed config, before any work:
     values, checkpoint settings, data/tokenizer/model paths, prepared blocks vs seq_len and
     tokenizer, and ReLoRA targets and rank against the model's shapes (built on the meta device).
@@ -50,9 +50,6 @@ def validate_config(cfg: Config) -> None:
     model_config = check_model_config(cfg, vocab_size)
     if cfg.relora.enabled:
         check_relora_targets(cfg, model_config)
-
-
-validate = validate_config
 
 
 def check_run_values(cfg: Config) -> None:
@@ -86,7 +83,7 @@ def check_run_values(cfg: Config) -> None:
             f"{t.micro_batch_size} x data.seq_len={cfg.data.seq_len}); raise train.eval_tokens to at least "
             f"{t.micro_batch_size * cfg.data.seq_len} (x world size)")
     if o.name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer.name '{o.name}' unknown: {_suggest(o.name, list(OPTIMIZERS))}")
+        raise ConfigError(f"optimizer.name '{o.name}' unknown: {suggest(o.name, list(OPTIMIZERS))}")
     if o.lr <= 0:
         raise ConfigError(f"optimizer.lr={o.lr} must be > 0")
     if o.weight_decay < 0:

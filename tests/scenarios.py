@@ -12,6 +12,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from relora_dist.backends.probe import probe
 from relora_dist.trainer import Trainer
 
 
@@ -28,34 +29,34 @@ def _frozen_weights(t: Trainer) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in t.modules.items():
         if t.masters is not None and t.masters.kept:
-            out[name] = t.backend.gather_owned(m.weight, t.masters.shards[name]).clone()
+            out[name] = t.backend.shards.gather_owned(m.weight, t.masters.shards[name]).clone()
         else:
-            out[name] = t.backend.gather_full(m.weight).reshape(-1)
+            out[name] = t.backend.shards.gather_param(m.weight).reshape(-1)
     return out
 
 
 def _adapters(t: Trainer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {n: (t.backend.full_fp32(m.lora_A).clone(), t.backend.full_fp32(m.lora_B).clone())
+    return {n: (t.backend.shards.gather_fp32(m.lora_A).clone(), t.backend.shards.gather_fp32(m.lora_B).clone())
             for n, m in t.modules.items()}
 
 
 def _module_copies(t: Trainer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {n: (t.backend.gather_full(m.lora_A).reshape(m.r, m.in_features),
-                t.backend.gather_full(m.lora_B).reshape(m.out_features, m.r)) for n, m in t.modules.items()}
+    return {n: (t.backend.shards.gather_param(m.lora_A).reshape(m.r, m.in_features),
+                t.backend.shards.gather_param(m.lora_B).reshape(m.out_features, m.r)) for n, m in t.modules.items()}
 
 
 def _optimizer_param_ids(t: Trainer) -> set[int]:
-    return {id(p) for p in t.backend.optimizer_params(t.engine)}
+    return {id(p) for p in probe(t.backend).optimizer_params(t.engine)}
 
 
 def _optimizer_state_numel(t: Trainer) -> int:
-    return t.backend.optimizer_state_numel(t.engine)
+    return probe(t.backend).optimizer_state_numel(t.engine)
 
 
 def full_rank_run(cfg, template, info) -> dict:
     t = Trainer(cfg, template, info)
     st = t.train()
-    params = {n: t.backend.gather_full(p) for n, p in t.model.named_parameters()}
+    params = {n: t.backend.shards.gather_param(p) for n, p in t.model.named_parameters()}
     return {"losses": torch.tensor([h["loss"] for h in st.history]), "params": params,
             "evals": torch.tensor([e["eval_loss"] for e in st.evals])}
 
@@ -95,20 +96,20 @@ def relora_checks(cfg, template, info) -> dict:
     # --- switch ---------------------------------------------------------------------------------
     out["loss_before_switch"] = _fixed_loss(t, fixed)
     out["backend"] = t.backend.name  # of the warm start
-    w_before = {n: t.backend.full_fp32(m.weight).reshape(-1).clone() for n, m in t.modules.items()}
+    w_before = {n: t.backend.shards.gather_fp32(m.weight).reshape(-1).clone() for n, m in t.modules.items()}
     engine_ref, optimizer_ref = weakref.ref(t.engine), weakref.ref(t.engine.optimizer)
-    t.backend.link_optimizer_fragments(t.engine)
+    t.backend.optimizer_state.link_fragments(t.engine)
     extras = {n: p for n, p in t.model.named_parameters() if "embed_tokens" in n or n.endswith("norm.weight")}
-    out["extra_moments_pre"] = {n: {k: t.backend.full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
+    out["extra_moments_pre"] = {n: {k: t.backend.optimizer_state.gather_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
                                 for n, p in extras.items()}
-    out["adam_step_pre"] = t.backend.adam_step(t.engine)
+    out["adam_step_pre"] = t.backend.optimizer_state.adam_step(t.engine)
     offload = getattr(t.engine.optimizer, "parameter_offload", None)  # ZeRO-3's hook owner
     offload_ref = weakref.ref(offload) if offload is not None else (lambda: None)
     del offload
     # The warm-start engine's fp32 masters and optimizer state, by tensor (not views): each must be
     # freed by the switch, also when something still refers to it from outside Python (an autograd
     # node of a copy taken with grad enabled).
-    state_refs = [weakref.ref(x) for _, x, cat in t.backend.held_tensors(t.engine, t.model)
+    state_refs = [weakref.ref(x) for _, x, cat in probe(t.backend).held_tensors(t.engine, t.model)
                   if cat in ("fp32_master", "optimizer_state") and x._base is None]
     t.switch_to_relora()
     gc.collect()
@@ -117,15 +118,15 @@ def relora_checks(cfg, template, info) -> dict:
     out["engine1_state_alive"] = sum(ref() is not None for ref in state_refs)
     out["masters_with_history"] = sum(v.requires_grad or v.grad_fn is not None for v in t.masters.shards.values())
     out["loss_after_switch"] = _fixed_loss(t, fixed)
-    t.backend.link_optimizer_fragments(t.engine)
-    out["extra_moments_post"] = {n: {k: t.backend.full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
+    t.backend.optimizer_state.link_fragments(t.engine)
+    out["extra_moments_post"] = {n: {k: t.backend.optimizer_state.gather_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
                                  for n, p in extras.items()}
-    out["adam_step_post"] = t.backend.adam_step(t.engine)
+    out["adam_step_post"] = t.backend.optimizer_state.adam_step(t.engine)
     w_switch = _frozen_weights(t)
     out["rank"], out["relora_backend"], out["phase_stage"] = info.rank, t.backend.name, cfg.relora.phase_stage
     # bf16 compute: a rounded module copy beside the fp32 master (ZeRO), or only fp32 shards that
     # each forward's all-gather rounds (FSDP2)
-    out["bf16_module_copy"] = t.precision == "bf16" and not t.backend.fp32_params
+    out["bf16_module_copy"] = t.precision == "bf16" and not t.backend.shards.fp32_params
     out["master_numel"] = sum(v.numel() for v in t.masters.shards.values()) if t.masters.kept else 0
     out["wrapped_numels"] = [m.out_features * m.in_features for m in t.modules.values()]
     out["switch_weight_maxdiff"] = max(float((w_switch[n] - w_before[n]).abs().max()) for n in w_before)
@@ -133,26 +134,24 @@ def relora_checks(cfg, template, info) -> dict:
     held = _optimizer_param_ids(t)
     out["optimizer_params"] = sorted(names[i] for i in held)
     out["trainable_params"] = sorted(n for n, p in t.model.named_parameters() if p.requires_grad)
-    out["trainable_numel"] = sum(t.backend.numel(p) for p in t.model.parameters() if p.requires_grad)
+    out["trainable_numel"] = sum(t.backend.shards.numel(p) for p in t.model.parameters() if p.requires_grad)
     out["optimizer_state_numel"] = _optimizer_state_numel(t)
 
     # --- first ReLoRA steps: gradients of A and B -----------------------------------------------
     grads: list[dict] = []
 
-    def probe():
-        grads.append({n: (float(t.backend.full_grad(m.lora_A).abs().sum()),
-                          float(t.backend.full_grad(m.lora_B).abs().sum())) for n, m in t.modules.items()})
+    def read_grads():
+        grads.append({n: (float(probe(t.backend).gather_grad(m.lora_A).abs().sum()),
+                          float(probe(t.backend).gather_grad(m.lora_B).abs().sum())) for n, m in t.modules.items()})
 
-    t.train_step(t.loader.next_batch(), before_update=probe)
-    t.train_step(t.loader.next_batch(), before_update=probe)
+    t.train_step(t.loader.next_batch(), before_update=read_grads)
+    t.train_step(t.loader.next_batch(), before_update=read_grads)
     out["grad_abs_first"] = {n: torch.tensor(v) for n, v in grads[0].items()}
     out["grad_abs_second"] = {n: torch.tensor(v) for n, v in grads[1].items()}
 
     # --- run to the LR-0 step, then reset -------------------------------------------------------
-    from relora_dist import schedule
-
     lr0 = None
-    while not schedule.reset_due(cfg, t.state.step - 1):
+    while not t.reset_due():
         lr0 = t.train_step(t.loader.next_batch())["lr"]
     out["lr_of_step_before_reset"] = lr0
     out["base_maxdiff_within_cycle"] = max(
@@ -160,22 +159,22 @@ def relora_checks(cfg, template, info) -> dict:
     w_pre = _frozen_weights(t)
     ab = _adapters(t)
     embed = next(p for n, p in t.model.named_parameters() if "embed_tokens" in n)
-    moments_pre = {n: {k: t.backend.full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
+    moments_pre = {n: {k: t.backend.optimizer_state.gather_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
                    for n, m in t.modules.items() for p in (m.lora_A,)}
-    embed_moment_pre = t.backend.full_optimizer_state(embed, "exp_avg").clone()
+    embed_moment_pre = t.backend.optimizer_state.gather_state(embed, "exp_avg").clone()
     out["loss_before_reset"] = _fixed_loss(t, fixed)
     t.reset()
     out["loss_after_reset"] = _fixed_loss(t, fixed)
     out["w_pre"], out["ab_pre"], out["w_post"] = w_pre, ab, _frozen_weights(t)
-    out["module_w_post"] = {n: t.backend.gather_full(m.weight).reshape(-1) for n, m in t.modules.items()}
+    out["module_w_post"] = {n: t.backend.shards.gather_param(m.weight).reshape(-1) for n, m in t.modules.items()}
     out["scale"] = {n: m.scale for n, m in t.modules.items()}
     out["relora_name"] = {n: m.relora_name for n, m in t.modules.items()}
     out["ab_post"], out["ab_module_post"] = _adapters(t), _module_copies(t)
     out["moments_pre"] = moments_pre
-    out["moments_post"] = {n: {k: t.backend.full_optimizer_state(m.lora_A, k).clone()
+    out["moments_post"] = {n: {k: t.backend.optimizer_state.gather_state(m.lora_A, k).clone()
                                for k in ("exp_avg", "exp_avg_sq")} for n, m in t.modules.items()}
     out["embed_moment_unchanged"] = bool(torch.equal(embed_moment_pre,
-                                                     t.backend.full_optimizer_state(embed, "exp_avg")))
+                                                     t.backend.optimizer_state.gather_state(embed, "exp_avg")))
     out["restart_index"] = t.state.restart_index
 
     # --- a step at LR 0 keeps the fresh adapters; the base stays frozen --------------------------
@@ -190,7 +189,7 @@ def loaded_masters(cfg, template, info) -> dict:
     """Build a Trainer that resumes a checkpoint; return its full merge masters and compute weights."""
     t = Trainer(cfg, template, info)
     return {"masters": _frozen_weights(t),
-            "weights": {n: t.backend.gather_full(m.weight).reshape(-1) for n, m in t.modules.items()},
+            "weights": {n: t.backend.shards.gather_param(m.weight).reshape(-1) for n, m in t.modules.items()},
             "master_numel": sum(v.numel() for v in t.masters.shards.values()),
             "wrapped_numels": [m.out_features * m.in_features for m in t.modules.values()]}
 
@@ -208,7 +207,7 @@ def _poisoned_trainer(cfg, template, info, poison_steps: set, poison_rank: int) 
     def recording_step(*args, **kwargs):
         out = step(*args, **kwargs)
         p = next(p for p in t.model.parameters() if p.requires_grad)
-        masters.append(t.backend.full_fp32(p).clone())
+        masters.append(t.backend.shards.gather_fp32(p).clone())
         return out
 
     t.train_step = recording_step

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from relora_dist import relora_steps as steps
+from relora_dist.backends.probe import probe
 from relora_dist.quant import QuantizedWeight
 from relora_dist.quant_steps import full_master
 from relora_dist.trainer import Trainer
@@ -23,8 +24,8 @@ def _set_adapters(t: Trainer, k: int, magnitude: float) -> dict:
         g = torch.Generator().manual_seed(1000 * k + i)
         A = torch.randn(m.r, m.in_features, generator=g) * magnitude
         B = torch.randn(m.out_features, m.r, generator=g) * magnitude
-        t.backend.write_trainable(m.lora_A, A)
-        t.backend.write_trainable(m.lora_B, B)
+        t.backend.shards.write_trainable(m.lora_A, A)
+        t.backend.shards.write_trainable(m.lora_B, B)
         out[name] = (A, B)
     return out
 
@@ -52,8 +53,8 @@ def quant_checks(cfg, template, info, resets: int = 10, magnitude: float = 0.05)
     out: dict = {"rank": info.rank, "kind": cfg.relora.base_quant}
     out["param_names"] = sorted(n for n, _ in t.model.named_parameters())
     out["state_dict_keys"] = sorted(t.model.state_dict().keys())
-    out["optimizer_numel"] = t.backend.optimizer_state_numel(t.engine)
-    out["trainable_numel"] = sum(t.backend.numel(p) for p in t.model.parameters() if p.requires_grad)
+    out["optimizer_numel"] = probe(t.backend).optimizer_state_numel(t.engine)
+    out["trainable_numel"] = sum(t.backend.shards.numel(p) for p in t.model.parameters() if p.requires_grad)
     out["wrapped_numel"] = sum(m.out_features * m.in_features for m in t.modules.values())
     out["w0"] = {n: full_master(t.backend, m, t.masters.shards[n]).clone() for n, m in t.modules.items()}
     out["codes_switch"] = {n: _codes(m.qweight) for n, m in t.modules.items()}
@@ -62,8 +63,8 @@ def quant_checks(cfg, template, info, resets: int = 10, magnitude: float = 0.05)
     # The base's forward: a ReLoRALinear's output against x @ dequant(Wq)^T + s*B(Ax) computed here.
     name, m = next(iter(t.modules.items()))
     x = torch.randn(5, m.in_features, generator=torch.Generator().manual_seed(7)).to(m.lora_A.dtype)
-    A, B = t.backend.full_fp32(m.lora_A), t.backend.full_fp32(m.lora_B)  # collective
-    with torch.no_grad(), t.backend.gathered_params([m.lora_A, m.lora_B]):  # ZeRO-3: partitioned
+    A, B = t.backend.shards.gather_fp32(m.lora_A), t.backend.shards.gather_fp32(m.lora_B)  # collective
+    with torch.no_grad(), probe(t.backend).gathered_params([m.lora_A, m.lora_B]):  # ZeRO-3: partitioned
         got = m(x).float()
         ref = x.float() @ m.qweight.dequantize().t() + m.scale * (x.float() @ A.t()) @ B.t()
     out["forward_maxdiff"] = float((got - ref).abs().max() / ref.abs().max())
@@ -94,7 +95,7 @@ def _moments(t: Trainer) -> dict:
     out = {}
     for name, m in t.modules.items():
         for pname, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
-            out[f"{name}.{pname}"] = {k: tuple(t.backend.local_state(p, k)) for k in ("exp_avg", "exp_avg_sq")}
+            out[f"{name}.{pname}"] = {k: tuple(t.backend.optimizer_state.local_state(p, k)) for k in ("exp_avg", "exp_avg_sq")}
     return out
 
 
@@ -105,7 +106,7 @@ def adam8_checks(cfg, template, info) -> dict:
     losses = [t.train_step(t.loader.next_batch())["loss"] for _ in range(cfg.relora.warm_start_steps)]
     t.switch_to_relora()
     losses += [t.train_step(t.loader.next_batch())["loss"] for _ in range(3)]
-    inner = t.backend.inner_optimizer(t.engine)
+    inner = probe(t.backend).inner_optimizer(t.engine)
     out: dict = {"rank": info.rank, "losses": torch.tensor(losses), "optimizer": type(inner).__name__}
     out["state_dtypes"] = sorted({str(s["state1"].dtype) for s in inner.state.values()})
     # The engine-neutral listing the bench and the memory model read must see the 8-bit state.
@@ -115,7 +116,7 @@ def adam8_checks(cfg, template, info) -> dict:
     out["inner_state_bytes"] = sum({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
                                     for s in inner.state.values() for v in s.values()
                                     if torch.is_tensor(v) and v.numel() > 0}.values())
-    t.backend.link_optimizer_fragments(t.engine)
+    t.backend.optimizer_state.link_fragments(t.engine)
     out["numels"] = {f"{n}.{pn}": p.numel() for n, m in t.modules.items()
                      for pn, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B))}
     out["pre"] = _moments(t)
@@ -130,27 +131,27 @@ def adam8_checks(cfg, template, info) -> dict:
                        and s["absmax1"][0] > 0 and s["absmax2"][0] > 0)  # (unseen embedding rows have none)
     for key in ("exp_avg", "exp_avg_sq"):
         mask_fragment(inner_state, 0, 256, key, torch.zeros(256, dtype=torch.bool))
-    raw = t.backend.exact_local_state(t.engine)  # the live tensors: find the emptied state's name
+    raw = t.backend.optimizer_state.exact_local_state(t.engine)  # the live tensors: find the emptied state's name
     out["emptied"] = next(k.rpartition("/")[0] for k, v in raw.items() if v is inner_state["state1"])
     out["saved"] = _moments(t)
-    out["raw_post"] = {k: v.clone() for k, v in t.backend.exact_local_state(t.engine).items()}
+    out["raw_post"] = {k: v.clone() for k, v in t.backend.optimizer_state.exact_local_state(t.engine).items()}
     t.save_checkpoint()
     dist.barrier()
     t2 = Trainer(cfg, template, info)  # resumes the checkpoint just written
-    t2.backend.link_optimizer_fragments(t2.engine)
+    t2.backend.optimizer_state.link_fragments(t2.engine)
     out["resumed"] = _moments(t2)
-    out["raw_resumed"] = {k: v.clone() for k, v in t2.backend.exact_local_state(t2.engine).items()}
+    out["raw_resumed"] = {k: v.clone() for k, v in t2.backend.optimizer_state.exact_local_state(t2.engine).items()}
     out["resumed_loss"] = t2.train_step(t2.loader.next_batch())["loss"]
     # What a resume at another world size does (the raw 8-bit state does not fit another partition):
     # requantize the per-parameter moments.
-    backend_class = type(t.backend)
-    exact = backend_class.load_exact_local_state
-    backend_class.load_exact_local_state = lambda self, engine, tensors: False
+    state_class = type(t.backend.optimizer_state)
+    exact = state_class.load_exact_local_state
+    state_class.load_exact_local_state = lambda self, engine, tensors: False
     try:
         t3 = Trainer(cfg, template, info)
     finally:
-        backend_class.load_exact_local_state = exact
-    t3.backend.link_optimizer_fragments(t3.engine)
+        state_class.load_exact_local_state = exact
+    t3.backend.optimizer_state.link_fragments(t3.engine)
     out["requantized"] = _moments(t3)
-    out["raw_requantized"] = {k: v.clone() for k, v in t3.backend.exact_local_state(t3.engine).items()}
+    out["raw_requantized"] = {k: v.clone() for k, v in t3.backend.optimizer_state.exact_local_state(t3.engine).items()}
     return out

@@ -88,12 +88,12 @@ def test_bias_linear_and_from_linear():
     lin = nn.Linear(10, 6, bias=True)
     x = torch.randn(3, 10)
     ref = lin(x)
-    m = ReLoRALinear.from_linear(lin, 2, 4.0, 0.0, name="x")
+    m = ReLoRALinear(lin, 2, 4.0, 0.0, name="x")
     assert m.bias is lin.bias and m.weight is lin.weight
     assert [n for n, _ in m.named_parameters()] == ["weight", "bias", "lora_A", "lora_B"]
     m.adapter_active = True
     assert torch.equal(m(x), ref)
-    m2 = ReLoRALinear.from_linear(nn.Linear(10, 6, bias=False), 2, 4.0)
+    m2 = ReLoRALinear(nn.Linear(10, 6, bias=False), 2, 4.0)
     assert m2.bias is None
     assert [n for n, _ in m2.named_parameters()] == ["weight", "lora_A", "lora_B"]
 
@@ -419,17 +419,18 @@ def test_sharded_magnitude_thresholds_follow_the_rule():
     here; the fragments of two ranks are summed into the same buffer the same way)."""
     from types import SimpleNamespace
 
-    from relora_dist.relora_steps import ADAM_STATE_KEYS, _magnitude_thresholds
+    from relora_dist.backends.optimizer_state import ADAM_KEYS
+    from relora_dist.relora_steps import _magnitude_thresholds
 
-    backend = SimpleNamespace(world_size=1, rank=0, comm_device=torch.device("cpu"),
-                              all_reduce_sum_=lambda t, dst=None: None)
+    backend = SimpleNamespace(world_size=1, rank=0, shards=SimpleNamespace(
+        comm_device=torch.device("cpu"), all_reduce_sum_=lambda t, dst=None: None))
     g = torch.Generator().manual_seed(2)
     full = [torch.randn(n, generator=g) for n in (300, 4096)]
-    local = {key: [(0, f * (i + 1)) for f in full] for i, key in enumerate(ADAM_STATE_KEYS)}
+    local = {key: [(0, f * (i + 1)) for f in full] for i, key in enumerate(ADAM_KEYS)}
     for whole in ([True, True], [False, False]):
         for rule in ("kthvalue", "quantile"):
             thr = _magnitude_thresholds(backend, local, [f.numel() for f in full], whole, 0.99, rule)
-            for i, key in enumerate(ADAM_STATE_KEYS):
+            for i, key in enumerate(ADAM_KEYS):
                 want = [magnitude_threshold(f * (i + 1), 0.99, rule) for f in full]
                 assert torch.equal(thr[key], torch.stack(want)), (whole, rule, key)
     assert not torch.equal(thr["exp_avg"], _magnitude_thresholds(backend, local, [300, 4096], whole, 0.99)["exp_avg"])

@@ -223,16 +223,13 @@ def model_buckets(trainable_numel: int) -> dict[str, int]:
     """The bucket sizes a DeepSpeed config gets for "auto" (absent keys keep DeepSpeed's defaults).
 
     Both stages allocate a `reduce_bucket_size`-element gradient bucket in the compute dtype:
-    ZeRO-2 at every backward (a transient 953 MiB of bf16 at the default 5e8, part of each step's
-    peak), ZeRO-3 at engine start for good (953 MiB per GPU measured as CUDA memory at 350m on an
-    H200, benchmarks/gpu/: more than the model's gradients). "auto" caps it at the trainable
-    elements, all the gradients one backward can put in it, so the engine reduces exactly as
-    often as with the default: same collectives, less memory (350m: 608 MiB full-rank, 145 MiB in
-    the ReLoRA phase). Hugging Face's rule (hidden_size^2 elements, transformers'
-    integrations/deepspeed.py) cuts ZeRO-3's bucket further (2 MiB at 350m) but reduces in many
-    small pieces: on 2 CPU cores with gloo the tiny preset's full-rank ZeRO-3 step went from 0.092
-    to 0.149 s and the suite ran 10% of its tests in 7.5 min (all of them take 17.7); set the key
-    explicitly to trade that way.
+    ZeRO-2 at every backward (part of each step's peak), ZeRO-3 at engine start for good; at the
+    default 5e8 it outgrows the model's gradients. "auto" caps it at the trainable elements, all
+    the gradients one backward can put in it, so the engine reduces exactly as often as with the
+    default: same collectives, less memory. Hugging Face's rule (hidden_size^2 elements,
+    transformers' integrations/deepspeed.py) cuts ZeRO-3's bucket further but reduces in many small
+    pieces, measurably slower; set the key explicitly to trade that way. The figures:
+    docs/benchmarks.md, "DeepSpeed's reduction bucket".
     `stage3_prefetch_bucket_size` "auto" keeps DeepSpeed's default."""
     return {"reduce_bucket_size": max(1, min(DS_REDUCE_BUCKET, trainable_numel))}
 

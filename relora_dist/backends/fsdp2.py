@@ -9,6 +9,7 @@ is the flat range [r0*in, r1*in).
 
 The sharded params stay fp32 under bf16 (MixedPrecisionPolicy casts each all-gather), so they are
 the optimizer's masters AND the frozen weights' merge masters: no separate copies (`fp32_params`).
+The optimizer states: backends/fsdp2_state.py (AdamW) and backends/fsdp2_8bit.py (AdamW8bit).
 W and B are row-sharded alike, so a merge gathers only A (relora_steps gathers A and B; B is small).
 The ReLoRA switch flips requires_grad on the same sharded params and builds a new AdamW over the
 trainable ones: FSDP2 re-reads requires_grad at every unshard (`set_requires_grad_if_needed` in
@@ -23,8 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from relora_dist.backends.base import Backend, copy_if_same_layout
-from relora_dist.backends.state8bit import dequantize_fragment, mask_fragment, quantize_into
+from relora_dist.backends.base import Backend, release_memory
+from relora_dist.backends.fsdp2_8bit import FSDP2AdamW8bit
+from relora_dist.backends.fsdp2_state import FSDP2AdamW, local_tensor
+from relora_dist.backends.probe import Probe
+from relora_dist.backends.shards import Shards
 
 
 class FSDPEngine:
@@ -62,31 +66,95 @@ class FSDPEngine:
         return self.train(False)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (a plain tensor sharing its storage; writable in place)."""
-    with torch.no_grad():
-        return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(model.get_decoder().layers)
 
 
-class FSDP2Backend(Backend):
-    name = "fsdp2"
-    fp32_params = True
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-    def __init__(self, ds_config: dict, rank: int, world_size: int, optimizer_name: str = "adamw"):
-        super().__init__(ds_config, rank, world_size, optimizer_name)
-        # The resolved template supplies what both engines share: accumulation, clipping, precision.
-        self.grad_accum = int(ds_config["gradient_accumulation_steps"])
-        self.grad_clip = float(ds_config.get("gradient_clipping", 0.0))
-        self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
-        self.optimizer = None
+
+class FSDP2Shards(Shards):
+    """Row shards of DTensor params, fp32 whatever the compute dtype; never replicated."""
+
+    fp32_params = True
 
     @property
     def comm_device(self):
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return _comm_device()
+
+    def local_range(self, p):
+        shape = p.shape
+        rows = shape[0] if len(shape) else 1
+        inner = p.numel() // rows if rows else 0
+        chunk = -(-rows // self.world_size)
+        r0 = min(self.rank * chunk, rows)
+        r1 = min(r0 + chunk, rows)
+        return r0 * inner, r1 * inner
+
+    def owned_range(self, p):
+        return self.local_range(p)  # never replicated
+
+    def local_view(self, p):
+        return local_tensor(p).view(-1)
+
+    def gather_rows(self, local: torch.Tensor, p) -> torch.Tensor:
+        """The whole flat tensor from every rank's row shard `local` of p (collective)."""
+        numel = p.numel()
+        if self.world_size == 1:  # no collective at world 1 (see Shards.gather_slices)
+            return local.reshape(-1)[:numel].clone()
+        rows = p.shape[0] if p.dim() else 1
+        per_rank = -(-rows // self.world_size) * (numel // rows if rows else 0)
+        padded = torch.zeros(per_rank, dtype=local.dtype, device=self.comm_device)
+        padded[: local.numel()] = local.reshape(-1)
+        out = torch.empty(per_rank * self.world_size, dtype=local.dtype, device=self.comm_device)
+        dist.all_gather(list(out.view(self.world_size, per_rank).unbind(0)), padded)
+        return out[:numel]
+
+    def write_local(self, dst: torch.Tensor, p, full_value: torch.Tensor) -> None:
+        """Copy this rank's row shard of a full value of p into `dst`."""
+        start, end = self.local_range(p)
+        dst.copy_(full_value.reshape(-1)[start:end].to(device=dst.device, dtype=dst.dtype))
+
+    def gather_fp32(self, p):
+        return self.gather_rows(local_tensor(p).detach().float(), p).view(p.shape)
+
+    def owned_fp32(self, p):
+        return local_tensor(p).detach().float().reshape(-1).clone()
+
+    def write_owned(self, p, values):
+        view = self.local_view(p)  # the fp32 shard is the merge master: nothing to communicate
+        view.copy_(values.reshape(-1).to(device=view.device, dtype=view.dtype))
+        return lambda: 0
+
+    def write_trainable(self, p, full_value):
+        self.write_local(self.local_view(p), p, full_value)  # the shard is the optimizer's master
+
+    def write_frozen(self, p, full_value):
+        self.write_local(self.local_view(p), p, full_value)
+
+    def gather_param(self, p):
+        """The fp32 shards gathered: FSDP2 has no rounded module copy (the bf16 cast happens
+        inside each forward's all-gather)."""
+        return self.gather_rows(local_tensor(p).float(), p).view(p.shape)
+
+    def fp32_fragment(self, p):
+        start, end = self.local_range(p)
+        return start, end, self.local_view(p)
+
+
+class FSDP2Backend(Backend):
+    name = "fsdp2"
+
+    def __init__(self, rank: int, world_size: int, optimizer_name: str = "adamw", *, grad_clip: float = 0.0,
+                 bf16: bool = False):
+        """`grad_clip`: clip the global grad norm to this (0: never); `bf16`: compute in bf16
+        (params, grads' reduction and the optimizer stay fp32)."""
+        self.rank, self.world_size = rank, world_size
+        self._grad_clip, self._bf16 = grad_clip, bf16
+        self.shards = FSDP2Shards(rank, world_size)
+        state = FSDP2AdamW8bit if optimizer_name == "adamw8bit" else FSDP2AdamW
+        self.optimizer_state = state(self.shards, optimizer_name)
 
     def describe(self) -> dict:
         # zero_stage is a required manifest field; 0 = no ZeRO (readers use the flat ranges only)
@@ -97,8 +165,8 @@ class FSDP2Backend(Backend):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(self.comm_device.type, (self.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 \
+        mesh = init_device_mesh(self.shards.comm_device.type, (self.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self._bf16 \
             else MixedPrecisionPolicy()
         for layer in _decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -120,74 +188,20 @@ class FSDP2Backend(Backend):
             self._shard(model)  # replaces every param by a sharded DTensor param
             by_name = dict(model.named_parameters())
             param_groups = [{**g, "params": [by_name[names[id(p)]] for p in g["params"]]} for g in param_groups]
-        if self.optimizer_name == "sgd":
-            optimizer = torch.optim.SGD(param_groups, momentum=0.9)
-        elif self.optimizer_name == "adamw8bit":
-            from relora_dist.backends.fsdp2_8bit import LocalShardOptimizer
-
-            optimizer = LocalShardOptimizer(param_groups)
-        else:
-            # foreach: one launch per update op for all params of a group, which torch picks by
-            # itself for GPU tensors but not for CPU ones; named so that a CPU run steps (and
-            # `tools/bench.py --count-ops` counts) as a GPU run does. Measured at the 350m
-            # structure, rank 0 of 2: the per-param AdamW (11 launches per param) and grad norm
-            # (4 per grad) made the step 3,075 of a full-rank step's 6,149 launches and 5,427 of a
-            # ReLoRA step's 10,013; with foreach and _foreach_norm 467 and 803.
-            optimizer = torch.optim.AdamW(param_groups, foreach=True)
-        self.optimizer = optimizer
-        return FSDPEngine(model, optimizer, self)
+        engine = FSDPEngine(model, self.optimizer_state.build(param_groups), self)
+        self.optimizer_state.attach(engine)
+        return engine
 
     def teardown_engine(self, engine: Any) -> None:
         """Free the optimizer and its state; the sharded module stays (no re-sharding)."""
         for p in engine.module.parameters():
             p.grad = None
-        if self.optimizer is engine.optimizer:
-            self.optimizer = None
+        self.optimizer_state.detach(engine)
         engine.optimizer = None
         engine.module = None
-        self.release_memory()
-
-    def held_tensors(self, engine, model):
-        """Sharded params (fp32 whatever the compute dtype: they are also the optimizer's and the
-        merges' masters, so nothing is "fp32_master"), sharded grads, AdamW state. A param that is
-        not a DTensor is unsharded at this moment (between an all-gather and its reshard: a
-        transient full copy in the compute dtype)."""
-        from torch.distributed.tensor import DTensor
-
-        for name, p in model.named_parameters():
-            if isinstance(p, DTensor):
-                yield f"module.{name}", _local(p), "params"
-            else:
-                yield f"module.{name}.unsharded", p.detach(), "gathered_params"
-            if p.grad is not None:
-                yield f"module.{name}.grad", _local(p.grad), "grads"
-        for i, state in enumerate(engine.optimizer.state.values() if engine.optimizer is not None else []):
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    yield f"opt.state[{i}][{key}]", _local(value), "optimizer_state"
-
-    def optimizer_params(self, engine):
-        if self.optimizer_name == "adamw8bit":  # its groups hold the aliases of the local shards
-            return list(engine.optimizer.sharded)
-        return [p for g in engine.optimizer.param_groups for p in g["params"]]
-
-    def inner_optimizer(self, engine):
-        return engine.optimizer.inner if self.optimizer_name == "adamw8bit" else engine.optimizer
-
-    def optimizer_state_numel(self, engine):
-        return sum(_local(p).numel() for p in self.optimizer_params(engine))
+        release_memory()
 
     # --- one training step ------------------------------------------------------------------------
-    def set_lr(self, engine, lr):
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-
-    def set_train(self, engine, train):
-        engine.module.train(train)
-
-    def forward_loss(self, engine, batch):
-        return engine(input_ids=batch, labels=batch, use_cache=False).loss
-
     def train_step(self, engine, micro_batches, before_update=None):
         engine.module.train()
         losses, n = [], len(micro_batches)
@@ -202,12 +216,12 @@ class FSDP2Backend(Backend):
         return losses, engine.step()
 
     def _clip_and_step(self, engine: FSDPEngine) -> float:
-        params = [p for p in self.optimizer_params(engine) if p.grad is not None]
+        params = [p for p in self.optimizer_state.params(engine) if p.grad is not None]
         norm = self._grad_norm(params)
         if torch.isfinite(torch.tensor(norm)):  # like DeepSpeed: a non-finite step applies no update
-            if self.grad_clip > 0 and norm + 1e-6 > self.grad_clip:  # DeepSpeed's clip rule
-                coef = self.grad_clip / (norm + 1e-6)
-                torch._foreach_mul_([_local(p.grad) for p in params], coef)  # one launch, not one per grad
+            if self._grad_clip > 0 and norm + 1e-6 > self._grad_clip:  # DeepSpeed's clip rule
+                coef = self._grad_clip / (norm + 1e-6)
+                torch._foreach_mul_([local_tensor(p.grad) for p in params], coef)  # one launch, not one per grad
             engine.optimizer.step()
         engine.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -218,146 +232,43 @@ class FSDP2Backend(Backend):
         The local norms come from one `torch._foreach_norm` over all grads, on their device: the
         per-grad form (`g.double().pow(2).sum().cpu()`) launched 4 ops per grad, and on a GPU
         synchronised on each (`tools/bench.py --count-ops`, docs/benchmarks.md)."""
-        grads = [_local(p.grad) for p in params]
+        grads = [local_tensor(p.grad) for p in params]
         if grads:
             norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
             sq = torch.stack(norms).square().sum().reshape(1)
         else:
             sq = torch.zeros(1, dtype=torch.float64)
         if self.world_size > 1:
-            sq = sq.to(self.comm_device)
+            sq = sq.to(self.shards.comm_device)
             dist.all_reduce(sq)
         return float(sq.sqrt())
 
-    # --- shards ------------------------------------------------------------------------------------
-    def local_range(self, p):
-        shape = p.shape
-        rows = shape[0] if len(shape) else 1
-        inner = p.numel() // rows if rows else 0
-        chunk = -(-rows // self.world_size)
-        r0 = min(self.rank * chunk, rows)
-        r1 = min(r0 + chunk, rows)
-        return r0 * inner, r1 * inner
 
-    def save_range(self, p):
-        return self.local_range(p)  # never replicated
+class FSDP2Probe(Probe):
+    def inner_optimizer(self, engine):
+        return getattr(engine.optimizer, "inner", engine.optimizer)  # AdamW8bit: bitsandbytes' own
 
-    def local_view(self, p):
-        return _local(p).view(-1)
+    def optimizer_state_numel(self, engine):
+        return sum(local_tensor(p).numel() for p in self.optimizer_params(engine))
 
-    def _gather(self, local: torch.Tensor, p) -> torch.Tensor:
-        """The whole flat tensor from every rank's row shard `local` (collective)."""
-        numel = p.numel()
-        if self.world_size == 1:  # no collective at world 1 (see Backend.gather_flat_slices)
-            return local.reshape(-1)[:numel].clone()
-        rows = p.shape[0] if p.dim() else 1
-        per_rank = -(-rows // self.world_size) * (numel // rows if rows else 0)
-        padded = torch.zeros(per_rank, dtype=local.dtype, device=self.comm_device)
-        padded[: local.numel()] = local.reshape(-1)
-        out = torch.empty(per_rank * self.world_size, dtype=local.dtype, device=self.comm_device)
-        dist.all_gather(list(out.view(self.world_size, per_rank).unbind(0)), padded)
-        return out[:numel]
+    def held_tensors(self, engine, model):
+        """Sharded params (fp32 whatever the compute dtype: they are also the optimizer's and the
+        merges' masters, so nothing is "fp32_master"), sharded grads, AdamW state. A param that is
+        not a DTensor is unsharded at this moment (between an all-gather and its reshard: a
+        transient full copy in the compute dtype)."""
+        from torch.distributed.tensor import DTensor
 
-    def _state(self, p, key):
-        """p's local moment `key` (flat): a view of AdamW's state; a dequantized copy under adamw8bit."""
-        if self.optimizer_name == "adamw8bit":
-            state = self.optimizer.state_of(p) if self.optimizer is not None else None
-            return None if state is None else dequantize_fragment(state, 0, _local(p).numel(), key)
-        state = self.optimizer.state.get(p) if self.optimizer is not None else None
-        if not state or key not in state:
-            return None
-        return _local(state[key]).view(-1)
+        for name, p in model.named_parameters():
+            if isinstance(p, DTensor):
+                yield f"module.{name}", local_tensor(p), "params"
+            else:
+                yield f"module.{name}.unsharded", p.detach(), "gathered_params"
+            if p.grad is not None:
+                yield f"module.{name}.grad", local_tensor(p.grad), "grads"
+        for i, state in enumerate(engine.optimizer.state.values() if engine.optimizer is not None else []):
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    yield f"opt.state[{i}][{key}]", local_tensor(value), "optimizer_state"
 
-    def gathered_params(self, params):
-        raise NotImplementedError("fsdp2: run forwards through the engine (its params are DTensor shards)")
-
-    def full_fp32(self, p):
-        return self._gather(_local(p).detach().float(), p).view(p.shape)
-
-    def fp32_master_slice(self, p):
-        return _local(p).detach().float().reshape(-1).clone()
-
-    def write_owned_slice(self, p, values):
-        view = self.local_view(p)  # the fp32 shard is the merge master: nothing to communicate
-        view.copy_(values.reshape(-1).to(device=view.device, dtype=view.dtype))
-        return lambda: 0
-
-    def _write_local(self, dst: torch.Tensor, p, full_value: torch.Tensor) -> None:
-        start, end = self.local_range(p)
-        dst.copy_(full_value.reshape(-1)[start:end].to(device=dst.device, dtype=dst.dtype))
-
-    def write_trainable(self, p, full_value):
-        self._write_local(self.local_view(p), p, full_value)  # the shard is the optimizer's master
-
-    def write_frozen(self, p, full_value):
-        self._write_local(self.local_view(p), p, full_value)
-
-    def full_optimizer_state(self, p, key):
-        local = self._state(p, key)
-        return None if local is None else self._gather(local.float(), p).view(p.shape)
-
-    def local_state(self, p, key):
-        local = self._state(p, key)
-        return None if local is None else (self.local_range(p)[0], local)
-
-    def mask_local_state(self, p, key, keep):
-        if self.optimizer_name == "adamw8bit":  # pruned codes set to the map's exact 0
-            mask_fragment(self.optimizer.state_of(p), 0, _local(p).numel(), key, keep)
-            return
-        local = self._state(p, key)
-        local.mul_(keep.to(local))
-
-    def write_optimizer_state(self, p, key, full_value):
-        if self.optimizer_name == "adamw8bit":  # the shard is its own stepped tensor: quantize it
-            start, end = self.local_range(p)
-            quantize_into(self.optimizer.state_of(p), key, full_value.reshape(-1)[start:end].float())
-            return
-        self._write_local(self._state(p, key), p, full_value)
-
-    def gather_full(self, p):
-        """The fp32 shards gathered: FSDP2 has no rounded module copy (the bf16 cast happens
-        inside each forward's all-gather)."""
-        return self._gather(_local(p).float(), p).view(p.shape)
-
-    def full_grad(self, p):
-        return None if p.grad is None else self._gather(_local(p.grad).float(), p).view(p.shape)
-
-    def fp32_fragment(self, p):
-        start, end = self.local_range(p)
-        return start, end, self.local_view(p)
-
-    def state_fragment(self, p, key):
-        return self._state(p, key)
-
-    def optimizer_flats(self, engine):
-        return [_local(p) for p in self.optimizer_params(engine)]
-
-    def exact_local_state(self, engine):
-        # as under ZeRO-2: requantizing dequantized moments need not give back the same bytes
-        return engine.optimizer.raw_state() if self.optimizer_name == "adamw8bit" else {}
-
-    def load_exact_local_state(self, engine, tensors):
-        return self.optimizer_name == "adamw8bit" and copy_if_same_layout(engine.optimizer.raw_state(), tensors)
-
-    def adam_step(self, engine):
-        if self.optimizer_name == "adamw8bit":
-            found = [engine.optimizer.state_of(p) for p in self.optimizer_params(engine)]
-            return next((int(s["step"]) for s in found if s is not None), None)
-        for p in self.optimizer_params(engine):
-            state = engine.optimizer.state.get(p)
-            if state and "step" in state:
-                return int(state["step"])
-        return None
-
-    def init_optimizer_state(self, engine, step):
-        """Adam's lazily-built state (zero moments, the saved step) for every param, so resume and
-        the switch can overwrite the moments. One step count for all params, as DeepSpeed keeps."""
-        if self.optimizer_name == "adamw8bit":
-            engine.optimizer.init_state(step)
-            return
-        if not isinstance(engine.optimizer, torch.optim.AdamW):
-            raise TypeError(f"resuming optimizer state supports AdamW, not {type(engine.optimizer).__name__}")
-        for p in self.optimizer_params(engine):
-            engine.optimizer.state[p] = {"step": torch.tensor(float(step)),
-                                         "exp_avg": torch.zeros_like(p.detach()),
-                                         "exp_avg_sq": torch.zeros_like(p.detach())}
+    def gather_grad(self, p):
+        return None if p.grad is None else self.shards.gather_rows(local_tensor(p.grad).float(), p).view(p.shape)

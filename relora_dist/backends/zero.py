@@ -8,11 +8,15 @@ Facts this relies on were checked on DeepSpeed 0.19.8 (CPU accelerator, gloo):
   with a padded slice work, so ZeRO-3 writes are always shard-local.
 - `engine.destroy()` leaves the engine reachable (module forward hooks, `_z3_optimizer`,
   `_hp_mapping` on params); `teardown_engine` removes those so the first engine is collected.
+
+Each stage module holds its Backend, Shards, one OptimizerState per optimizer and its Probe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -27,7 +31,10 @@ from deepspeed.utils import (  # noqa: E402
     safe_get_full_optimizer_state,
 )
 
-from relora_dist.backends.base import Backend  # noqa: E402
+from relora_dist.backends.base import Backend, release_memory  # noqa: E402
+from relora_dist.backends.optimizer_state import OptimizerState, require_adamw, zero_adamw_state  # noqa: E402
+from relora_dist.backends.probe import Probe  # noqa: E402
+from relora_dist.backends.shards import Shards  # noqa: E402
 
 
 def _partition_grads(optimizer: Any) -> list:
@@ -82,25 +89,25 @@ def fuse_overflow_check(optimizer: Any) -> None:
 
 
 class ZeroBackend(Backend):
-    """Engine lifecycle shared by both stages."""
+    """Engine lifecycle shared by both stages. `ds_config` is the resolved DeepSpeed JSON."""
 
     stage: int
+    _shards: type
+    _states: dict  # optimizer.name -> OptimizerState class
+
+    def __init__(self, ds_config: dict, rank: int, world_size: int, optimizer_name: str = "adamw"):
+        self._ds_config, self._optimizer_name = ds_config, optimizer_name
+        self.rank, self.world_size = rank, world_size
+        self.shards = self._shards(rank, world_size)
+        state = self._states.get("adamw" if optimizer_name == "sgd" else optimizer_name)
+        if state is None:
+            # config validation says so first (validation.py); this guards a backend built directly
+            raise ValueError(f"optimizer.name={optimizer_name} under {self.name}: use optimizer.name=adamw or "
+                             f"ds_configs/zero2.json with relora.phase_stage=same")
+        self.optimizer_state = state(self.shards, optimizer_name)
 
     def describe(self) -> dict:
         return {"backend": self.name, "zero_stage": self.stage}
-
-    def inner_optimizer(self, engine):
-        return engine.optimizer.optimizer
-
-    def set_lr(self, engine, lr):
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-
-    def set_train(self, engine, train):
-        engine.train(train)
-
-    def forward_loss(self, engine, batch):
-        return engine(input_ids=batch, labels=batch, use_cache=False).loss
 
     def train_step(self, engine, micro_batches, before_update=None):
         engine.train()
@@ -116,30 +123,17 @@ class ZeroBackend(Backend):
         grad_norm = engine.get_global_grad_norm()  # global: the same on every rank
         return losses, float(grad_norm) if grad_norm is not None else None
 
-    @property
-    def comm_device(self):
-        from deepspeed.accelerator import get_accelerator
-
-        return torch.device(get_accelerator().current_device_name())
-
     def build_engine(self, model: torch.nn.Module, param_groups: list[dict]) -> Any:
         import deepspeed
 
-        if self.optimizer_name == "sgd":  # a baseline; config validation forbids Adam-moment resets with it
-            optimizer = torch.optim.SGD(param_groups, momentum=0.9)
-        elif self.optimizer_name == "adamw8bit":
-            from relora_dist.quant import bnb
-
-            optimizer = bnb().optim.AdamW8bit(param_groups)
-        else:
-            optimizer = torch.optim.AdamW(param_groups)
+        optimizer = self.optimizer_state.build(param_groups)
         from relora_dist.backends.ds_config import with_model_buckets
 
-        trainable = sum(self.numel(p) for p in model.parameters() if p.requires_grad)
-        config = with_model_buckets(self.ds_config, trainable)
+        trainable = sum(self.shards.numel(p) for p in model.parameters() if p.requires_grad)
+        config = with_model_buckets(self._ds_config, trainable)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         fuse_overflow_check(engine.optimizer)
-        self._optimizer = weakref.ref(engine.optimizer)
+        self.optimizer_state.attach(engine)
         return engine
 
     def teardown_engine(self, engine: Any) -> None:
@@ -164,10 +158,82 @@ class ZeroBackend(Backend):
             p.grad = None
             # Give every param its own storage again: views into the engine's flat buffers would
             # keep those whole buffers (and the dead copies of now-frozen weights) alive.
-            self._own_storage(p)
+            self.shards.own_storage(p)
         engine.module = None
         engine.optimizer = None
-        self.release_memory()
+        release_memory()
+
+
+class ZeroShards(Shards):
+    """What both stages share: DeepSpeed's whole-shape attributes and full-tensor getters."""
+
+    @property
+    def comm_device(self):
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+
+    def own_storage(self, p: torch.nn.Parameter) -> None:
+        """Give p's module copy its own storage (after teardown: no view into a dead flat buffer)."""
+        p.data = p.data.clone()
+
+    def numel(self, p):
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    def shape(self, p):
+        return getattr(p, "ds_shape", p.shape)
+
+    def storage_dtype(self, p):
+        return getattr(p, "ds_tensor", p).dtype
+
+    # At world size 1 the fragments ARE the full tensors: read them without DeepSpeed's full-tensor
+    # getters, whose all-reduce / all-gather would be a gloo collective (see gather_slices).
+    def gather_fp32(self, p):
+        if self.world_size == 1:  # detached: a copy with history would keep the whole flat alive
+            return self.fp32_fragment(p)[2].detach().reshape(self.shape(p)).float().clone()
+        return safe_get_full_fp32_param(p).detach().float()
+
+
+class ZeroAdamW(OptimizerState):
+    """torch AdamW (or SGD) stepping DeepSpeed's flat fp32 partitions: its state is keyed by those
+    flats, and `_hp_mapping` on each param points at the param's fragment of them."""
+
+    @abstractmethod
+    def flats(self, engine: Any) -> list[torch.Tensor]:
+        """The flat fp32 partitions the inner torch optimizer steps (its state keys)."""
+
+    def adam_step(self, engine: Any) -> int | None:
+        state = engine.optimizer.optimizer.state
+        for flat in self.flats(engine):
+            if "step" in state.get(flat, {}):
+                return int(state[flat]["step"])
+        return None
+
+    def init(self, engine: Any, step: int) -> None:
+        """Create Adam's lazily-built state for every flat partition. Built directly rather than by
+        a dummy step: ZeRO-3 swaps sub-group params into the inner optimizer only inside its own step."""
+        inner = engine.optimizer.optimizer
+        require_adamw(inner)
+        for flat in self.flats(engine):
+            inner.state[flat] = zero_adamw_state(flat, step)
+        self.link_fragments(engine)
+
+    def gather_state(self, p, key):
+        if self.shards.world_size == 1:
+            frag = self.state_fragment(p, key)
+            return None if frag is None else frag.detach().reshape(self.shards.shape(p)).float().clone()
+        return safe_get_full_optimizer_state(p, key)
+
+
+class ZeroProbe(Probe):
+    def gathered_params(self, params):
+        return contextlib.nullcontext()  # ZeRO-2: the module copies are replicated
+
+    def inner_optimizer(self, engine):
+        return engine.optimizer.optimizer
+
+    def optimizer_state_numel(self, engine):
+        return sum(int(f.numel()) for f in self.backend.optimizer_state.flats(engine))
 
     def held_tensors(self, engine, model):
         from relora_dist.backends.zero_tensors import held_tensors
@@ -184,54 +250,5 @@ class ZeroBackend(Backend):
                                                   ("reduce_scatter_function", "reduce_scatter_tensor"))
                 if cdb is not None and getattr(cdb, attr, None) is not None]
 
-    def adam_step(self, engine: Any) -> int | None:
-        """Adam's step counter (shared by every flat group), None before the first step."""
-        state = engine.optimizer.optimizer.state
-        for flat in self.optimizer_flats(engine):
-            if "step" in state.get(flat, {}):
-                return int(state[flat]["step"])
-        return None
-
-    def init_optimizer_state(self, engine: Any, step: int) -> None:
-        """Create Adam's lazily-built state for every flat partition (zero moments, the saved step
-        counter) so resume can overwrite the moments. Built directly rather than by a dummy step:
-        ZeRO-3 swaps sub-group params into the inner optimizer only inside its own step."""
-        inner = engine.optimizer.optimizer
-        if not isinstance(inner, torch.optim.AdamW):
-            raise TypeError(f"resuming optimizer state supports AdamW, not {type(inner).__name__}")
-        for flat in self.optimizer_flats(engine):
-            inner.state[flat] = {"step": torch.tensor(float(step)),
-                                 "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
-                                 "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format)}
-        self.link_optimizer_fragments(engine)
-
-    def _own_storage(self, p: torch.nn.Parameter) -> None:
-        p.data = p.data.clone()
-
-    def _shape(self, p):
-        return getattr(p, "ds_shape", p.shape)
-
-    def full_grad(self, p):
+    def gather_grad(self, p):
         return safe_get_full_grad(p)
-
-    def numel(self, p):
-        return int(getattr(p, "ds_numel", p.numel()))
-
-    def shape(self, p):
-        return self._shape(p)
-
-    def storage_dtype(self, p):
-        return getattr(p, "ds_tensor", p).dtype
-
-    # At world size 1 the fragments ARE the full tensors: read them without DeepSpeed's full-tensor
-    # getters, whose all-reduce / all-gather would be a gloo collective (see gather_flat_slices).
-    def full_fp32(self, p):
-        if self.world_size == 1:  # detached: a copy with history would keep the whole flat alive
-            return self.fp32_fragment(p)[2].detach().reshape(self._shape(p)).float().clone()
-        return safe_get_full_fp32_param(p).detach().float()
-
-    def full_optimizer_state(self, p, key):
-        if self.world_size == 1:
-            frag = self.state_fragment(p, key)
-            return None if frag is None else frag.detach().reshape(self._shape(p)).float().clone()
-        return safe_get_full_optimizer_state(p, key)

@@ -1,5 +1,5 @@
 """Every tensor a DeepSpeed ZeRO engine holds on one rank, named and sorted by kind
-(`ZeroBackend.held_tensors`, read by tools/bench.py's byte count).
+(`ZeroProbe.held_tensors`, read by tools/bench.py's byte count).
 
 DeepSpeed keeps its state in attributes of its optimizer wrapper (flat fp32 partitions, Adam
 state keyed by those flats, bit16 groups, communication buckets) and on the module's params

@@ -14,7 +14,7 @@ same model, batch and engine code (relora_dist/bench/runner.py):
    at a reset can leave every later step slower: at world size 1 a gloo all-gather makes libgomp
    throttle its spinning threads, seen as more voluntary context switches per step);
 5. the merge alone: shard-local (`relora_steps.merge_adapters`) against gather-based merges
-   (ZeRO-3 only: `Backend.gathered_update` over each W, and an all-gather of each W's fp32 shard,
+   (ZeRO-3 only: `Probe.gathered_update` over each W, and an all-gather of each W's fp32 shard,
    full add, keep own slice), time and bytes moved; run right after a reset, where B = 0, so they
    leave the weights unchanged;
 6. optionally the ReLoRA phase again with `relora.train_extra=false` (a third engine over the

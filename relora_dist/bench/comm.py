@@ -1,7 +1,7 @@
 """Collective byte counting for tools/bench.py.
 
 torch.distributed's collectives (and the ones an engine bound at start-up outside it, which the
-backend names: `Backend.collective_bindings`) are wrapped while the counter is installed; each call
+backend names: `Probe.collective_bindings`) are wrapped while the counter is installed; each call
 counts the logical buffer it reduces or gathers on this rank (all_reduce/reduce/broadcast: the
 tensor; reduce_scatter: the full input; all_gather: the full output). `track_engine` tags the calls
 made inside the engine's forward / backward / step, so a step's gradient reductions (backward +
@@ -82,7 +82,7 @@ class CommCounter:
 
     def install_bindings(self, bindings: list[tuple[Any, str, str]]) -> None:
         """Also wrap (owner, attribute, op) entries: collectives an engine bound outside
-        torch.distributed (`Backend.collective_bindings`)."""
+        torch.distributed (`Probe.collective_bindings`)."""
         for owner, attr, op in bindings:
             fn = getattr(owner, attr)
             if not getattr(fn, "_bench_wrapped", False):

@@ -1,6 +1,6 @@
 """Bytes an engine holds on one rank, by kind, and the process's RSS (tools/bench.py).
 
-State bytes: every distinct tensor storage the backend lists (`Backend.held_tensors`: the engine's
+State bytes: every distinct tensor storage the backend lists (`Probe.held_tensors`: the engine's
 optimizer and the module's params and grads), read right after the last backward of a step
 (gradients alive, Adam state allocated), each storage counted once and attributed to params /
 grads / fp32 master / optimizer state. Communication buckets and params gathered at that moment
@@ -15,6 +15,8 @@ import resource
 from pathlib import Path
 from typing import Any
 
+from relora_dist.backends.probe import probe
+
 # A storage reached under several names is counted once, in the first of these categories (ZeRO-3
 # with fp32 compute uses the param partition itself as the fp32 master: it counts as params).
 CATEGORY_ORDER = ("optimizer_state", "params", "fp32_master", "grads", "comm_buffers", "gathered_params", "other")
@@ -25,7 +27,7 @@ def engine_tensor_bytes(trainer: Any) -> dict:
     """Bytes per category of every distinct storage held by the engine and the module on this rank."""
     claimed: dict[int, str] = {}
     sizes: dict[int, int] = {}
-    for _, t, cat in trainer.backend.held_tensors(trainer.engine, trainer.model):
+    for _, t, cat in probe(trainer.backend).held_tensors(trainer.engine, trainer.model):
         if t.device.type == "meta" or t.numel() == 0:
             continue
         storage = t.untyped_storage()
@@ -38,9 +40,9 @@ def engine_tensor_bytes(trainer: Any) -> dict:
     out = {c: 0 for c in CATEGORY_ORDER}
     for key, cat in claimed.items():
         out[cat] += sizes[key]
-    from relora_dist.quant_steps import quantized_nbytes
+    from relora_dist.quant_steps import held_quantized_nbytes
 
-    out["params"] += quantized_nbytes(trainer.modules)  # a quantized base: a replica outside the engine
+    out["params"] += held_quantized_nbytes(trainer.modules)  # a quantized base: a replica outside the engine
     out["merge_masters"] = trainer.masters.nbytes() if trainer.masters is not None else 0
     out["state"] = sum(out[c] for c in STATE_CATEGORIES) + out["merge_masters"]
     # Accelerator-resident state: with relora.merge_master_device=cpu the fp32 merge masters live

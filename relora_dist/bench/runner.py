@@ -3,7 +3,7 @@ phases with the same model, batch and engine code (the order is in relora_dist/b
 
 A stage is an engine: "2" (ZeRO-2), "3" (ZeRO-3) or "fsdp2" (parallel.backend=fsdp2, from the
 ZeRO-2 template, which gives FSDP2 its batch, clipping and precision). Everything engine-specific
-goes through the backend contract: its tensors (`held_tensors`), its bound collectives
+goes through the engine's Probe (backends/probe.py): its tensors (`held_tensors`), its bound collectives
 (`collective_bindings`), the gather-based merge (`gathered_update`, ZeRO-3 only).
 """
 
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from relora_dist.backends.base import release_memory
+from relora_dist.backends.probe import probe
 from relora_dist.bench.comm import CommCounter, track_engine
 from relora_dist.bench.memory import engine_tensor_bytes, reset_peak_rss, rss_report
 from relora_dist.bench.ops import count_steps
@@ -44,30 +46,30 @@ def gathered_params_merge(trainer: Any) -> None:
     the engine broadcasts W and every rank keeps its partition."""
     backend = trainer.backend
     for m in trainer.modules.values():
-        A, B = backend.full_fp32(m.lora_A), backend.full_fp32(m.lora_B)
-        backend.gathered_update(m.weight, lambda w, m=m, A=A, B=B: w.add_((m.scale * (B @ A)).to(w.dtype)))
+        A, B = backend.shards.gather_fp32(m.lora_A), backend.shards.gather_fp32(m.lora_B)
+        probe(backend).gathered_update(m.weight, lambda w, m=m, A=A, B=B: w.add_((m.scale * (B @ A)).to(w.dtype)))
 
 
 def allgather_merge(trainer: Any) -> None:
     """Gather-based merge that keeps fp32: all-gather each W's fp32 master slices, add s*B*A to the
     full W on every rank, write back this rank's master slice and its part of the compute copy.
 
-    Each rank's fp32 merge master holds `backend.master_range(W)` (ZeRO-3: its own shard, =
+    Each rank's fp32 merge master holds `backend.shards.owned_range(W)` (ZeRO-3: its own shard, =
     local_range; ZeRO-2: its `rank_slice` of the replicated W), which `gather_owned` reassembles.
     Without a separate master (fp32 compute: `alias`; merge_precision=bf16) the same slice of the
     compute copy is gathered instead."""
     backend, masters = trainer.backend, trainer.masters
     for name, m in trainer.modules.items():
-        A, B = backend.full_fp32(m.lora_A), backend.full_fp32(m.lora_B)
-        target = backend.local_view(m.weight)
+        A, B = backend.shards.gather_fp32(m.lora_A), backend.shards.gather_fp32(m.lora_B)
+        target = backend.shards.local_view(m.weight)
         keep_master = masters is not None and not masters.alias and name in masters.shards
-        owned = masters.shards[name] if keep_master else backend.owned_view(m.weight)
-        full = backend.gather_owned(m.weight, owned.float().to(target.device))
+        owned = masters.shards[name] if keep_master else backend.shards.owned_view(m.weight)
+        full = backend.shards.gather_owned(m.weight, owned.float().to(target.device))
         full += (m.scale * (B @ A)).reshape(-1).to(full.device)
         if keep_master:
-            mstart, mend = backend.master_range(m.weight)
+            mstart, mend = backend.shards.owned_range(m.weight)
             owned.copy_(full[mstart:mend].to(owned.device))
-        start, end = backend.local_range(m.weight)
+        start, end = backend.shards.local_range(m.weight)
         target.copy_(full[start:end].to(target.dtype))
 
 
@@ -169,7 +171,7 @@ def _run_steps(trainer: Any, counter: CommCounter, warmup: int, steps: int, snap
 
 
 def _param_counts(trainer: Any) -> dict:
-    numel = trainer.backend.numel  # whole params, however they are sharded
+    numel = trainer.backend.shards.numel  # whole params, however they are sharded
     mods = trainer.modules.values()
     adapters = {id(p) for m in mods for p in (m.lora_A, m.lora_B)}
     wrapped = {id(m.weight) for m in mods}
@@ -192,7 +194,7 @@ def _patch_teardown_drop_bwd_fns(trainer: Any) -> None:
         for m in trainer.model.modules():
             for attr in ("pre_bwd_fn", "post_bwd_fn"):
                 m.__dict__.pop(attr, None)
-        trainer.backend.release_memory()
+        release_memory()
 
     trainer.backend.teardown_engine = teardown
 
@@ -223,7 +225,7 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, template, info)
     res["build_s"] = time.perf_counter() - t0
-    counter.install_bindings(trainer.backend.collective_bindings())
+    counter.install_bindings(probe(trainer.backend).collective_bindings())
     mc = trainer.model_config
     res["seq_len"], res["train_extra"] = cfg.data.seq_len, cfg.relora.train_extra
     res["tokens_per_step"] = trainer.tokens_per_step  # all ranks, all micro-batches of one step
@@ -258,7 +260,7 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     # every backend call goes through trainer.backend as it is now.
     res["relora_stage"] = stage_label(trainer.backend.name)
     at_switch, trainer.masters.at_switch = trainer.masters.at_switch, {}
-    trainer.backend.release_memory()
+    release_memory()
     track_engine(trainer.engine, counter)
     res["params_relora"] = _param_counts(trainer)
     res["wrapped_linears"] = len(trainer.modules)
@@ -316,10 +318,10 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     if args["train_extra_false"] and cfg.relora.train_extra:
         trainer.backend.teardown_engine(trainer.engine)
         trainer.engine = None
-        trainer.backend.release_memory()
+        release_memory()
         freeze_for_relora_phase(trainer.model, False)
         trainer.engine = trainer.backend.build_engine(trainer.model,
-                                                      param_groups(trainer.model, cfg, cfg.relora_lr, trainer.backend.shape))
+                                                      param_groups(trainer.model, cfg, cfg.relora_lr, trainer.backend.shards.shape))
         track_engine(trainer.engine, counter)
         res["params_relora_no_extra"] = _param_counts(trainer)
         reset_ok = reset_peak_rss()

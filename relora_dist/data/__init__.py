@@ -21,7 +21,7 @@ _WHERE = {
     "relora_dist.data.blocks": ("FORMAT_VERSION", "SPLITS", "DataError", "PackedBlocks", "check_tokenizer_matches",
                                 "read_meta"),
     "relora_dist.data.check": ("PREPARE_HINT", "check_data_config", "tokenizer_dir_of"),
-    "relora_dist.data.loader": ("BlockLoader", "DistributedBlockSampler", "eval_batches"),
+    "relora_dist.data.loader": ("BlockLoader", "eval_batches"),
     "relora_dist.data.first_use": ("ensure_prepared",),
     "relora_dist.data.prepare": ("DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "prepare_dataset"),
     "relora_dist.documents": ("load_documents",),
@@ -31,7 +31,7 @@ _MODULE = {name: module for module, names in _WHERE.items() for name in names}
 __all__ = [
     "DataError", "DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "FORMAT_VERSION", "SPLITS", "PREPARE_HINT",
     "load_documents", "prepare_dataset", "ensure_prepared", "read_meta",
-    "PackedBlocks", "BlockLoader", "DistributedBlockSampler", "eval_batches",
+    "PackedBlocks", "BlockLoader", "eval_batches",
     "check_tokenizer_matches", "check_data_config", "tokenizer_dir_of",
 ]
 

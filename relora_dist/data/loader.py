@@ -12,7 +12,7 @@ import torch
 
 from relora_dist.data.blocks import DataError, PackedBlocks
 
-__all__ = ["BlockLoader", "DistributedBlockSampler", "eval_batches", "check_train_blocks", "check_eval_blocks",
+__all__ = ["BlockLoader", "eval_batches", "check_train_blocks", "check_eval_blocks",
            "eval_fix"]
 
 
@@ -116,8 +116,6 @@ class BlockLoader:
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
-
-DistributedBlockSampler = BlockLoader  # alias: the name used in design notes
 
 
 def eval_batches(blocks: PackedBlocks, micro_batch_size: int, rank: int, world_size: int,
