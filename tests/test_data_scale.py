@@ -30,7 +30,8 @@ SEQ = 64
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """One input of each streamed kind: plain .jsonl (byte ranges), .jsonl.gz (decompressed here),
+    """One input of each streamed kind: plain .jsonl (byte ranges), .jsonl.gz (ranges of its decompressed
+    bytes, each unit's worker decompressing up to its start),
     a CRLF .txt of paragraphs and a parquet file of several row groups."""
     import pyarrow as pa
     import pyarrow.parquet as pq

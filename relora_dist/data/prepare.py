@@ -90,7 +90,9 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
     log = ShardLog(out_dir, header, dtype)
     if log.done:
         logger.warning("resuming %s: %d finished shards kept", out_dir, len(log.done))
-    hf = (len(sources), (hf_dataset, hf_split), text_field, unit_bytes) if hf_dataset else None
+    # A Hugging Face unit travels to its worker as text: 16 MB at most, so the 2 x num_proc units in
+    # flight stay ~1 GB at 32 processes (more, smaller shards: prefer downloaded files at scale).
+    hf = (len(sources), (hf_dataset, hf_split), text_field, min(unit_bytes, 16 << 20)) if hf_dataset else None
 
     with Pool((tokenizer_dir, dtype.name, text_field), max(1, num_proc)) as pool:
         # Counting pass, on the workers: they decompress and cut the inputs into units.

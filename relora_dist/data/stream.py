@@ -424,6 +424,15 @@ def work(unit: tuple, val: bytes, out_dir: str, shard: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- the pool
+class _Counter:
+    value = 0
+
+    def get_lock(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
 class Pool:
     """`num_proc` spawned workers (none at 1: calls run here), started once for the counting and the
     tokenizing pass. `run` keeps at most 2 x num_proc calls in flight (bounded memory whatever the input
@@ -433,11 +442,12 @@ class Pool:
         import multiprocessing as mp
 
         self.num_proc, self.pool = num_proc, None
-        ctx = mp.get_context("spawn")
-        self.progress = ctx.Value("q", 0)
-        if num_proc <= 1:
+        if num_proc <= 1:  # no shared counter: it would start multiprocessing's resource tracker process
+            self.progress = _Counter()
             _init_worker(*init_args, None, self.progress)
         else:
+            ctx = mp.get_context("spawn")
+            self.progress = ctx.Value("q", 0)
             self.pool = ctx.Pool(num_proc, _init_worker, (*init_args, os.getpid(), self.progress))
 
     def run(self, fn, calls: Iterator[tuple], tick=None) -> Iterator[tuple]:
