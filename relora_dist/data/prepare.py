@@ -193,8 +193,8 @@ def source_identity(sources, hf_dataset=None, hf_split="train") -> list:
     """What the inputs are, by content: [size, sha256] per local file in order, then "hf:name[split]".
     relora-prepare-data compares it to tell whether --out already holds this preparation. Content,
     not paths: the same corpus reached through an installed package or a checkout is the same input.
-    Hashing ran at 785 MB/s here, against ~2.4 MB/s of text tokenized per process (560k tok/s at
-    ~4.2 bytes per token, benchmarks/data/bench_prepare_100mb.json). One process hashes each file once:
+    Hashing ran at 785 MB/s here, against ~3 MB/s of text tokenized per process (726k tok/s at
+    ~4.2 bytes per token, benchmarks/data/bench_prepare_100mb_workers.json). One process hashes each file once:
     the CLI's check of --out and the preparation's header ask for the same identity."""
     ids = []
     for src in sources or []:
