@@ -226,11 +226,12 @@ def test_compressed_file_is_cut_into_units_that_read_the_same_documents(tmp_path
     """A .gz input is one counting task; its worker cuts it into units of decompressed byte ranges, and
     each unit's documents (read by decompressing up to its start) are the file's, in order, once."""
     from relora_dist.data import stream
+    from relora_dist.data.pool import Pool
 
     lines = "".join(json.dumps({"text": t}) + "\n" for t in DOCS)
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
     (tmp_path / "a.jsonl").write_text(lines)
-    with stream.Pool((DEFAULT_TOKENIZER, "uint16", "text"), 1):
+    with Pool((DEFAULT_TOKENIZER, "uint16", "text"), 1):
         for name in ("a.jsonl.gz", "a.jsonl"):
             tasks = list(stream.plan_tasks([str(tmp_path / name)], "paragraph", 1 << 16))
             units = [u for t in tasks for u in stream.count(t, 1 << 16)]

@@ -65,7 +65,8 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
     from tqdm.auto import tqdm
 
     from relora_dist.data.shards import MANIFEST, ShardLog
-    from relora_dist.data.stream import BYTES_PER_TOKEN, Pool, count, hf_units, plan_tasks, work
+    from relora_dist.data.pool import Pool
+    from relora_dist.data.stream import BYTES_PER_TOKEN, count, hf_units, plan_tasks, work
 
     check_seq_len(seq_len)
     if not 0.0 <= val_fraction < 1.0:

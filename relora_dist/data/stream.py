@@ -49,7 +49,7 @@ import numpy as np
 
 from relora_dist.documents import DataError, _builder_for, _find_problem, check_sources
 
-__all__ = ["usable_cores", "plan_tasks", "Pool", "count", "work", "BLOCK_BYTES", "BYTES_PER_TOKEN"]
+__all__ = ["usable_cores", "plan_tasks", "hf_units", "count", "work", "BLOCK_BYTES", "BYTES_PER_TOKEN"]
 
 BLOCK_BYTES = 4 << 20  # text a worker holds at once: ~1M tokens, ~0.5 s of one process
 BYTES_PER_TOKEN = 4  # unit size = shard_tokens x this (measured 4.3 bytes of C4-like text per token, 32k BPE)
@@ -423,67 +423,3 @@ def work(unit: tuple, val: bytes, out_dir: str, shard: int) -> dict:
     finally:
         for s in out:
             s.f.close()
-
-
-# ----------------------------------------------------------------------------- the pool
-class _Counter:
-    value = 0
-
-    def get_lock(self):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
-class Pool:
-    """`num_proc` spawned workers (none at 1: calls run here), started once for the counting and the
-    tokenizing pass. `run` keeps at most 2 x num_proc calls in flight (bounded memory whatever the input
-    size) and yields (args, result) in completion order; `progress` counts the tokens written."""
-
-    def __init__(self, init_args: tuple, num_proc: int):
-        import multiprocessing as mp
-
-        self.num_proc, self.pool = num_proc, None
-        if num_proc <= 1:  # no shared counter: it would start multiprocessing's resource tracker process
-            self.progress = _Counter()
-            _init_worker(*init_args, None, self.progress)
-        else:
-            ctx = mp.get_context("spawn")
-            self.progress = ctx.Value("q", 0)
-            self.pool = ctx.Pool(num_proc, _init_worker, (*init_args, os.getpid(), self.progress))
-
-    def run(self, fn, calls: Iterator[tuple], tick=None) -> Iterator[tuple]:
-        if self.pool is None:
-            for args in calls:
-                yield args, fn(*args)
-                if tick:
-                    tick()
-            return
-        pending: list = []
-        calls = iter(calls)
-        more = True
-        while more or pending:
-            while more and len(pending) < 2 * self.num_proc:
-                args = next(calls, None)
-                if args is None:
-                    more = False
-                else:
-                    pending.append((args, self.pool.apply_async(fn, args)))
-            pending[0][1].wait(0.5)
-            if tick:
-                tick()
-            ready = [p for p in pending if p[1].ready()]
-            for p in ready:
-                pending.remove(p)
-                yield p[0], p[1].get()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
