@@ -30,7 +30,8 @@ SEQ = 64
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """One input of each streamed kind: plain .jsonl (byte ranges), .jsonl.gz (decompressed here),
+    """One input of each streamed kind: plain .jsonl (byte ranges), .jsonl.gz (ranges of its decompressed
+    bytes, each unit's worker decompressing up to its start),
     a CRLF .txt of paragraphs and a parquet file of several row groups."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -219,3 +220,22 @@ def test_cli_defaults():
                                 "--help"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
                                cwd=REPO).stdout
     assert f"the usable cores, here {usable_cores()}" in " ".join(help_text.split())
+
+
+def test_compressed_file_is_cut_into_units_that_read_the_same_documents(tmp_path):
+    """A .gz input is one counting task; its worker cuts it into units of decompressed byte ranges, and
+    each unit's documents (read by decompressing up to its start) are the file's, in order, once."""
+    from relora_dist.data import stream
+    from relora_dist.data.pool import Pool
+
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in DOCS)
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "a.jsonl").write_text(lines)
+    with Pool((DEFAULT_TOKENIZER, "uint16", "text"), 1):
+        for name in ("a.jsonl.gz", "a.jsonl"):
+            tasks = list(stream.plan_tasks([str(tmp_path / name)], "paragraph", 1 << 16))
+            units = [u for t in tasks for u in stream.count(t, 1 << 16)]
+            assert len(units) > 4 and (len(tasks) == 1) == name.endswith(".gz")
+            docs = [list(stream._documents(*u[1:3], name)) for u, _ in units]
+            assert [len(d) for d in docs] == [n for _, n in units]
+            assert [t for d in docs for t in d] == DOCS

@@ -3,12 +3,15 @@
 
 For each size (MB of JSON lines) it writes .jsonl.gz files of ~32 MB (C4's layout: many gzipped JSON
 lines files) made of the bundled corpus's chapters, each copy headed by its copy number so documents
-differ, then runs relora-prepare-data at each --procs in one invocation (same machine, same files) and
-records: tokens/s, the ratio of each process count's rate to one process's, the peak memory (PSS) of
-the whole process tree (sampled every 50 ms), the peak bytes on disk beyond the final output (the temporary
-folder, the manifest), and an extrapolation to 6.9B tokens on 32 cores.
+differ (and, with --formats gz jsonl, the same files decompressed), then runs relora-prepare-data at
+each --procs in one invocation (same machine, same files) and records: tokens/s, the ratio of each
+process count's rate to one process's, the CPU time of the main process (it only schedules: the
+workers read the inputs), the peak memory (PSS) of the whole process tree (sampled every 50 ms), the
+peak bytes on disk beyond the final output (the temporary folder, the manifest), and an
+extrapolation to 6.9B tokens on 32 cores.
 
-    python benchmarks/data/bench_prepare.py --sizes_mb 100 250 --out benchmarks/data/bench_prepare_250mb.json
+    flock -x /tmp/relora-heavy.lock python benchmarks/data/bench_prepare.py --sizes_mb 100 \
+        --formats gz jsonl --alone --out benchmarks/data/bench_prepare_100mb_workers.json
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from relora_dist.resources import CORPUS  # noqa: E402
 FILE_MB = 32
 
 
-def build_corpus(folder: Path, size_mb: int) -> list[str]:
+def build_corpus(folder: Path, size_mb: int, plain: bool = False) -> list[str]:
     docs = [json.loads(line)["text"] for line in lzma.decompress(Path(CORPUS).read_bytes()).splitlines()]
     folder.mkdir(parents=True, exist_ok=True)
     files, written, copy, k = [], 0, 0, 0
@@ -49,8 +52,9 @@ def build_corpus(folder: Path, size_mb: int) -> list[str]:
                 lines.append(line)
                 size += len(line)
             copy += 1
-        path = folder / f"c4-train.{k:05d}-of-01024.json.gz"
-        path.write_bytes(gzip.compress("".join(lines).encode(), compresslevel=1))
+        path = folder / f"c4-train.{k:05d}-of-01024.json{'' if plain else '.gz'}"
+        data = "".join(lines).encode()
+        path.write_bytes(data if plain else gzip.compress(data, compresslevel=1))
         files.append(str(path))
         written, k = written + size, k + 1
     return files
@@ -91,12 +95,14 @@ def run_once(files: list[str], work: Path, procs: int, shard_tokens: int) -> dic
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(p.pid)
-    peak_rss = peak_disk = peak_main = peak_child = 0
+    peak_rss = peak_disk = peak_main = peak_child = main_cpu = 0
     shard_times: list[tuple[float, int]] = []
     while p.poll() is None:
         tree, main, child = _tree_rss(ps)
         peak_rss, peak_main, peak_child = max(peak_rss, tree), max(peak_main, main), max(peak_child, child)
         peak_disk = max(peak_disk, _disk(out_root))
+        with contextlib.suppress(psutil.Error):
+            main_cpu = sum(ps.cpu_times()[:2])
         for m in out_root.glob(".d.tmp-*/manifest.jsonl"):  # when each shard was recorded
             with contextlib.suppress(OSError, ValueError):
                 for line in m.read_text().splitlines()[1 + len(shard_times):]:
@@ -118,6 +124,7 @@ def run_once(files: list[str], work: Path, procs: int, shard_tokens: int) -> dic
               if len(shard_times) > 2 else tokens / wall)
     return {"procs": procs, "wall_s": round(wall, 2), "tokens": tokens, "tok_per_s_wall": round(tokens / wall),
             "tok_per_s": round(steady), "cpu_s": round(cpu, 2), "cores_busy": round(cpu / wall, 2),
+            "main_cpu_s": round(main_cpu, 2),
             "peak_rss_mb": round(peak_rss / 2**20, 1), "peak_rss_main_mb": round(peak_main / 2**20, 1),
             "peak_rss_worker_mb": round(peak_child / 2**20, 1), "output_bytes": output,
             "extra_disk_bytes": max(0, peak_disk - output), "extra_disk_fraction": round(max(0, peak_disk - output)
@@ -147,44 +154,38 @@ def machine_parallelism(n: int) -> float:
     return round(times[0] / times[1], 3)
 
 
-def reader_bound(files: list[str]) -> float:
-    """Bytes/s at which the main process decompresses .gz inputs and cuts them into units (one core):
-    the ceiling of a preparation of gzipped files, whatever the number of tokenizing processes."""
-    from relora_dist.data.stream import plan_units
-
-    t0 = time.perf_counter()
-    n = sum(len(u[2][1]) for u in plan_units(files[:1], "paragraph"))
-    return n / (time.perf_counter() - t0)
-
-
-def summarize(result: dict) -> None:
-    """The extrapolation to 6.9B tokens on 32 cores, from the largest size's runs."""
+def summarize(result: dict, shard_tokens: int = 1 << 27) -> None:
+    """The extrapolation to 6.9B tokens on 32 cores, per input format, from the largest size's runs."""
     size = max(result["sizes"], key=int)
-    last, control = result["sizes"][size]["runs"], result["sizes"][size]["machine_parallelism_before_after"]
-    one = last[0]
-    eff = max(r["ratio_to_1proc"] / r["procs"] for r in last[1:]) if len(last) > 1 else 1.0
-    # What the pool achieved of what the machine gave a spinning pool of as many processes at that time.
-    eff_machine = min(1.0, max(r["ratio_to_1proc"] for r in last[1:]) / (sum(control) / len(control))) \
-        if len(last) > 1 else 1.0
-    reader = result["sizes"][size]["reader_bound_bytes_per_s"] * one["tokens"] / (int(size) << 20)
-    rates = {"measured_efficiency": one["tok_per_s"] * 32 * eff, "efficiency_vs_machine": one["tok_per_s"] * 32 *
-             eff_machine}
-    result["extrapolation_6p9B_tokens_32_cores"] = {
-        "assumes": "per-process rate of the 1-process run x 32 x a parallel efficiency, capped by the main "
-                   "process's gzip reading rate (at this corpus's tokens per byte with the bundled tokenizer)",
-        "parallel_efficiency": round(eff, 3), "parallel_efficiency_vs_machine": round(eff_machine, 3),
-        "reader_bound_tok_per_s": round(reader),
-        **{f"tok_per_s_{k}": round(min(v, reader)) for k, v in rates.items()},
-        **{f"hours_{k}": round(6.9e9 / min(v, reader) / 3600, 2) for k, v in rates.items()},
-        "peak_rss_mb_estimate": round(max(r["peak_rss_main_mb"] for r in last[1:] or last)
-                                      + 32 * max(r["peak_rss_worker_mb"] for r in last))}
+    out = {"assumes": "tokens/s of the 1-process run (wall clock, counting pass and start-up included) x 32 x "
+                      "the parallel efficiency measured here (2-process ratio / 2) x the wave efficiency of "
+                      f"{shard_tokens}-token units on 32 processes (units / (32 x ceil(units / 32)): the last "
+                      "wave leaves cores idle); the main process only schedules (see main_cpu_s), so it sets "
+                      "no ceiling"}
+    units = -(-6.9e9 // shard_tokens)
+    waves = units / (32 * -(-units // 32))
+    out["units"], out["wave_efficiency"] = int(units), round(waves, 3)
+    for fmt, runs in result["sizes"][size].items():
+        one = runs["runs"][0]
+        eff = max(r["ratio_to_1proc_wall"] / r["procs"] for r in runs["runs"][1:]) if len(runs["runs"]) > 1 else 1.0
+        rate = one["tok_per_s_wall"] * 32 * eff * waves
+        out[fmt] = {"parallel_efficiency": round(eff, 3), "tok_per_s": round(rate),
+                    "minutes": round(6.9e9 / rate / 60, 1),
+                    "peak_rss_mb_estimate": round(max(r["peak_rss_main_mb"] for r in runs["runs"])
+                                                  + 32 * max(r["peak_rss_worker_mb"] for r in runs["runs"][1:] or runs["runs"]))}
+    result["extrapolation_6p9B_tokens_32_cores"] = out
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes_mb", type=int, nargs="+", default=[100, 250], help="corpus sizes (default: 100 250)")
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="--num_proc values (default: 1 2)")
-    ap.add_argument("--shard_tokens", type=int, default=1 << 24, help="(default: 2^24, several shards per size)")
+    ap.add_argument("--shard_tokens", type=int, default=1 << 20,
+                    help="(default: 2^20: ~25 units at 100 MB, so 2 processes share the work evenly)")
+    ap.add_argument("--formats", nargs="+", default=["gz"], choices=["gz", "jsonl"],
+                    help="input files: gzipped JSON lines and/or the same files plain (default: gz)")
+    ap.add_argument("--alone", action="store_true",
+                    help="say in the result that nothing else ran (run it under flock -x of the shared lock)")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="write the JSON result here (default: print only)")
     a = ap.parse_args(argv)
@@ -192,23 +193,25 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": {"cpus": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
                           "platform": platform.platform(), "python": platform.python_version(),
                           "loadavg_start": os.getloadavg(),
-                          "note": "shared machine: other jobs ran beside this benchmark (see loadavg)"},
+                          "note": "ran alone: exclusive lock, no other benchmark or test beside it" if a.alone else
+                          "shared machine: other jobs may have run beside this benchmark (see loadavg)"},
               "config": vars(a), "sizes": {}}
     try:
         for size in a.sizes_mb:
-            files = build_corpus(work / f"corpus-{size}", size)
-            control = [machine_parallelism(max(a.procs))]
-            runs = [run_once(files, work, n, a.shard_tokens) for n in a.procs]
-            control.append(machine_parallelism(max(a.procs)))
-            base = runs[0]["tok_per_s"]
-            for r in runs:
-                r["ratio_to_1proc"] = round(r["tok_per_s"] / base, 3)
-                r["loadavg_after"] = os.getloadavg()
-            result["sizes"][str(size)] = {"input_bytes": sum(os.path.getsize(f) for f in files), "runs": runs,
-                                          "machine_parallelism_before_after": control,
-                                          "reader_bound_bytes_per_s": round(reader_bound(files))}
-            shutil.rmtree(work / f"corpus-{size}")
-            print(json.dumps({size: runs}), flush=True)
+            result["sizes"][str(size)] = {}
+            for fmt in a.formats:
+                files = build_corpus(work / f"corpus-{size}-{fmt}", size, plain=fmt == "jsonl")
+                control = [machine_parallelism(max(a.procs))]
+                runs = [run_once(files, work, n, a.shard_tokens) for n in a.procs]
+                control.append(machine_parallelism(max(a.procs)))
+                for r in runs:
+                    r["ratio_to_1proc"] = round(r["tok_per_s"] / runs[0]["tok_per_s"], 3)
+                    r["ratio_to_1proc_wall"] = round(r["tok_per_s_wall"] / runs[0]["tok_per_s_wall"], 3)
+                    r["loadavg_after"] = os.getloadavg()
+                result["sizes"][str(size)][fmt] = {"input_bytes": sum(os.path.getsize(f) for f in files),
+                                                   "runs": runs, "machine_parallelism_before_after": control}
+                shutil.rmtree(work / f"corpus-{size}-{fmt}")
+                print(json.dumps({size: {fmt: runs}}), flush=True)
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -28,6 +28,9 @@ DEFAULT_TOKENIZER = resources.TOKENIZER
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MB uint16 files: 6.9B tokens of C4 make ~50 shards (one fd each when read)
 # Recorded in meta.json: how documents are assigned to val (_val_mask; folders without the key used it too).
 SPLIT_RULE = "permutation(seed)[:round(n * val_fraction)]"
+# Recorded in the manifest's header: a manifest of the earlier layout (shards cut by token count) is
+# not resumed into this one.
+SHARD_RULE = "one shard per unit of shard_tokens * 4 bytes of text"
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
@@ -61,8 +64,9 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
     """
     from tqdm.auto import tqdm
 
-    from relora_dist.data.shards import MANIFEST, ShardWriter
-    from relora_dist.data.stream import UNIT_BYTES, count, plan_units, run_units
+    from relora_dist.data.shards import MANIFEST, ShardLog
+    from relora_dist.data.pool import Pool
+    from relora_dist.data.stream import BYTES_PER_TOKEN, count, hf_units, plan_tasks, work
 
     check_seq_len(seq_len)
     if not 0.0 <= val_fraction < 1.0:
@@ -77,40 +81,46 @@ def prepare_dataset(sources: list[str] | None, tokenizer_dir: str, out_dir: str,
         raise DataError("no data given; pass source files (e.g. DEFAULT_CORPUS) or hf_dataset")
     tok = load_tokenizer(tokenizer_dir)  # here, not first in a worker: a bad tokenizer is one error
     dtype = _dtype_for(tok.vocab_size)
-    # A unit is at most a quarter of a shard (~4 bytes of text per token), so small shards stay small.
-    unit_bytes = max(1 << 14, min(UNIT_BYTES, shard_tokens))
+    # One shard per unit of input text: ~shard_tokens tokens at ~4 bytes of text per token.
+    unit_bytes = max(1 << 14, shard_tokens * BYTES_PER_TOKEN)
     identity = source_identity(sources, hf_dataset, hf_split)
     header = {"source_identity": identity, "tokenizer_checksum": tokenizer_checksum(tokenizer_dir),
               "dtype": dtype.name, "val_fraction": val_fraction, "seed": seed, "text_field": text_field,
               "txt_split": txt_split, "split_rule": SPLIT_RULE, "shard_tokens": shard_tokens,
-              "unit_bytes": unit_bytes}
-    writer = ShardWriter(out_dir, header, dtype, shard_tokens)
-    first = writer.next_unit
-    if first:
-        logger.warning("resuming %s: %d finished shards kept, continuing at unit %d", out_dir, len(writer.done),
-                       first)
-    def units():
-        return plan_units(sources, txt_split, unit_bytes, (hf_dataset, hf_split) if hf_dataset else None, text_field)
+              "unit_bytes": unit_bytes, "shard_rule": SHARD_RULE}
+    log = ShardLog(out_dir, header, dtype)
+    if log.done:
+        logger.warning("resuming %s: %d finished shards kept", out_dir, len(log.done))
+    # A Hugging Face unit travels to its worker as text: 16 MB at most, so the 2 x num_proc units in
+    # flight stay ~1 GB at 32 processes (more, smaller shards: prefer downloaded files at scale).
+    hf = (len(sources), (hf_dataset, hf_split), text_field, min(unit_bytes, 16 << 20)) if hf_dataset else None
 
-    init = (tokenizer_dir, dtype.name, text_field)
-    procs = max(1, num_proc)
-    per_unit = [c for _, c in run_units(((u,) for u in units()), init, procs, fn=count)]
-    mask = _val_mask(sum(per_unit), val_fraction, seed).view(np.uint8)
-    starts = np.concatenate([[0], np.cumsum(per_unit)])
-    calls = ((u, mask[starts[i]:starts[i + 1]].tobytes()) for i, u in enumerate(units()))
-    calls = itertools.islice(calls, first, None)
-    done = sum(v["tokens"] for v in writer.totals().values())
-    try:
+    with Pool((tokenizer_dir, dtype.name, text_field), max(1, num_proc)) as pool:
+        # Counting pass, on the workers: they decompress and cut the inputs into units.
+        calls = [(t, unit_bytes) for t in plan_tasks(sources, txt_split, unit_bytes)] if sources else []
+        found = {id(args): r for args, r in pool.run(count, calls)}
+        units = [u for args in calls for u in found[id(args)]]
+        del found
+        per_unit = [n for _, n in units]
+        if hf:  # read here, once to count and once to tokenize (no file a worker could open)
+            per_unit += [len(u[2][1]) for u in hf_units(*hf)]
+        mask = _val_mask(sum(per_unit), val_fraction, seed).view(np.uint8)
+        starts = np.concatenate([[0], np.cumsum(per_unit)]).astype(np.int64)
+        todo = itertools.chain((u for u, _ in units), hf_units(*hf) if hf else ())
+        work_calls = ((u, mask[starts[k]:starts[k + 1]].tobytes(), out_dir, k)
+                      for k, u in enumerate(todo) if k not in log.done)
+        done = sum(v["tokens"] for v in log.totals().values())
+        pool.progress.value = done
         with tqdm(unit="tok", unit_scale=True, desc="tokenizing", initial=done, mininterval=1.0,
                   disable=not progress) as bar:
-            for n, (_call, (train, val, docs)) in enumerate(run_units(calls, init, procs), first):
-                writer.add(n, train, val, docs)
-                bar.update(len(train) + len(val))
-                bar.set_postfix(shards=len(writer.done), refresh=False)
-    except BaseException:
-        writer.abandon()
-        raise
-    files = writer.finish(seq_len)
+            def tick():
+                bar.update(pool.progress.value - bar.n)
+                bar.set_postfix(shards=f"{len(log.done)}/{len(per_unit)}", refresh=False)
+
+            for _args, entry in pool.run(work, work_calls, tick):
+                log.add(entry)
+            tick()
+    files = log.finish(seq_len, len(per_unit))
     docs = files["num_documents"]
     n = docs["train"] + docs["val"]
     if n == 0:
@@ -184,8 +194,8 @@ def source_identity(sources, hf_dataset=None, hf_split="train") -> list:
     """What the inputs are, by content: [size, sha256] per local file in order, then "hf:name[split]".
     relora-prepare-data compares it to tell whether --out already holds this preparation. Content,
     not paths: the same corpus reached through an installed package or a checkout is the same input.
-    Hashing ran at 785 MB/s here, against ~2.4 MB/s of text tokenized per process (560k tok/s at
-    ~4.2 bytes per token, benchmarks/data/bench_prepare_100mb.json). One process hashes each file once:
+    Hashing ran at 785 MB/s here, against ~3 MB/s of text tokenized per process (726k tok/s at
+    ~4.2 bytes per token, benchmarks/data/bench_prepare_100mb_workers.json). One process hashes each file once:
     the CLI's check of --out and the preparation's header ask for the same identity."""
     ids = []
     for src in sources or []:

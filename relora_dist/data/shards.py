@@ -9,10 +9,11 @@ stream, cut into files:
     token counts under ``meta["shards"]``; the split's blocks are the stream's first
     ``num_blocks x seq_len`` tokens, so a block may span two files.
 
-While preparing, each finished shard is fsynced, renamed to its final name and then recorded in
-``manifest.jsonl`` (first line: what the preparation is; one line per shard after it): that line is the
-shard's done-marker. A rerun with the same header keeps the recorded shards and continues at the first
-unit after them; a shard file without its line is rewritten. meta.json is written last.
+While preparing, each shard (one unit of the inputs, stream.py) is written by a worker, fsynced and
+renamed to its final name, then recorded in ``manifest.jsonl`` by the main process (first line: what
+the preparation is; one line per shard after it, in the order they finish): that line is the shard's
+done-marker. A rerun with the same header keeps the recorded shards and tokenizes the other units
+only; a shard file without its line is rewritten. meta.json is written last.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from relora_dist.integrity import fsync_path
 
-__all__ = ["SHARDED_FORMAT_VERSION", "MANIFEST", "SHARD_RE", "ShardWriter", "TokenShards"]
+__all__ = ["SHARDED_FORMAT_VERSION", "MANIFEST", "SHARD_RE", "ShardLog", "TokenShards"]
 
 SHARDED_FORMAT_VERSION = 2
 MANIFEST = "manifest.jsonl"
@@ -42,22 +43,22 @@ def sha256_files(paths: list[str]) -> str:
     return h.hexdigest()
 
 
-class ShardWriter:
-    """Appends each unit's (train ids, val ids) to the current shard; a shard closes at the first unit
-    boundary where it holds >= `shard_tokens` tokens, so shard boundaries depend on the inputs and
-    `shard_tokens` only. `header` is everything that determines the bytes: a manifest with another
-    header is not resumed."""
+class ShardLog:
+    """The record of a preparation's finished shards. Shard k holds unit k of the inputs, written by a
+    worker (stream.work) as ``{train,val}-k.bin``; once both files are durable this process appends the
+    shard's line to the manifest. Shards finish in any order; a rerun with the same `header` keeps every
+    recorded shard whose files are whole and removes the other shard files. `header` is everything that
+    determines the bytes: a manifest with another header is not resumed."""
 
-    def __init__(self, out_dir: str, header: dict, dtype: np.dtype, shard_tokens: int):
-        self.dir, self.header, self.dtype, self.shard_tokens = out_dir, header, np.dtype(dtype), shard_tokens
+    def __init__(self, out_dir: str, header: dict, dtype: np.dtype):
+        self.dir, self.header, self.dtype = out_dir, header, np.dtype(dtype)
         os.makedirs(out_dir, exist_ok=True)
-        self.done: list[dict] = self._recorded()
-        keep = {f"{s}-{e['shard']:05d}.bin" for e in self.done for s in SPLITS}
+        self.done: dict[int, dict] = {e["shard"]: e for e in self._recorded()}
+        keep = {f"{s}-{k:05d}.bin" for k in self.done for s in SPLITS}
         for name in os.listdir(out_dir):  # partial shards of the interrupted run, or another preparation's
             if (SHARD_RE.fullmatch(name) and name not in keep) or name in ("train.bin", "val.bin", "meta.json"):
                 os.remove(os.path.join(out_dir, name))
         self._write_manifest()
-        self._cur = None
 
     def _path(self, split: str, k: int) -> str:
         return os.path.join(self.dir, f"{split}-{k:05d}.bin")
@@ -75,87 +76,46 @@ class ShardWriter:
         for line in lines[1:]:
             try:
                 e = json.loads(line)
-                ok = e["shard"] == len(done) and all(
-                    os.path.getsize(self._path(s, e["shard"])) == e[s]["tokens"] * self.dtype.itemsize
-                    for s in SPLITS)
+                ok = all(os.path.getsize(self._path(s, e["shard"])) == e[s]["tokens"] * self.dtype.itemsize
+                         for s in SPLITS)
             except (ValueError, KeyError, TypeError, OSError):  # a torn last line or a missing file
                 ok = False
-            if not ok:
-                break
-            done.append(e)
+            if ok:
+                done.append(e)
         return done
 
     def _write_manifest(self) -> None:
         path = os.path.join(self.dir, MANIFEST)
         with open(path + ".tmp", "w") as f:
-            f.write("".join(json.dumps(x) + "\n" for x in [self.header, *self.done]))
+            f.write("".join(json.dumps(x) + "\n" for x in [self.header, *self.entries()]))
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
 
-    @property
-    def next_unit(self) -> int:
-        """The first unit no finished shard holds: where a resumed preparation continues."""
-        return self.done[-1]["units"][1] if self.done else 0
+    def entries(self) -> list[dict]:
+        return [self.done[k] for k in sorted(self.done)]
 
     def totals(self) -> dict:
-        return {s: {"documents": sum(e[s]["documents"] for e in self.done),
-                    "tokens": sum(e[s]["tokens"] for e in self.done)} for s in SPLITS}
+        return {s: {"documents": sum(e[s]["documents"] for e in self.done.values()),
+                    "tokens": sum(e[s]["tokens"] for e in self.done.values())} for s in SPLITS}
 
-    def add(self, unit: int, train: np.ndarray, val: np.ndarray, docs: list[int]) -> None:
-        if self._cur is None:
-            k = len(self.done)
-            self._cur = {"shard": k, "units": [unit, unit], "files": {}, "sha": {}, "count": {}}
-            for s in SPLITS:
-                self._cur["files"][s] = open(self._path(s, k) + ".tmp", "wb")
-                self._cur["sha"][s] = hashlib.sha256()
-                self._cur["count"][s] = [0, 0]
-        c = self._cur
-        for s, ids, n in zip(SPLITS, (train, val), docs):
-            raw = memoryview(np.ascontiguousarray(ids, dtype=self.dtype)).cast("B")
-            c["files"][s].write(raw)
-            c["sha"][s].update(raw)
-            c["count"][s][0] += n
-            c["count"][s][1] += len(ids)
-        c["units"][1] = unit + 1
-        if sum(n for _, n in c["count"].values()) >= self.shard_tokens:
-            self.close_shard()
-
-    def close_shard(self) -> None:
-        c, self._cur = self._cur, None
-        if c is None:
-            return
-        for s in SPLITS:
-            f = c["files"][s]
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            os.replace(self._path(s, c["shard"]) + ".tmp", self._path(s, c["shard"]))
+    def add(self, entry: dict) -> None:
+        """Record a shard whose files the worker has fsynced and renamed."""
         fsync_path(self.dir)  # the renames are durable before the manifest says the shard is done
-        entry = {"shard": c["shard"], "units": c["units"],
-                 **{s: {"documents": c["count"][s][0], "tokens": c["count"][s][1], "sha256": c["sha"][s].hexdigest()}
-                    for s in SPLITS}}
         with open(os.path.join(self.dir, MANIFEST), "a") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.done.append(entry)
+        self.done[entry["shard"]] = entry
 
-    def abandon(self) -> None:
-        """Close the open shard's files without recording it (an interrupted run)."""
-        if self._cur is not None:
-            for f in self._cur["files"].values():
-                f.close()
-            self._cur = None
-
-    def finish(self, seq_len: int) -> dict:
-        """Close the last shard and lay out the folder: the meta.json fields of the token files."""
-        self.close_shard()
+    def finish(self, seq_len: int, n_shards: int) -> dict:
+        """Lay out the folder once shards 0..n_shards-1 are recorded: the meta.json fields of the token files."""
+        assert sorted(self.done) == list(range(n_shards)), "finish() before every shard was recorded"
         totals = self.totals()
         blocks = {s: totals[s]["tokens"] // seq_len for s in SPLITS}
         fields = {"num_documents": {s: totals[s]["documents"] for s in SPLITS},
                   "num_tokens": {s: totals[s]["tokens"] for s in SPLITS}, "num_blocks": blocks}
-        if len(self.done) <= 1:  # one shard: the single-file layout, the tail cut off as it always was
+        if n_shards <= 1:  # one shard: the single-file layout, the tail cut off as it always was
             paths = [os.path.join(self.dir, f"{s}.bin") for s in SPLITS]
             for s, path in zip(SPLITS, paths):
                 if self.done:
@@ -164,7 +124,7 @@ class ShardWriter:
                     f.truncate(blocks[s] * seq_len * self.dtype.itemsize)
             return {"format_version": 1, "data_sha256": sha256_files(paths), **fields}
         shards = {s: [[os.path.basename(self._path(s, e["shard"])), e[s]["tokens"], e[s]["sha256"]]
-                      for e in self.done] for s in SPLITS}
+                      for e in self.entries()] for s in SPLITS}
         # Covers every byte of every shard through their recorded sha256 (no second read of the data).
         digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
         return {"format_version": SHARDED_FORMAT_VERSION, "data_sha256": digest, **fields, "shards": shards}

@@ -5,9 +5,10 @@ Example (bundled corpus and tokenizer):
     python tools/prepare_data.py --out data/kjv-512 --seq_len 512     # same, from a checkout
 
 The inputs are streamed (.jsonl, .jsonl.gz/.xz/.bz2/.zst, .txt, .parquet) and tokenized on --num_proc
-processes into token shards of about --shard_tokens tokens. It prepares in a folder beside --out named
-after the inputs and settings; interrupted (Ctrl-C, SIGTERM, a killed job), the same command again
-keeps the finished shards and continues after them.
+processes into token shards of about --shard_tokens tokens (each worker reads, decompresses, tokenizes
+and writes its own shard). It prepares in a folder beside --out named after the inputs and settings;
+interrupted (Ctrl-C, SIGTERM, a killed job), the same command again keeps the finished shards and
+tokenizes the others only.
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num_proc", type=int, default=usable_cores(),
                     help="tokenizing processes (default: the usable cores, here %(default)s)")
     ap.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
-                    help="tokens per output shard, the unit an interrupted run resumes after; one shard is written "
-                         "as train.bin/val.bin (default: %(default)s = 2^27)")
+                    help="tokens per output shard (~4 bytes of input text each): one process's unit of work and "
+                         "what an interrupted run keeps; one shard is written as train.bin/val.bin (default: "
+                         "%(default)s = 2^27)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an earlier preparation of other inputs in --out; a run reading it keeps "
                          "reading the old files (default: off = refuse)")
