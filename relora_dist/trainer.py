@@ -35,6 +35,7 @@ from relora_dist.backends.ds_config import build_ds_config, resolve_backend, res
 from relora_dist.faults import is_finite
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, flops_per_token, llama_config
+from relora_dist.reinit_steps import start_gradient_sketch
 from relora_dist.relora import freeze_for_full_rank, relora_modules, wrap_model
 from relora_dist.state import CheckpointState, ModelState, ReLoRAState, RNGState, TrainState
 from relora_dist.tokenizer import load_tokenizer
@@ -175,6 +176,11 @@ class Trainer:
         update (tests read gradients there)."""
         if lr is None:
             lr = self.peak_lr * schedule.lr_multiplier(self.cfg, self.state.step)
+        r = self.cfg.relora
+        if r.reinit != "random" and self.state.phase == "relora" and schedule.reset_due(self.cfg, self.state.step):
+            # the reset after this step re-initialises from this step's gradient (relora_dist/reinit.py)
+            start_gradient_sketch(self.modules, self.cfg.train.seed, self.state.restart_index + 1, self.device,
+                                  r.reinit_micro_batches)
         self.set_lr(lr)
         losses, grad_norm = self.backend.train_step(self.engine, [b.to(self.device) for b in micro_batches],
                                                     before_update)

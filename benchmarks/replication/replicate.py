@@ -68,7 +68,10 @@ def with_(base: list[str], **kv) -> list[str]:
 
 SUITES: dict[str, dict] = {
     "table": {"seeds": [0, 1, 2], "rows": {
-        "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL}},
+        "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL,
+        # relora.reinit: A from the gradient at each reset; and with B's moments projected, not pruned
+        "relora_gradient": with_(RELORA, relora__reinit="gradient"),
+        "relora_project": with_(RELORA, relora__reinit="project")}},
     "sweep": {"seeds": [0], "rows": {
         **{f"relora_r{r}": with_(RELORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
         **{f"lora_r{r}": with_(LORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
