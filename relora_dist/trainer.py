@@ -155,6 +155,14 @@ class Trainer:
         del engine
         self.state.restart_index = 0
 
+    def sketch_next_step(self) -> None:
+        """relora.reinit=gradient/project: the next step sketches the frozen weights' gradient, from
+        which the reset after it re-initialises A (relora_dist/reinit.py). No-op for random."""
+        r = self.cfg.relora
+        if r.reinit != "random" and self.state.phase == "relora":
+            start_gradient_sketch(self.modules, self.cfg.train.seed, self.state.restart_index + 1, self.device,
+                                  r.reinit_micro_batches)
+
     def reset(self) -> dict[str, float]:
         """Merge, re-init and prune after the step taken at LR 0."""
         self.state.restart_index += 1
@@ -176,11 +184,8 @@ class Trainer:
         update (tests read gradients there)."""
         if lr is None:
             lr = self.peak_lr * schedule.lr_multiplier(self.cfg, self.state.step)
-        r = self.cfg.relora
-        if r.reinit != "random" and self.state.phase == "relora" and schedule.reset_due(self.cfg, self.state.step):
-            # the reset after this step re-initialises from this step's gradient (relora_dist/reinit.py)
-            start_gradient_sketch(self.modules, self.cfg.train.seed, self.state.restart_index + 1, self.device,
-                                  r.reinit_micro_batches)
+        if schedule.reset_due(self.cfg, self.state.step):
+            self.sketch_next_step()
         self.set_lr(lr)
         losses, grad_norm = self.backend.train_step(self.engine, [b.to(self.device) for b in micro_batches],
                                                     before_update)
