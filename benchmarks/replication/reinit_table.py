@@ -106,6 +106,22 @@ def table(results: dict) -> list[str]:
     return lines
 
 
+def cycle_gaps(results: dict) -> list[str]:
+    """Seed-mean train loss per cycle minus LoRA's (same seeds), per ReLoRA row."""
+    rows = results["rows"]
+    lora = by_seed(rows["lora"], "cycle_loss")
+    lines = []
+    for name in ("relora", "relora_gradient", "relora_project"):
+        if name in rows:
+            gaps = [[a - b for a, b in zip(c, lora[s])] for s, c in by_seed(rows[name], "cycle_loss").items() if s in lora]
+            mean = [statistics.mean(g) for g in zip(*gaps)]
+            if not lines:
+                lines = ["| row | " + " | ".join(f"cycle {i + 1}" for i in range(len(mean))) + " |",
+                         "|---|" + "---|" * len(mean)]
+            lines.append(f"| {name} | " + " | ".join(f"{g:+.3f}" for g in mean) + " |")
+    return lines
+
+
 def plot(results: dict, out: Path) -> None:
     try:
         import matplotlib
@@ -137,7 +153,7 @@ def main(argv: list[str]) -> int:
     for extra in argv:
         merge(results, json.loads(Path(extra).read_text()))
     base_path.write_text(json.dumps(results, indent=1) + "\n")
-    lines = table(results)
+    lines = table(results) + ["", "Train loss per cycle minus LoRA's (seed means):", ""] + cycle_gaps(results)
     (HERE / "table" / "reinit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(results, HERE / "table")
