@@ -173,8 +173,10 @@ class ReLoRAConfig:
     scaled to random A's row norm; sketched during the cycle's last step (at LR 0: the gradient at
     the reset point), so no extra forward or backward. project: A as gradient, and instead of
     optimizer_reset's pruning B's Adam moments are projected into the new subspace and A's zeroed.
-    The first adapter (at the switch) is random in all three. Replication table (3 seeds): see
-    benchmarks/replication/README.md."""
+    The first adapter (at the switch) is random in all three. Replication table (3 seeds, 5 resets):
+    the gap to LoRA grows per reset by 0.0170 nats (random), 0.0075 (gradient), 0.0073 (project);
+    eval perplexity 1.241x, 1.183x, 1.182x full rank (LoRA 1.139x). The default stays random, the
+    paper's and what earlier runs and checkpoints used."""
     reinit_micro_batches: int = 0
     """gradient/project: how many of each rank's micro-batches of the cycle's last step feed the
     gradient estimate (0 = all: the whole global batch, free of extra passes; the sketch costs

@@ -78,6 +78,9 @@ def project_adapter_moments(backend: Backend, modules: dict[str, ReLoRALinear], 
     gradient; carried moments make them the running estimate's, and the gradient-chosen subspace
     overlaps the old adapter's far more than a random one (~r/in), so more of them survive the
     projection. A's moments describe a B that is gone: kept, they would move A with no gradient.
+    Measured (replication table, 3 seeds): the gap to LoRA grows 0.0073 nats per reset against
+    gradient's 0.0075 and random's 0.0170: within the seed spread of gradient, so the subspace does
+    the work and the carried moments add little here.
     Collective: B's moments are assembled (batched) and every rank writes its own shard back."""
     params = [m.lora_B for m in modules.values()]
     local = {key: [backend.local_state(p, key) for p in params] for key in ADAM_STATE_KEYS}
