@@ -122,6 +122,8 @@ class ReLoRALinear(nn.Module):
         #: plain attribute, invisible to DeepSpeed, .to() and state_dict.
         self.qweight = None
         self.quant_compute_dtype = None
+        #: A relora_dist.reinit.GradSketch while the step before a gradient re-init runs, else None.
+        self.grad_sketch = None
         self.train(base.training)  # inherit train/eval mode (new modules default to train)
 
     def quantize_base(self, qweight, compute_dtype: torch.dtype | None) -> None:
@@ -143,11 +145,16 @@ class ReLoRALinear(nn.Module):
             if self.bias is not None:
                 out = out + self.bias
         elif self.adapter_active and isinstance(self.lora_dropout, nn.Identity):
-            return _AdaptedLinear.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+            out = _AdaptedLinear.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+            if self.grad_sketch is not None:
+                self.grad_sketch.observe(x, out)
+            return out
         else:
             out = F.linear(x, self.weight, self.bias)
         if self.adapter_active:
             out = out + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        if self.grad_sketch is not None:
+            self.grad_sketch.observe(x, out)
         return out
 
     def extra_repr(self) -> str:

@@ -26,6 +26,8 @@ PRUNE_MODES = ("zero", "random", "magnitude")
 
 #: How magnitude pruning finds its threshold (relora.prune_threshold; relora.magnitude_threshold).
 PRUNE_THRESHOLDS = ("kthvalue", "quantile")
+#: How a reset re-initialises the adapter (relora.reinit; relora_dist/reinit.py).
+REINITS = ("random", "gradient", "project")
 
 
 class ReLoRAConfigError(ValueError):
@@ -124,6 +126,13 @@ def check_relora_config(cfg) -> None:
         check_prune_threshold(r.prune_threshold, _KEYS["threshold"])
     except ReLoRAConfigError as e:
         raise ConfigError(str(e)) from None
+    if r.reinit not in REINITS:
+        raise ConfigError(f"relora.reinit '{r.reinit}' unknown: use {', '.join(REINITS)}")
+    if r.reinit_micro_batches < 0:
+        raise ConfigError(f"relora.reinit_micro_batches={r.reinit_micro_batches} must be >= 0 (0 = all micro-batches)")
+    if r.reinit == "project" and cfg.optimizer.name != "adamw":
+        raise ConfigError(f"relora.reinit=project carries Adam moments, which optimizer.name={cfg.optimizer.name} "
+                          f"does not keep in fp32: use optimizer.name=adamw or relora.reinit=gradient")
 
 
 def check_relora_targets(cfg, model_config) -> None:

@@ -4,6 +4,8 @@ backend contract (relora_dist/backends/base.py):
     wrap (relora.wrap_model) -> switch_to_relora -> [train cycle -> relora_reset:
     merge_adapters -> reinit_adapters -> prune_adapter_moments] * n, LR from schedule.lr_multiplier.
 
+relora.reinit=gradient/project replace the re-init (and, for project, the prune) by reinit_steps.py's.
+
 Paper: Lialin et al., arXiv 2307.05695, §3 (Algorithm 1).
 """
 
@@ -15,9 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from relora_dist import reinit_steps
 from relora_dist.backends.base import Backend
 from relora_dist.backends.optimizer_state import ADAM_KEYS
 from relora_dist.quant_steps import merge_quantized, quantize_frozen_base
+from relora_dist.shard_ops import ASSEMBLE_CHUNK, assemble, full_fp32_masters
 from relora_dist.config import Config
 from relora_dist.relora import (
     ReLoRALinear,
@@ -185,7 +189,7 @@ def merge_adapters(backend: Backend, modules: dict[str, ReLoRALinear], masters: 
     compute-dtype W travel. Returns the bytes this rank received."""
     moved, finish = 0, None
     for group in _groups(list(modules.items())):
-        adapters = _full_fp32_masters(backend, [p for _, m in group for p in (m.lora_A, m.lora_B)])
+        adapters = full_fp32_masters(backend, [p for _, m in group for p in (m.lora_A, m.lora_B)])
         if backend.world_size > 1:
             moved += sum(t.numel() for t in adapters) * 4
         for j, (name, m) in enumerate(group):
@@ -211,22 +215,12 @@ def _groups(items: list[tuple[str, ReLoRALinear]]) -> list[list[tuple[str, ReLoR
     groups, size = [[]], 0
     for name, m in items:
         n = m.r * (m.in_features + m.out_features)
-        if groups[-1] and size + n > _ASSEMBLE_CHUNK:
+        if groups[-1] and size + n > ASSEMBLE_CHUNK:
             groups.append([])
             size = 0
         groups[-1].append((name, m))
         size += n
     return [g for g in groups if g]
-
-
-def _full_fp32_masters(backend: Backend, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """Full fp32 optimizer masters of trainable params, flat, assembled in a few collectives
-    (DeepSpeed's per-param getter is one full-size all-reduce each: 336 of them per reset at 350m)."""
-    items = []
-    for p in params:
-        start, _, frag = backend.shards.fp32_fragment(p)
-        items.append((backend.shards.numel(p), start, frag if frag is not None else torch.zeros(0)))
-    return _assemble(backend, items)
 
 
 def reinit_adapters(backend: Backend, modules: dict[str, ReLoRALinear], seed: int, restart_index: int) -> None:
@@ -300,7 +294,7 @@ def _magnitude_thresholds(backend: Backend, local: dict, numels: list[int], whol
         mine: list = []
         for owner in range(world):  # all reduces first, so the ranks then find thresholds in parallel
             idx = [j for j in range(n) if not whole[j] and j % world == owner]
-            fulls = _assemble(backend, [(numels[j], *local[key][j]) for j in idx], dst=owner)
+            fulls = assemble(backend, [(numels[j], *local[key][j]) for j in idx], dst=owner)
             if rank == owner:
                 mine = list(zip(idx, fulls))
         for j, full in mine:
@@ -340,49 +334,26 @@ def _held_thresholds(frags: list[torch.Tensor], ratio: float, rule: str, batched
 _BATCH_ELEMENTS = 1 << 24
 
 
-# Elements per collective when assembling split tensors (256 MiB of fp32 temporaries at most).
-_ASSEMBLE_CHUNK = 1 << 26
-
-
-def _assemble(backend: Backend, items: list[tuple[int, int, torch.Tensor]],
-              dst: int | None = None) -> list[torch.Tensor]:
-    """Full flat tensors from every rank's (numel, start, fragment), batched: each rank writes its
-    fragments into one zero buffer and a SUM all-reduce (or a reduce to `dst`, the only rank whose
-    result is then valid) completes it; every element has exactly one owner, so the sum is exact.
-    A few large collectives instead of one per tensor (ZeRO-3 splits every tensor over all ranks).
-    Collective: every rank passes the same numels."""
-    out, pos = [], 0
-    while pos < len(items):
-        end, total = pos, 0
-        while end < len(items) and (end == pos or total + items[end][0] <= _ASSEMBLE_CHUNK):
-            total += items[end][0]
-            end += 1
-        buf = torch.zeros(total, dtype=torch.float32, device=backend.shards.comm_device)
-        offset = 0
-        for numel, start, frag in items[pos:end]:
-            buf[offset + start:offset + start + frag.numel()] = frag.to(buf)
-            offset += numel
-        backend.shards.all_reduce_sum_(buf, dst)
-        offset = 0
-        for numel, _, _ in items[pos:end]:
-            out.append(buf[offset:offset + numel])
-            offset += numel
-        pos = end
-    return out
-
-
 def relora_reset(backend: Backend, modules: dict[str, ReLoRALinear], masters: FrozenMasters, cfg: Config,
                  restart_index: int) -> dict[str, float]:
-    """One reset: merge, re-init (for adapter `restart_index`), prune. Returns part timings (s)."""
+    """One reset: merge, re-init (for adapter `restart_index`, by relora.reinit), prune or project
+    the adapters' moments. Returns part timings (s)."""
     r = cfg.relora
     timings = {}
     t0 = time.perf_counter()
+    A_old = reinit_steps.full_adapter_A(backend, modules) if r.reinit == "project" else None
     merge_adapters(backend, modules, masters)
     t1 = time.perf_counter()
-    reinit_adapters(backend, modules, cfg.train.seed, restart_index)
+    if r.reinit == "random":
+        reinit_adapters(backend, modules, cfg.train.seed, restart_index)
+    else:
+        A_new = reinit_steps.gradient_reinit_adapters(backend, modules)
     t2 = time.perf_counter()
-    prune_adapter_moments(backend, modules, r.optimizer_reset, r.prune_ratio, cfg.train.seed, restart_index,
-                          r.prune_threshold)
+    if r.reinit == "project":
+        reinit_steps.project_adapter_moments(backend, modules, A_old, A_new)
+    else:
+        prune_adapter_moments(backend, modules, r.optimizer_reset, r.prune_ratio, cfg.train.seed, restart_index,
+                              r.prune_threshold)
     t3 = time.perf_counter()
     timings.update(merge=t1 - t0, reinit=t2 - t1, prune=t3 - t2, total=t3 - t0)
     return timings

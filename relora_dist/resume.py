@@ -83,7 +83,8 @@ RUN_IDENTITY = {
     "schedule": None,
     "relora": ("enabled", "warm_start_steps", "r", "alpha", "dropout", "targets", "train_extra", "cycle_length",
                "first_warmup", "restart_warmup", "lr", "resets", "optimizer_reset", "prune_ratio",
-               "prune_threshold", "merge_precision", "warm_start_schedule", "carry_optimizer_state", "lr_restarts"),
+               "prune_threshold", "merge_precision", "warm_start_schedule", "carry_optimizer_state", "lr_restarts",
+               "reinit", "reinit_micro_batches"),
 }
 # Of those, the ones that change tensor shapes or the set of trained tensors: never allowed.
 STRUCTURAL = ("model.*", "relora.enabled", "relora.r", "relora.targets")

@@ -36,6 +36,7 @@ from relora_dist.backends.ds_config import build_ds_config, resolve_backend, res
 from relora_dist.faults import is_finite
 from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, flops_per_token, llama_config
+from relora_dist.reinit_steps import start_gradient_sketch
 from relora_dist.relora import freeze_for_full_rank, relora_modules, wrap_model
 from relora_dist.state import CheckpointState, ModelState, ReLoRAState, RNGState, TrainState
 from relora_dist.tokenizer import load_tokenizer
@@ -195,6 +196,14 @@ class Trainer:
         del engine
         self.state.restart_index = 0
 
+    def sketch_next_step(self) -> None:
+        """relora.reinit=gradient/project: the next step sketches the frozen weights' gradient, from
+        which the reset after it re-initialises A (relora_dist/reinit.py). No-op for random."""
+        r = self.cfg.relora
+        if r.reinit != "random" and self.state.phase == "relora":
+            start_gradient_sketch(self.modules, self.cfg.train.seed, self.state.restart_index + 1, self.device,
+                                  r.reinit_micro_batches)
+
     def reset(self) -> dict[str, float]:
         """Merge, re-init and prune after the step taken at LR 0."""
         self.state.restart_index += 1
@@ -216,6 +225,8 @@ class Trainer:
         update (tests read gradients there)."""
         if lr is None:
             lr = self.peak_lr * schedule.lr_multiplier(self.cfg, self.state.step)
+        if schedule.reset_due(self.cfg, self.state.step):
+            self.sketch_next_step()
         self.set_lr(lr)
         losses, grad_norm = self.backend.train_step(self.engine, [b.to(self.device) for b in micro_batches],
                                                     before_update)

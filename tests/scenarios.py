@@ -372,3 +372,36 @@ def compile_run(cfg, template, info) -> dict:
             "evals": torch.tensor([e["eval_loss"] for e in st.evals], dtype=torch.float64),
             "graphs": marks, "restart_index": st.restart_index, "names": list(t.model.state_dict()),
             "compiled_layers": sum(getattr(m, "_compiled_call_impl", None) is not None for m in t.model.modules())}
+
+
+def reinit_runs(cfg, template, info, runs: list[list[str]]) -> dict:
+    """One run through train() per override list; records each adapter's A and its B's and A's Adam
+    moments right after the first reset, and every step's loss."""
+    from relora_dist.config import load_config
+
+    out = {}
+    for i, overrides in enumerate(runs):
+        t = Trainer(load_config(None, overrides), template, info)
+        after: dict = {}
+        reset = t.reset
+
+        def recording(t=t, after=after, reset=reset):
+            timings = reset()
+            if not after:
+                t.backend.optimizer_state.link_fragments(t.engine)
+                after["A"] = {n: a.view(m.r, m.in_features) for (n, m), (a, _) in zip(t.modules.items(), _adapters(t).values())}
+                after["moments"] = {f"{n}.{which}": {k: t.backend.optimizer_state.gather_state(p, k).clone()
+                                                     for k in ("exp_avg", "exp_avg_sq")}
+                                    for n, m in t.modules.items() for which, p in (("A", m.lora_A), ("B", m.lora_B))}
+                after["sketches_left"] = sum(m.grad_sketch is not None for m in t.modules.values())
+            return timings
+
+        t.reset = recording
+        st = t.train()
+        out[i] = {"losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
+                  "names": {n: m.relora_name for n, m in t.modules.items()}, **after}
+        t.backend.teardown_engine(t.engine)
+        t.engine = None
+        del t
+        gc.collect()
+    return out

@@ -68,7 +68,10 @@ def with_(base: list[str], **kv) -> list[str]:
 
 SUITES: dict[str, dict] = {
     "table": {"seeds": [0, 1, 2], "rows": {
-        "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL}},
+        "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL,
+        # relora.reinit: A from the gradient at each reset; and with B's moments projected, not pruned
+        "relora_gradient": with_(RELORA, relora__reinit="gradient"),
+        "relora_project": with_(RELORA, relora__reinit="project")}},
     "sweep": {"seeds": [0], "rows": {
         **{f"relora_r{r}": with_(RELORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
         **{f"lora_r{r}": with_(LORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
@@ -151,7 +154,10 @@ def summarize(r: dict, args: list[str]) -> dict:
     warm, cycle = _arg(args, "relora.warm_start_steps", 100), _arg(args, "relora.cycle_length", 50)
     # the reset after the step at phase index k*cycle is logged with the next step's number
     bounds = range(max(warm, 1) + cycle + 1, STEPS - 20, cycle)
-    changes = [{"step": s, "loss_before": mean_loss(s - 5, s), "loss_after_20": mean_loss(s + 18, s + 23)}
+    # loss_prev_20 / loss_next_20: the 20 steps up to the reset (record s is the step at LR 0, taken
+    # before it) and the 20 after it, for the per-reset cost against LoRA (reinit_table.py)
+    changes = [{"step": s, "loss_before": mean_loss(s - 5, s), "loss_after_20": mean_loss(s + 18, s + 23),
+                "loss_prev_20": mean_loss(s - 19, s + 1), "loss_next_20": mean_loss(s + 1, s + 21)}
                for s in bounds]
     cycles = [round(mean_loss(b, b + cycle), 4) for b in range(warm + 1, STEPS + 1, cycle)]
     return {"eval_ppl": r["eval_ppl"][-1][1], "eval_curve": r["eval_ppl"], "tokens": int(r["tokens"][-1]),

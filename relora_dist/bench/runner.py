@@ -276,7 +276,11 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     del at_switch
     measure = cfg.relora.effective_rank_every >= 0
     resets = []
+    sketched = []  # relora.reinit=gradient/project: the step before a reset also sketches W's gradient
     for _ in range(args["resets"]):
+        if cfg.relora.reinit != "random":
+            trainer.sketch_next_step()
+            sketched.append(_timed(lambda: trainer.train_step(trainer.loader.next_batch()))[0])
         _timed(lambda: None)
         total, timings = _timed(trainer.reset)
         # The parts are host timings (on a GPU, kernels queued in one part may finish in the next);
@@ -286,6 +290,8 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
         resets.append(timings)
         trainer.train_step(trainer.loader.next_batch())
     res["resets"] = resets
+    if sketched:
+        res["sketched_step_s"] = sketched
     res["rank_stats_measured"] = measure
 
     # --- ReLoRA steps after the last reset: same measure as before the first ----------------------
@@ -294,6 +300,9 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     res["relora_post_reset"] = _run_steps(trainer, counter, warmup, n, snapshot=False, count_ops=nops)
 
     # --- merge alone: shard-local vs gather-based (right after a reset: B = 0, weights unchanged)
+    if cfg.relora.reinit != "random":
+        trainer.sketch_next_step()
+        trainer.train_step(trainer.loader.next_batch())
     _timed(trainer.reset)
     merges: dict[str, dict] = {}
     variants = {"shard_local": lambda: steps.merge_adapters(trainer.backend, trainer.modules, trainer.masters)}

@@ -152,6 +152,10 @@ def summarize_stage(ranks: list[dict]) -> dict:
     out["rank_stats_measured"] = r0["rank_stats_measured"]
     out["resets_done"] = len(r0["resets"])
     out["reset_over_step"] = parts["total"] / rl
+    if "sketched_step_s" in r0:  # relora.reinit=gradient/project: the step before a reset also sketches
+        out["sketched_step_s"] = _median([max(r["sketched_step_s"][i] for r in ranks)
+                                          for i in range(len(r0["sketched_step_s"]))])
+        out["sketched_step_ratio"] = out["sketched_step_s"] / rl
     out["reset_parts_over_step"] = {k: v / rl for k, v in parts.items() if k != "total"}
     out["merge"] = {name: {"time_s": _median([max(r["merge"][name]["times"][i] for r in ranks)
                                               for i in range(len(r0["merge"][name]["times"]))]),
