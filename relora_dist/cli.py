@@ -11,7 +11,7 @@ import sys
 
 from relora_dist import resources
 from relora_dist.config import Config, ConfigError, help_text, load_config
-from relora_dist.faults import DEFAULT_GRACE_S, GRACE_ENV
+from relora_dist.runtime.faults import DEFAULT_GRACE_S, GRACE_ENV
 
 PRETRAIN_DOC = """\
 Pretrain with a full-rank ZeRO-2/3 warm start followed by ReLoRA phases.
@@ -25,7 +25,7 @@ Pretrain with a full-rank ZeRO-2/3 warm start followed by ReLoRA phases.
 """
 
 TIMEOUT_ENV = "RELORA_DIST_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 300.0  # = relora_dist.dist.init_distributed's default
+DEFAULT_TIMEOUT_S = 300.0  # = relora_dist.runtime.dist.init_distributed's default
 
 ENV_HELP = f"""\
 Environment:
@@ -148,13 +148,13 @@ def _prepare(argv: list[str]) -> tuple[Config, dict, argparse.Namespace]:
 
 
 def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
-    """--dry_run's memory plan: relora_dist/memory_model.py's per-rank training state of this run's
+    """--dry_run's memory plan: relora_dist/memory/model.py's per-rank training state of this run's
     phases at this world size, engine (ZeRO stage or FSDP2) and precision, with a warning when the ReLoRA phase would
     hold more than the full-rank one."""
-    from relora_dist import memory_model as mm
+    from relora_dist.memory import model as mm
     from relora_dist.data import tokenizer_dir_of
     from relora_dist.backends.ds_config import resolve_backend, resolve_precision
-    from relora_dist.tokenizer import load_tokenizer
+    from relora_dist.data.tokenizer import load_tokenizer
     from relora_dist.model import check_model_config
 
     vocab = load_tokenizer(tokenizer_dir_of(cfg)).vocab_size
@@ -167,7 +167,7 @@ def memory_plan(cfg: Config, template: dict, world: int) -> list[str]:
                     master_device=r.merge_master_device, phase_stage=str(r.phase_stage), relora=r.enabled,
                     warm_start=r.warm_start_steps > 0)
     if r.enabled and r.base_quant != "none":  # FSDP2 refuses a quantized base before this
-        from relora_dist.memory_quant import quant_plan
+        from relora_dist.memory.quant import quant_plan
 
         stage = 3 if backend == "zero3" or r.phase_stage == "3" else 2
         lines += quant_plan(shape, world, stage, r.base_quant, compute=resolve_precision(cfg.train.precision), r=r.r,
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         # processes on this node: torchrun's LOCAL_WORLD_SIZE, the DeepSpeed launcher's LOCAL_SIZE
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-    from relora_dist.dist import init_distributed, shutdown_and_exit
-    from relora_dist.faults import EXIT_ABORTED, RunAborted, is_peer_failure, peer_failure_line, start_watchdog
+    from relora_dist.runtime.dist import init_distributed, shutdown_and_exit
+    from relora_dist.runtime.faults import EXIT_ABORTED, RunAborted, is_peer_failure, peer_failure_line, start_watchdog
     from relora_dist.trainer import Trainer
 
     watchdog = start_watchdog(int(os.environ.get("RANK", "0")), world, grace_s, lambda: _newest(cfg))
@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _newest(cfg: Config) -> str:
-    from relora_dist.checkpoint import find_latest
-    from relora_dist.resume import checkpoint_root
+    from relora_dist.checkpoint.format import find_latest
+    from relora_dist.checkpoint.resume import checkpoint_root
 
     return str(find_latest(checkpoint_root(cfg), strict=False) or "none")
 

@@ -91,7 +91,7 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """With on_nonfinite=skip: consecutive non-finite steps tolerated before the run stops."""
     compile: bool = False
-    """torch.compile each decoder layer in place (relora_dist/compile.py) under ZeRO-2, ZeRO-3 (its
+    """torch.compile each decoder layer in place (relora_dist/runtime/compile.py) under ZeRO-2, ZeRO-3 (its
     gather hooks split each layer into several graphs) and FSDP2; refused with relora.base_quant.
     Recompiles once at the switch to ReLoRA, never at a reset; the first steps of each phase pay
     the compilation (about a minute on 2 CPU cores). Losses within 1e-5 of eager in fp32. Off by

@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from relora_dist.config import ConfigError, suggest
-from relora_dist.tokenizer import has_tokenizer
+from relora_dist.data.tokenizer import has_tokenizer
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """One Trainer for both phases: full-rank warm start, then ReLoRA cycles with collective resets.
 
-Model code (model.py, relora.py) knows nothing about sharding; the Trainer talks to DeepSpeed only
-through the backend contract (backends/), and the ReLoRA steps live in relora_steps.py. Checkpoints
-and exports never see the Trainer: it hands them its components (state.py, Trainer.checkpoint_state).
+Model code (model.py, relora/layer.py) knows nothing about sharding; the Trainer talks to DeepSpeed only
+through the backend contract (backends/), and the ReLoRA steps live in relora/steps.py. Checkpoints
+and exports never see the Trainer: it hands them its components (checkpoint/state.py, Trainer.checkpoint_state).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from relora_dist import checkpoint as ckpt
-from relora_dist import faults, run_guard
-from relora_dist import relora_steps as steps
-from relora_dist import resume, schedule
+from relora_dist.checkpoint import format as ckpt
+from relora_dist.runtime import faults
+from relora_dist.runtime import run_guard
+from relora_dist.relora import steps
+from relora_dist.checkpoint import resume
+from relora_dist.relora import schedule
 from relora_dist.backends.factory import make_backend
-from relora_dist.compile import compile_blocks
+from relora_dist.runtime.compile import compile_blocks
 from relora_dist.config import Config, dump_config
 from relora_dist.data import (
     DEFAULT_CORPUS,
@@ -31,15 +33,15 @@ from relora_dist.data import (
     eval_batches,
     tokenizer_dir_of,
 )
-from relora_dist.dist import DistInfo
+from relora_dist.runtime.dist import DistInfo
 from relora_dist.backends.ds_config import build_ds_config, resolve_backend, resolve_precision
-from relora_dist.faults import is_finite
-from relora_dist.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
+from relora_dist.runtime.faults import is_finite
+from relora_dist.runtime.metrics import MetricsLogger, default_peak_flops, peak_memory_mb
 from relora_dist.model import build_model, flops_per_token, llama_config
-from relora_dist.reinit_steps import start_gradient_sketch
-from relora_dist.relora import freeze_for_full_rank, relora_modules, wrap_model
-from relora_dist.state import CheckpointState, ModelState, ReLoRAState, RNGState, TrainState
-from relora_dist.tokenizer import load_tokenizer
+from relora_dist.relora.reinit_steps import start_gradient_sketch
+from relora_dist.relora.layer import freeze_for_full_rank, relora_modules, wrap_model
+from relora_dist.checkpoint.state import CheckpointState, ModelState, ReLoRAState, RNGState, TrainState
+from relora_dist.data.tokenizer import load_tokenizer
 from relora_dist.validation import validate
 
 
@@ -184,7 +186,7 @@ class Trainer:
         return schedule.reset_due(self.cfg, self.state.step - 1)
 
     def switch_to_relora(self) -> None:
-        """Tear down the full-rank engine and continue with adapters only (relora_steps.py)."""
+        """Tear down the full-rank engine and continue with adapters only (relora/steps.py)."""
         self.state.phase = "relora"
         engine, self.engine = self.engine, None
         phase_backend = self.backend.relora_phase_backend(self.cfg)
@@ -198,7 +200,7 @@ class Trainer:
 
     def sketch_next_step(self) -> None:
         """relora.reinit=gradient/project: the next step sketches the frozen weights' gradient, from
-        which the reset after it re-initialises A (relora_dist/reinit.py). No-op for random."""
+        which the reset after it re-initialises A (relora_dist/relora/reinit.py). No-op for random."""
         r = self.cfg.relora
         if r.reinit != "random" and self.state.phase == "relora":
             start_gradient_sketch(self.modules, self.cfg.train.seed, self.state.restart_index + 1, self.device,
@@ -349,7 +351,7 @@ class Trainer:
         return ModelState(self.backend, self.engine, self.model, self.modules, self.masters)
 
     def checkpoint_state(self) -> CheckpointState:
-        """The components a checkpoint saves and a resume restores (state.py)."""
+        """The components a checkpoint saves and a resume restores (checkpoint/state.py)."""
         r = self.cfg.relora
         return CheckpointState(
             model=self.model_state(), progress=self.state, loader=self.loader, rng=RNGState(),
@@ -375,7 +377,7 @@ class Trainer:
         return quantized + sum(self.backend.shards.numel(p) for p in self.model.parameters())
 
     def _quant_note(self) -> str:
-        from relora_dist.quant_steps import held_quantized_nbytes
+        from relora_dist.relora.quant_steps import held_quantized_nbytes
 
         held = held_quantized_nbytes(self.modules)
         if not held:
@@ -432,6 +434,6 @@ class Trainer:
     # --- export -----------------------------------------------------------------------------------
     def export_warm_start(self) -> None:
         if self.cfg.run.export_warm_start:
-            from relora_dist.export import export_hf
+            from relora_dist.checkpoint.export import export_hf
 
             export_hf(self.checkpoint_state(), self.output_dir / "warm_start")

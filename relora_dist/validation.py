@@ -5,13 +5,13 @@ ConfigError that names the key and the fix.
 Each rule lives in the module that applies it at run time, and this module only runs them in
 order (the import order is config -> owners -> validation -> cli/trainer):
 
-    model.py          model.* and model.init_from            -> the LlamaConfig the run builds
-    relora_rules.py   relora.r/alpha/dropout, the optimizer reset, relora.targets against the model
-    compile.py        train.compile against what it cannot compile
-    quant.py          relora.base_quant / quant_merge / quant_compute_dtype (+ bitsandbytes packing)
-    schedule.py       schedule.*, relora.warm_start_schedule and the jagged cosine over the ReLoRA phase
-    resume.py         checkpoint.*, and never training over another run's checkpoints
-    data/check.py     data.*: tokenizer, sources, prepared blocks vs seq_len / tokenizer / batch sizes
+    model.py              model.* and model.init_from            -> the LlamaConfig the run builds
+    relora/rules.py       relora.r/alpha/dropout, the optimizer reset, relora.targets against the model
+    runtime/compile.py    train.compile against what it cannot compile
+    relora/quant.py       relora.base_quant / quant_merge / quant_compute_dtype (+ bitsandbytes packing)
+    relora/schedule.py    schedule.*, relora.warm_start_schedule and the jagged cosine over the ReLoRA phase
+    checkpoint/resume.py  checkpoint.*, and never training over another run's checkpoints
+    data/check.py         data.*: tokenizer, sources, prepared blocks vs seq_len / tokenizer / batch sizes
 
 What is left here are the value rules of keys that no other module checks.
 """
@@ -21,14 +21,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from relora_dist.compile import check_compile_config
+from relora_dist.runtime.compile import check_compile_config
 from relora_dist.config import OPTIMIZERS, Config, ConfigError, suggest
 from relora_dist.data.check import check_data_config, check_data_values
 from relora_dist.model import check_model_config
-from relora_dist.quant import check_quant_config
-from relora_dist.relora_rules import check_relora_config, check_relora_targets
-from relora_dist.resume import check_checkpoint_config
-from relora_dist.schedule import check_schedule_config
+from relora_dist.relora.quant import check_quant_config
+from relora_dist.relora.rules import check_relora_config, check_relora_targets
+from relora_dist.checkpoint.resume import check_checkpoint_config
+from relora_dist.relora.schedule import check_schedule_config
 
 
 def validate(cfg: Config) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from relora_dist.dist import free_port
+from relora_dist.runtime.dist import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def _worker(rank: int, world_size: int, port: int, scenario: str, overrides: lis
     import torch.distributed as dist
 
     from relora_dist.config import load_config
-    from relora_dist.dist import init_distributed
+    from relora_dist.runtime.dist import init_distributed
     from relora_dist.backends.ds_config import load_ds_template
     from tests import scenarios
 

@@ -75,7 +75,7 @@ def _train_and_logits(cfg, template, info, stop_at: int | None):
 def relora_run(cfg, template, info, stop_at: int | None = None) -> dict:
     """A (possibly resumed, possibly stopped early) run through train(); returns the logged
     records and the merged fp32 weights at the end."""
-    from relora_dist.export import full_state_dict
+    from relora_dist.checkpoint.export import full_state_dict
 
     t, st, batch, logits = _train_and_logits(cfg, template, info, stop_at)
     return {"logits_batch": batch, "logits": logits, "losses": torch.tensor([h["loss"] for h in st.history], dtype=torch.float64),
@@ -218,7 +218,7 @@ def nonfinite_runs(cfg, template, info, base: str) -> dict:
     """Three runs with injected NaN losses on rank 1 (skip and recover, stop, too many skips) and
     a save of a model holding a NaN."""
     from relora_dist.config import load_config
-    from relora_dist.faults import RunAborted
+    from relora_dist.runtime.faults import RunAborted
 
     def run(name, steps, **extra):
         c = load_config(None, [f"--{k}={v}" for k, v in {**extra, "run.output_dir": f"{base}/{name}"}.items()])
@@ -265,7 +265,9 @@ def killed_run(cfg, template, info, where: str, at_step: int, victim: int) -> di
     import os
     import signal
 
-    from relora_dist import checkpoint, relora_steps
+    from relora_dist.checkpoint import format as checkpoint
+
+    from relora_dist.relora import steps as relora_steps
 
     t = Trainer(cfg, template, info)
 

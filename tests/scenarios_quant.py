@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from relora_dist import relora_steps as steps
+from relora_dist.relora import steps
 from relora_dist.backends.probe import probe
-from relora_dist.quant import QuantizedWeight
-from relora_dist.quant_steps import full_master
+from relora_dist.relora.quant import QuantizedWeight
+from relora_dist.relora.quant_steps import full_master
 from relora_dist.trainer import Trainer
 
 

@@ -4,7 +4,7 @@ ReLoRA optimizer reset on the blockwise 8-bit state against a single-process ref
 import pytest
 import torch
 
-from relora_dist.relora import prune_mask
+from relora_dist.relora.layer import prune_mask
 from tests.dist_utils import engine, run_world, tiny_overrides
 
 pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)

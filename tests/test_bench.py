@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from relora_dist import bench
-from relora_dist import memory_model as mm
-from relora_dist import memory_report as report
+from relora_dist.memory import model as mm
+from relora_dist.memory import report
 
 REPO = Path(__file__).resolve().parent.parent
 HEADLINE = ("step_time_ratio", "state_bytes_ratio", "grad_bytes_ratio", "trainable_fraction", "reset_over_step")
@@ -187,7 +187,7 @@ def _adapter_forward_ops() -> int:
     """Launches one active adapter adds to a wrapped linear's forward, counted here apart from the
     bench: the same OpCounter on one ReLoRALinear over a [batch, seq, in] input, as in the model."""
     from relora_dist.bench.ops import OpCounter
-    from relora_dist.relora import ReLoRALinear
+    from relora_dist.relora.layer import ReLoRALinear
 
     layer = ReLoRALinear(torch.nn.Linear(16, 24, bias=False), r=4, alpha=8)
     x = torch.randn(2, 5, 16, requires_grad=True)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from relora_dist.checkpoint import CheckpointError, ShardReader, find_latest, read_manifest
+from relora_dist.checkpoint.format import CheckpointError, ShardReader, find_latest, read_manifest
 from tests.dist_utils import engine, run_world, tiny_overrides
 
 pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)
@@ -237,7 +237,7 @@ def test_export_to_hugging_face(resumed, tmp_path):
     compute in training), and its tokenizer gives the training tokenizer's ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from relora_dist.tokenizer import load_tokenizer
+    from relora_dist.data.tokenizer import load_tokenizer
     from tools.convert_ckpt import main as convert_main
     from tools.inspect_ckpt import summary
 

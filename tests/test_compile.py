@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from relora_dist.compile import check_compile_config
+from relora_dist.runtime.compile import check_compile_config
 from relora_dist.config import ConfigError, load_config
 from tests.dist_utils import engine, run_world, tiny_overrides
 

@@ -363,6 +363,6 @@ def test_validate_touches_nothing(tmp_path):
 
 def test_bundled_tokenizer_default_matches(tiny_data):
     meta = json.loads((Path(tiny_data) / "meta.json").read_text())
-    from relora_dist.tokenizer import tokenizer_checksum
+    from relora_dist.data.tokenizer import tokenizer_checksum
 
     assert meta["tokenizer_checksum"] == tokenizer_checksum(DEFAULT_TOKENIZER)

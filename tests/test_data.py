@@ -13,7 +13,7 @@ import relora_dist.data.prepare as prepare  # where ensure_prepared (first_use.p
 from relora_dist.data import (DEFAULT_CORPUS, DEFAULT_TOKENIZER, BlockLoader, DataError,
                               PackedBlocks, check_tokenizer_matches, ensure_prepared,
                               eval_batches, load_documents, prepare_dataset, read_meta)
-from relora_dist.tokenizer import load_tokenizer
+from relora_dist.data.tokenizer import load_tokenizer
 
 DOCS = [t for t in pydoc_data.topics.topics.values() if t]  # 79 docs, ~0.46 MB
 SEQ = 64

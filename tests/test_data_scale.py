@@ -21,7 +21,7 @@ from relora_dist.data import (DEFAULT_CORPUS, DEFAULT_TOKENIZER, BlockLoader, Da
                               load_documents, prepare_dataset, read_meta)
 from relora_dist.data.prepare import _val_mask
 from relora_dist.data.stream import usable_cores
-from relora_dist.tokenizer import load_tokenizer
+from relora_dist.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [t for t in pydoc_data.topics.topics.values() if t]  # 79 docs, ~0.46 MB
@@ -178,7 +178,7 @@ def test_sharded_blocks_batches_and_resume_equal_one_file(layouts):
 def test_fingerprint_covers_every_shard_and_damage_is_named(layouts, tmp_path):
     import shutil
 
-    from relora_dist.run_guard import data_fingerprint
+    from relora_dist.runtime.run_guard import data_fingerprint
 
     _, many, _, m2 = layouts
     listed = {s: [[n, t, hashlib.sha256((many / n).read_bytes()).hexdigest()] for n, t, _ in m2["shards"][s]]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from relora_dist import cli
-from relora_dist import memory_model as mm
+from relora_dist.memory import model as mm
 from relora_dist.data import DEFAULT_TOKENIZER
-from relora_dist.tokenizer import load_tokenizer
+from relora_dist.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 BIG = ["--model.preset=350m", "--relora.r=128", "--train.precision=bf16",  # bf16 is accepted on CPU
@@ -119,7 +119,7 @@ def test_paper_recipes_validate_at_8_ranks_with_the_stated_tokens(dry_run, name,
 def test_quantized_base_under_zero3_is_planned_and_warned_where_it_costs_memory(dry_run, world, warns):
     """ZeRO-3 with an NF4 base: every rank holds the whole quantized base (0.52 bytes per weight)
     where ZeRO-3 keeps 2/world bytes of bf16 shards: less memory at 2 ranks, more at 8."""
-    from relora_dist.memory_quant import relora_quant_bytes
+    from relora_dist.memory.quant import relora_quant_bytes
 
     out = dry_run(world, *BIG, "--relora.base_quant=nf4", ds_config="zero3")
     shape = mm.Shape.of("350m", _vocab())

@@ -45,7 +45,7 @@ def test_the_grep_finds_what_it_forbids():
 
 # The Probe (backends/probe.py) is for the benchmark and the tests: a training must not depend on it.
 PROBE = re.compile(r"\b(probe|Probe)\b")
-NO_PROBE = ("relora_dist/trainer.py", "relora_dist/relora_steps.py")
+NO_PROBE = ("relora_dist/trainer.py", "relora_dist/relora/steps.py")
 
 
 def test_trainer_and_steps_do_not_use_the_probe():

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from relora_dist.checkpoint import find_latest, read_manifest
+from relora_dist.checkpoint.format import find_latest, read_manifest
 from relora_dist.tools.convert_ckpt import convert
 from relora_dist.tools.eval import main
 from tests.dist_utils import REPO, run_world, tiny_overrides

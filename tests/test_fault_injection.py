@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.multiprocessing import ProcessExitedException
 
-from relora_dist.checkpoint import find_latest, read_manifest
+from relora_dist.checkpoint.format import find_latest, read_manifest
 from tests.dist_utils import run_world, tiny_overrides
 
 pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from relora_dist.checkpoint import find_latest, list_checkpoints, read_manifest
+from relora_dist.checkpoint.format import find_latest, list_checkpoints, read_manifest
 from tests.dist_utils import run_world, tiny_overrides
 
 RUN = {"relora.warm_start_steps": 4, "relora.cycle_length": 4, "relora.first_warmup": 1,
@@ -105,7 +105,7 @@ def _launch_pair(data, run_dir, timeout_s, grace_s):
     import subprocess
     import sys
 
-    from relora_dist.dist import free_port
+    from relora_dist.runtime.dist import free_port
     from tests.dist_utils import REPO
 
     args = tiny_overrides(data, run_dir, **{"train.max_steps": 400, "relora.enabled": False, "logging.log_every": 1})

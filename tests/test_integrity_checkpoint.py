@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from relora_dist import integrity
+from relora_dist.checkpoint import integrity
 from relora_dist.tools import convert_ckpt, inspect_ckpt
 from tests.dist_utils import REPO, tiny_overrides
 
@@ -297,7 +297,7 @@ def test_export_to_unwritable_target_is_one_line(base, tmp_path):
 
 @pytest.mark.spawn
 def test_interrupted_export_leaves_no_folder(base, tmp_path, monkeypatch):
-    from relora_dist import export
+    from relora_dist.checkpoint import export
 
     def boom(_):
         raise KeyboardInterrupt
@@ -309,7 +309,7 @@ def test_interrupted_export_leaves_no_folder(base, tmp_path, monkeypatch):
 
 
 def test_format_1_manifest_without_checksum_still_reads(tmp_path):
-    from relora_dist.checkpoint import read_manifest
+    from relora_dist.checkpoint.format import read_manifest
     from relora_dist.config import load_config
     from tests.dist_utils import fake_checkpoint
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from relora_dist.checkpoint import find_latest, list_checkpoints, read_manifest, remove_stale_temporaries
+from relora_dist.checkpoint.format import find_latest, list_checkpoints, read_manifest, remove_stale_temporaries
 from tests.dist_utils import REPO, fake_checkpoint, tiny_overrides
 
 
@@ -93,7 +93,7 @@ def test_sigint_saves_and_exits_0(live):
 @pytest.mark.spawn
 def test_the_manifest_records_fingerprints_streak_and_eval(live):
     from relora_dist.config import load_config
-    from relora_dist.run_guard import run_fingerprints
+    from relora_dist.runtime.run_guard import run_fingerprints
 
     m = read_manifest(find_latest(live["dir"] / "checkpoints"))
     assert m["fingerprints"] == run_fingerprints(load_config(None, live["args"]))
@@ -170,8 +170,8 @@ def test_prepare_data_never_rewrites_a_folder_in_use(tmp_path):
 def test_changed_data_or_tokenizer_contents_refuse_the_resume(tiny_data, tmp_path):
     from relora_dist.config import ConfigError, load_config
     from relora_dist.data import DEFAULT_TOKENIZER
-    from relora_dist.run_guard import run_fingerprints
-    from relora_dist.resume import check_checkpoint_config
+    from relora_dist.runtime.run_guard import run_fingerprints
+    from relora_dist.checkpoint.resume import check_checkpoint_config
 
     data, tok = tmp_path / "data", tmp_path / "tok"
     shutil.copytree(tiny_data, data)
@@ -200,7 +200,7 @@ def test_changed_data_or_tokenizer_contents_refuse_the_resume(tiny_data, tmp_pat
 
 def test_tokenizer_fingerprint_covers_every_tokenizer_file(tmp_path):
     from relora_dist.data import DEFAULT_TOKENIZER
-    from relora_dist.tokenizer import tokenizer_checksum, tokenizer_fingerprint
+    from relora_dist.data.tokenizer import tokenizer_checksum, tokenizer_fingerprint
 
     shutil.copytree(DEFAULT_TOKENIZER, tmp_path / "t")
     before = tokenizer_fingerprint(str(tmp_path / "t")), tokenizer_checksum(str(tmp_path / "t"))
@@ -222,7 +222,7 @@ def test_retention_keeps_the_best_eval_and_the_last_clean_checkpoint(tmp_path):
     """keep_last=2 of steps 2..10: an eval collapse after step 4 (relora.lr=1e4: ppl 8000) and a skip
     streak from step 6 on; steps 4 (best eval) and 6 (newest outside the streak) stay too."""
     from relora_dist.config import load_config
-    from relora_dist.run_guard import to_keep
+    from relora_dist.runtime.run_guard import to_keep
 
     cfg = load_config(None, [f"--run.output_dir={tmp_path}"])
     found = _checkpoints(tmp_path / "c", cfg, {
@@ -238,7 +238,7 @@ def test_a_deleted_checkpoint_is_never_half_listed(tmp_path):
     """Deletion renames to .del-step_N first: a kill inside the rmtree leaves a folder that listing
     ignores and the next start-up removes."""
     from relora_dist.config import load_config
-    from relora_dist.run_guard import remove_checkpoint
+    from relora_dist.runtime.run_guard import remove_checkpoint
 
     cfg = load_config(None, [f"--run.output_dir={tmp_path}"])
     found = _checkpoints(tmp_path / "c", cfg, {2: {}, 4: {}})
@@ -250,7 +250,7 @@ def test_a_deleted_checkpoint_is_never_half_listed(tmp_path):
 
 
 def test_a_resume_keeps_counting_the_skip_streak():
-    from relora_dist.state import TrainState
+    from relora_dist.checkpoint.state import TrainState
 
     saved = TrainState(step=8, skipped_steps=3, skipped_in_a_row=2)
     resumed = TrainState()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from relora_dist.dist import free_port
+from relora_dist.runtime.dist import free_port
 from tests.dist_utils import LAUNCHERS, REPO, engine, tiny_overrides
 
 pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)

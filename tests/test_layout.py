@@ -105,3 +105,40 @@ def test_config_sits_at_the_bottom():
 def test_the_detector_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_folders_keep_their_floors():
+    """The folders show the architecture only while their edges hold: ReLoRA's own modules
+    (relora/) know nothing of how a run is saved (checkpoint/ builds on them, not the reverse), and
+    the benchmark harness (bench/) is a leaf that no package module imports: it measures the
+    engine from outside, through the same calls a run makes."""
+    graph = import_graph()
+    for importer, deps in graph.items():
+        if importer.startswith("relora_dist.relora."):
+            assert not {d for d in deps if d.startswith("relora_dist.checkpoint")}, importer
+        if not importer.startswith("relora_dist.bench"):
+            assert not {d for d in deps if d.startswith("relora_dist.bench")}, importer
+
+
+def test_the_top_level_is_the_entry_layer():
+    """Only entry points and what every floor shares sit at the package's top level; everything
+    else lives in the folder that names its part of the system (README's Layout section)."""
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert top == ["cli", "config", "model", "resources", "trainer", "validation"], top
+
+
+def test_readme_layout_matches_the_tree():
+    """README's Layout section names every folder and top-level module of the package, and every
+    `relora_dist/...` path it names exists."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## Layout\n"):readme.index("## Tests\n")]
+    import re
+
+    named = set(re.findall(r"`(relora_dist/[\w/.]+)`", section))
+    for path in named:
+        assert (PACKAGE.parent / path).exists(), f"README's Layout names {path}, which does not exist"
+    entries = {f"relora_dist/{p.name}" + ("/" if p.is_dir() else "") for p in PACKAGE.iterdir()
+               if not p.name.startswith(("_", ".")) and (p.is_dir() or p.suffix == ".py")}
+    entries -= {"relora_dist/assets/", "relora_dist/configs/", "relora_dist/ds_configs/"}  # named bare in one row
+    missing = sorted(e for e in entries if e not in named)
+    assert not missing, f"README's Layout misses {missing}"

@@ -1,4 +1,4 @@
-"""Unit checks of the analytic per-rank memory model (relora_dist/memory_model.py)."""
+"""Unit checks of the analytic per-rank memory model (relora_dist/memory/model.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from relora_dist import memory_model as mm
-from relora_dist import memory_report as report
+from relora_dist.memory import model as mm
+from relora_dist.memory import report
 from relora_dist.model import PRESETS, build_model, llama_config
-from relora_dist.relora import wrap_model
+from relora_dist.relora.layer import wrap_model
 
 BIG = ("350m", "1b3", "7b")
 REPO = Path(__file__).resolve().parent.parent

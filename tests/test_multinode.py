@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from relora_dist.dist import free_port
+from relora_dist.runtime.dist import free_port
 from tests.dist_utils import LAUNCHERS, REPO, tiny_overrides
 
 RUN = {"relora.enabled": True, "relora.warm_start_steps": 4, "relora.cycle_length": 4,
@@ -166,7 +166,7 @@ def runs(tiny_data, tmp_path_factory):
 
 
 def _assert_same_checkpoint(a: Path, b: Path) -> None:
-    from relora_dist.checkpoint import ShardReader, consolidated_state_dict
+    from relora_dist.checkpoint.format import ShardReader, consolidated_state_dict
 
     ra, rb = ShardReader(a), ShardReader(b)
     ma, mb = ra.manifest, rb.manifest
@@ -197,7 +197,7 @@ def test_two_node_launch_equals_single_node_run(runs):
     assert _checkpoints(two_out) == _checkpoints(ref_out) == ["step_00000006", "step_00000012"]
     for step in _checkpoints(ref_out):  # mid-ReLoRA (before the reset) and final (after it)
         _assert_same_checkpoint(ref_out / "checkpoints" / step, two_out / "checkpoints" / step)
-    from relora_dist.checkpoint import read_manifest
+    from relora_dist.checkpoint.format import read_manifest
     final = read_manifest(two_out / "checkpoints" / "step_00000012")
     assert final["global_step"] == 12 and final["restart_index"] == 1 and final["world_size"] == 2
 

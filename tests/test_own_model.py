@@ -28,7 +28,7 @@ def make_model(folder: Path, model_type: str, tokenizer: str | Path | None = "bu
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from relora_dist.data import DEFAULT_TOKENIZER
-    from relora_dist.tokenizer import tokenizer_files
+    from relora_dist.data.tokenizer import tokenizer_files
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **{**SMALL, **kw})

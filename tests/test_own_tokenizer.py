@@ -63,7 +63,7 @@ def hf_tok(corpus, tmp_path_factory) -> Path:
 def test_hf_tokenizer_prepare_train_export(hf_tok, corpus, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from relora_dist.tokenizer import load_tokenizer
+    from relora_dist.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(hf_tok))
     ids = tok.encode(TEXT)

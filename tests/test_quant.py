@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from relora_dist.quant import QuantizedWeight
-from relora_dist.relora import lora_delta
+from relora_dist.relora.quant import QuantizedWeight
+from relora_dist.relora.layer import lora_delta
 from tests.dist_utils import run_world, tiny_overrides
 
 pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)

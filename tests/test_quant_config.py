@@ -51,7 +51,7 @@ def test_nf4_double_quant_bytes_and_error(shape):
     of it, and the result is deterministic (every rank must quantize to the same bytes)."""
     import torch
 
-    from relora_dist.quant import QuantizedWeight, quantized_nbytes
+    from relora_dist.relora.quant import QuantizedWeight, quantized_nbytes
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
     single, double = (QuantizedWeight.quantize(w, "nf4", dq) for dq in (False, True))

@@ -4,7 +4,7 @@ and resume without quantization."""
 import pytest
 import torch
 
-from relora_dist.checkpoint import ShardReader, find_latest
+from relora_dist.checkpoint.format import ShardReader, find_latest
 from relora_dist.tools.convert_ckpt import convert
 from tests.dist_utils import run_world, tiny_overrides
 

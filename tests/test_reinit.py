@@ -1,12 +1,12 @@
-"""relora.reinit: the gradient sketch and the moment projection (relora_dist/reinit.py) against exact
+"""relora.reinit: the gradient sketch and the moment projection (relora_dist/relora/reinit.py) against exact
 references, and the three variants in real trainings: world 1, and 2 ranks against 1 process."""
 
 import pytest
 import torch
 from torch import nn
 
-from relora_dist.reinit import A_ROW_NORM, GradSketch, project_b_moments
-from relora_dist.relora import ReLoRALinear, draw_lora_A
+from relora_dist.relora.reinit import A_ROW_NORM, GradSketch, project_b_moments
+from relora_dist.relora.layer import ReLoRALinear, draw_lora_A
 from tests.dist_utils import engine, run_world, tiny_overrides
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from relora_dist.relora import (DEFAULT_TARGETS, ReLoRAConfigError, ReLoRALinear, cumulative_rank,
+from relora_dist.relora.layer import (DEFAULT_TARGETS, ReLoRAConfigError, ReLoRALinear, cumulative_rank,
                                 draw_lora_A, effective_rank, flat_slice_delta,
                                 freeze_for_full_rank, freeze_for_relora_phase, lora_delta,
                                 lora_delta_rows, magnitude_threshold, prune_generator, prune_mask, relora_modules,
@@ -248,7 +248,7 @@ def test_draw_lora_A_deterministic_and_distinct():
 @pytest.mark.spawn
 def test_draw_lora_A_stable_across_processes():
     a = draw_lora_A((3, 5), 7, 2, "layers.1.mlp.up_proj")
-    code = ("import torch; from relora_dist.relora import draw_lora_A; "
+    code = ("import torch; from relora_dist.relora.layer import draw_lora_A; "
             "print(repr(draw_lora_A((3, 5), 7, 2, 'layers.1.mlp.up_proj').flatten().tolist()))")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -420,7 +420,7 @@ def test_sharded_magnitude_thresholds_follow_the_rule():
     from types import SimpleNamespace
 
     from relora_dist.backends.optimizer_state import ADAM_KEYS
-    from relora_dist.relora_steps import _magnitude_thresholds
+    from relora_dist.relora.steps import _magnitude_thresholds
 
     backend = SimpleNamespace(world_size=1, rank=0, shards=SimpleNamespace(
         comm_device=torch.device("cpu"), all_reduce_sum_=lambda t, dst=None: None))
@@ -488,7 +488,7 @@ def test_flat_slice_bitexact_larger_shapes_and_blocks(monkeypatch, block_rows):
     not divide) is bitwise the same elements of the full delta, with many blocks (16 rows) and
     with the default block, at 1 and 2 threads. The fp64 GEMM's only error is fp64 summation
     before one rounding to fp32: within 1 fp32 ulp of the exact fp64 product."""
-    import relora_dist.relora as rl
+    import relora_dist.relora.layer as rl
     monkeypatch.setattr(rl, "_DELTA_BLOCK_ROWS", block_rows)
     g = torch.Generator().manual_seed(2)
     A = torch.randn(64, 301, generator=g)
@@ -519,8 +519,8 @@ def test_flat_slice_bitexact_larger_shapes_and_blocks(monkeypatch, block_rows):
 def test_batched_kthvalue_thresholds_equal_per_tensor():
     """The reset's batched threshold (one kthvalue per tensor size; on an accelerator, forced here)
     is each tensor's own, over several batches per size."""
-    from relora_dist import relora_steps
-    from relora_dist.relora_steps import _held_thresholds
+    from relora_dist.relora import steps as relora_steps
+    from relora_dist.relora.steps import _held_thresholds
 
     g = torch.Generator().manual_seed(5)
     frags = [torch.randn(n, generator=g).to(dt) for n, dt in

@@ -4,7 +4,7 @@ merge, re-init, optimizer prune."""
 import pytest
 import torch
 
-from relora_dist.relora import draw_lora_A, prune_mask, prune_generator
+from relora_dist.relora.layer import draw_lora_A, prune_mask, prune_generator
 from tests.dist_utils import engine, run_world, tiny_overrides
 
 pytestmark = pytest.mark.spawn  # every test here starts processes (conftest.py checks it)

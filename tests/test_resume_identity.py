@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from relora_dist.checkpoint import CheckpointError, read_manifest
+from relora_dist.checkpoint.format import CheckpointError, read_manifest
 from relora_dist.config import ConfigError, load_config
-from relora_dist.resume import check_checkpoint_config, check_output_dir, resume_target
+from relora_dist.checkpoint.resume import check_checkpoint_config, check_output_dir, resume_target
 from tests.dist_utils import fake_checkpoint
 
 
@@ -100,7 +100,7 @@ def test_manifest_of_the_wrong_shape(run, content, problem):
 
 
 def test_stale_temporaries_are_removed(run):
-    from relora_dist.checkpoint import remove_stale_temporaries
+    from relora_dist.checkpoint.format import remove_stale_temporaries
 
     _, root = run
     (root / ".tmp-step_00000006").mkdir()

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from relora_dist.schedule import (ScheduleError, is_reset_step, jagged_cosine, validate_jagged,
+from relora_dist.relora.schedule import (ScheduleError, is_reset_step, jagged_cosine, validate_jagged,
                                   warmup_cosine)
 
 CONFIGS = [
@@ -150,7 +150,7 @@ def test_warmup_cosine():
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_whole_run_without_warm_start_is_the_jagged_cosine(cfg):
-    from relora_dist.schedule import whole_run_jagged
+    from relora_dist.relora.schedule import whole_run_jagged
 
     total, w1, wr, c, m = cfg
     for t in range(total + 5):
@@ -164,7 +164,7 @@ def test_paper_schedule_is_one_envelope_over_the_whole_run():
     after the switch and after each reset, and the LR is 0 exactly at the reset steps; anneal keeps
     the warm start's own complete cosine."""
     from relora_dist.config import load_config
-    from relora_dist.schedule import lr_multiplier, reset_due
+    from relora_dist.relora.schedule import lr_multiplier, reset_due
 
     def cfg(schedule):
         return load_config(None, ["--train.max_steps=400", "--relora.warm_start_steps=100", "--schedule.warmup_steps=20",
@@ -192,7 +192,7 @@ def test_lr_restarts_true_gives_the_lora_baseline_the_jagged_lr(schedule):
     (restarts to 0 at each cycle boundary) without merging; auto follows relora.resets; false with
     resets keeps the LR on the envelope through the resets."""
     from relora_dist.config import load_config
-    from relora_dist.schedule import lr_multiplier, reset_due
+    from relora_dist.relora.schedule import lr_multiplier, reset_due
 
     def cfg(*extra):
         return load_config(None, ["--train.max_steps=400", "--relora.warm_start_steps=100", "--schedule.warmup_steps=20",
@@ -216,7 +216,7 @@ def test_a_short_run_is_told_phase_lengths_that_fit():
     import re
 
     from relora_dist.config import ConfigError, load_config
-    from relora_dist.schedule import check_schedule_config, fitting_phase_lengths
+    from relora_dist.relora.schedule import check_schedule_config, fitting_phase_lengths
 
     with pytest.raises(ConfigError) as ei:
         check_schedule_config(load_config(None, ["--train.max_steps=20"]))
@@ -239,7 +239,7 @@ def test_reference_schedule_is_the_reference_repositorys_two_runs():
     100); run 2, the ReLoRA phase, is a fresh jagged cosine over its own 300 steps (W1 = 10,
     Wr = 5, C = 100), from the peak again: env((t - 10) / 290)."""
     from relora_dist.config import load_config
-    from relora_dist.schedule import lr_multiplier, reset_due
+    from relora_dist.relora.schedule import lr_multiplier, reset_due
 
     def cfg(schedule, *extra):
         return load_config(None, ["--train.max_steps=400", "--relora.warm_start_steps=100", "--schedule.warmup_steps=20",

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from relora_dist.data import DEFAULT_CORPUS, DEFAULT_TOKENIZER
-from relora_dist.tokenizer import (_sampled_texts, _training_sentences, load_tokenizer, tokenizer_checksum,
+from relora_dist.data.tokenizer import (_sampled_texts, _training_sentences, load_tokenizer, tokenizer_checksum,
                                    train_tokenizer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +68,7 @@ def test_train_tokenizer_deterministic_and_path_independent(tmp_path):
 def test_sampling_documents_bounds_what_is_read(tmp_path):
     """--sample_docs / --sample_mb: a seeded uniform sample, in corpus order; under both caps the
     corpus is read whole (so the bundled tokenizer rebuilds byte-identical)."""
-    from relora_dist.documents import load_documents
+    from relora_dist.data.documents import load_documents
     from relora_dist.tools.train_tokenizer import main
 
     src = tmp_path / "docs.jsonl"

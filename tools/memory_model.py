@@ -8,8 +8,8 @@ run's ReLoRA phase with host merge masters or under ZeRO-3: relora.merge_master_
     python tools/memory_model.py validate --bench benchmarks/bench_tiny.json   # vs measured bytes
     python tools/memory_model.py validate --bench benchmarks/bench_20m_fsdp2.json   # ZeRO-2/3 and FSDP2
 
-The formulas are in relora_dist/memory_model.py and memory_quant.py, tables in memory_tables.py, this
-command line and the validation in memory_report.py; docs/benchmarks.md explains it.
+The formulas are in relora_dist/memory/model.py and memory/quant.py, tables in memory/tables.py, this
+command line and the validation in memory/report.py; docs/benchmarks.md explains it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from relora_dist.memory_report import main  # noqa: E402
+from relora_dist.memory.report import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

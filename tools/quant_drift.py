@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from relora_dist.quant import QuantizedWeight  # noqa: E402
-from relora_dist.relora import draw_lora_A, lora_delta  # noqa: E402
+from relora_dist.relora.quant import QuantizedWeight  # noqa: E402
+from relora_dist.relora.layer import draw_lora_A, lora_delta  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -68,7 +68,7 @@ def main() -> None:
     from relora_dist.bench import build_parser
     from relora_dist.bench.runner import REPO_ROOT, _overrides
     from relora_dist.config import load_config
-    from relora_dist.dist import init_distributed
+    from relora_dist.runtime.dist import init_distributed
     from relora_dist.trainer import Trainer
 
     info = init_distributed()

@@ -84,7 +84,7 @@ for shape, n in (((h, h), 4), ((i, h), 2), ((h, i), 1)):
     print(f"svdvals fp64 {shape}: {dt:.4f} s, gram+eigvalsh fp64: {dg:.4f} s")
 print(f"effective-rank diagnostic at 350m: {total:.1f} s per reset with svdvals, {gram_total:.1f} s with gram+eigvalsh (rank 0)")
 # The reset's magnitude-prune thresholds: 672 adapter moments (r=128), one kthvalue each or batched.
-from relora_dist.relora_steps import _held_thresholds
+from relora_dist.relora.steps import _held_thresholds
 r = 128
 frags = [torch.randn(n, device=dev) for n in [r * h] * 22 * L + [r * i] * 6 * L]  # 11 and 3 per layer, x2 moments
 for batched in (False, True, False, True):

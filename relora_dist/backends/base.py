@@ -4,7 +4,7 @@ collectives over those pieces), `OptimizerState` (backends/optimizer_state.py: t
 state of one engine x optimizer, chosen once at build) and `Probe` (backends/probe.py: what only
 the benchmark and the tests read; the trainer and the ReLoRA steps may not use it).
 
-The ReLoRA steps in `relora_dist/relora_steps.py` are written once against these faces; ZeRO-2,
+The ReLoRA steps in `relora_dist/relora/steps.py` are written once against these faces; ZeRO-2,
 ZeRO-3 and FSDP2 implement them. Shards are described as a contiguous range of the row-major
 flattened parameter, which is exactly how ZeRO-3 partitions and how the checkpoint format slices
 tensors.

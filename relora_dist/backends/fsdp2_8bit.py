@@ -22,7 +22,7 @@ class LocalShardOptimizer:
     like a torch optimizer to the trainer (param_groups for the LR, step, zero_grad, state)."""
 
     def __init__(self, param_groups: list[dict]):
-        from relora_dist.quant import bnb
+        from relora_dist.relora.quant import bnb
 
         self.sharded: list[torch.nn.Parameter] = []  # the DTensor params, in group order
         self.local: dict[int, torch.nn.Parameter] = {}  # id(DTensor param) -> aliasing Parameter

@@ -25,7 +25,7 @@ STATE8_KEYS = ("state1", "absmax1", "state2", "absmax2")
 
 def dequantize_fragment(state: dict, start: int, numel: int, key: str) -> torch.Tensor:
     """fp32 values of elements [start, start + numel) of moment `key` (a copy)."""
-    from relora_dist.quant import bnb
+    from relora_dist.relora.quant import bnb
 
     codes_key, absmax_key, qmap_key = KEYS[key]
     codes = state[codes_key].view(-1)  # ZeRO-2's flat partition, or an FSDP2 shard of any shape
@@ -62,7 +62,7 @@ def full_flat(state: dict, key: str) -> torch.Tensor:
 def quantize_into(state: dict, key: str, values: torch.Tensor) -> None:
     """Set moment `key` of the whole stepped tensor from fp32 `values` (bitsandbytes'
     quantize_blockwise with the optimizer's own map, absmax and block)."""
-    from relora_dist.quant import bnb
+    from relora_dist.relora.quant import bnb
 
     codes_key, absmax_key, qmap_key = KEYS[key]
     codes = state[codes_key].view(-1)

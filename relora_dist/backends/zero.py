@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from relora_dist.dist import quiet_libraries
+from relora_dist.runtime.dist import quiet_libraries
 
 quiet_libraries()  # before DeepSpeed's first import
 

@@ -110,7 +110,7 @@ class Zero2AdamW8bit(Zero2AdamW):
     its partition's blockwise codes, read dequantized and written by requantizing the partition."""
 
     def build(self, param_groups):
-        from relora_dist.quant import bnb
+        from relora_dist.relora.quant import bnb
 
         return bnb().optim.AdamW8bit(param_groups)
 

@@ -5,7 +5,7 @@ optimizer and the module's params and grads), read right after the last backward
 (gradients alive, Adam state allocated), each storage counted once and attributed to params /
 grads / fp32 master / optimizer state. Communication buckets and params gathered at that moment
 are reported apart, not in the state. Plus the fp32 merge masters (`trainer.masters.nbytes()`)
-and a quantized base's replica. These are the tensors relora_dist/memory_model.py predicts; the
+and a quantized base's replica. These are the tensors relora_dist/memory/model.py predicts; the
 committed benchmarks/bench_*.json agree with it to the byte.
 """
 
@@ -40,7 +40,7 @@ def engine_tensor_bytes(trainer: Any) -> dict:
     out = {c: 0 for c in CATEGORY_ORDER}
     for key, cat in claimed.items():
         out[cat] += sizes[key]
-    from relora_dist.quant_steps import held_quantized_nbytes
+    from relora_dist.relora.quant_steps import held_quantized_nbytes
 
     out["params"] += held_quantized_nbytes(trainer.modules)  # a quantized base: a replica outside the engine
     out["merge_masters"] = trainer.masters.nbytes() if trainer.masters is not None else 0

@@ -207,10 +207,10 @@ def rank_main(args: dict, info: Any, out_path: Path) -> dict:
     """Everything one rank measures for one stage (see relora_dist/bench/__init__.py)."""
     import torch.distributed as dist
 
-    from relora_dist import relora_steps as steps
+    from relora_dist.relora import steps
     from relora_dist.config import load_config
     from relora_dist.backends.ds_config import load_ds_template
-    from relora_dist.relora import freeze_for_relora_phase
+    from relora_dist.relora.layer import freeze_for_relora_phase
     from relora_dist.trainer import Trainer, param_groups
 
     counter = CommCounter().install()
@@ -353,7 +353,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out_dir: str) -> None:
     torch.set_num_threads(args["threads"])
     import torch.distributed as dist
 
-    from relora_dist.dist import init_distributed
+    from relora_dist.runtime.dist import init_distributed
 
     info = init_distributed(timeout_s=600)
     try:
@@ -388,7 +388,7 @@ def _overrides(a: argparse.Namespace, stage: str, data_dir: str, out_dir: str) -
 def run_stage(a: argparse.Namespace, stage: str, data_dir: str) -> list[dict]:
     import torch.multiprocessing as mp
 
-    from relora_dist.dist import free_port
+    from relora_dist.runtime.dist import free_port
 
     with tempfile.TemporaryDirectory(prefix=f"bench_{ENGINES[stage]}_") as tmp:
         args = {"stage": stage, "overrides": _overrides(a, stage, data_dir, str(Path(tmp) / "run")),

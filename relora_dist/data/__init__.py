@@ -24,7 +24,7 @@ _WHERE = {
     "relora_dist.data.loader": ("BlockLoader", "eval_batches"),
     "relora_dist.data.first_use": ("ensure_prepared",),
     "relora_dist.data.prepare": ("DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "prepare_dataset"),
-    "relora_dist.documents": ("load_documents",),
+    "relora_dist.data.documents": ("load_documents",),
 }
 _MODULE = {name: module for module, names in _WHERE.items() for name in names}
 

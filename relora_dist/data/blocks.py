@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from relora_dist.data.shards import SHARDED_FORMAT_VERSION, TokenShards
-from relora_dist.documents import DataError
-from relora_dist.tokenizer import tokenizer_checksum
+from relora_dist.data.documents import DataError
+from relora_dist.data.tokenizer import tokenizer_checksum
 
 __all__ = ["DataError", "FORMAT_VERSION", "SPLITS", "Wording", "check_seq_len", "read_meta", "check_blocks",
            "check_tokenizer_matches", "check_token_ids", "PackedBlocks"]

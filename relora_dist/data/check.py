@@ -1,6 +1,6 @@
 """The data rules of a run config, named by config key: the tokenizer folder, the sources, and
 prepared data against data.seq_len, the tokenizer and the batch sizes. Each rule is the one the
-pipeline applies when it reads the data (tokenizer.py, documents.py, blocks.py, loader.py); only the
+pipeline applies when it reads the data (tokenizer.py, documents.py, blocks.py, loader.py, all in data/); only the
 wording differs, so a bad input fails here, before any work, with the same rule.
 """
 from __future__ import annotations
@@ -9,9 +9,9 @@ from relora_dist.config import ConfigError
 from relora_dist.data.blocks import (DataError, Wording, check_blocks, check_seq_len, check_tokenizer_matches,
                                      read_meta)
 from relora_dist.data.loader import check_eval_blocks, check_train_blocks, eval_fix
-from relora_dist.documents import check_sources
+from relora_dist.data.documents import check_sources
 from relora_dist.resources import CORPUS, TOKENIZER
-from relora_dist.tokenizer import has_tokenizer, load_tokenizer
+from relora_dist.data.tokenizer import has_tokenizer, load_tokenizer
 
 __all__ = ["PREPARE_HINT", "check_data_values", "check_data_config", "tokenizer_dir_of"]
 

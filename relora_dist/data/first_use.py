@@ -26,7 +26,7 @@ import tempfile
 import time
 
 from relora_dist.data.blocks import FORMAT_VERSION, DataError
-from relora_dist.tokenizer import tokenizer_checksum
+from relora_dist.data.tokenizer import tokenizer_checksum
 
 __all__ = ["ensure_prepared", "cache_folder", "wait_for_prepared", "WaitError", "DEFAULT_PREPARE_TIMEOUT_S"]
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from relora_dist import resources
 from relora_dist.data.blocks import FORMAT_VERSION, SPLITS, DataError, check_seq_len
-from relora_dist.tokenizer import load_tokenizer, tokenizer_checksum
+from relora_dist.data.tokenizer import load_tokenizer, tokenizer_checksum
 
 __all__ = ["DEFAULT_CORPUS", "DEFAULT_TOKENIZER", "prepare_dataset"]
 

@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from relora_dist.integrity import fsync_path
+from relora_dist.checkpoint.integrity import fsync_path
 
 __all__ = ["SHARDED_FORMAT_VERSION", "MANIFEST", "SHARD_RE", "ShardLog", "TokenShards"]
 

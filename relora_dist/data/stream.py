@@ -47,7 +47,7 @@ from typing import Iterator
 
 import numpy as np
 
-from relora_dist.documents import DataError, _builder_for, _find_problem, check_sources
+from relora_dist.data.documents import DataError, _builder_for, _find_problem, check_sources
 
 __all__ = ["usable_cores", "plan_tasks", "hf_units", "count", "work", "BLOCK_BYTES", "BYTES_PER_TOKEN"]
 
@@ -217,7 +217,7 @@ _W: dict = {}
 
 
 def _init_worker(tokenizer_dir: str, dtype: str, text_field: str, parent: int | None = None, progress=None) -> None:
-    from relora_dist.tokenizer import load_tokenizer
+    from relora_dist.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     _W.update(tok=tok, dtype=np.dtype(dtype), eos=tok.eos_id, field=text_field, progress=progress)

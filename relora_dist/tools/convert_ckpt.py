@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from relora_dist.checkpoint import CheckpointError
+from relora_dist.checkpoint.format import CheckpointError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -25,7 +25,7 @@ def read_checkpoint(ckpt_dir: str | Path):
     """(the step_* folder, its ShardReader, its merged fp32 HF-named state dict) of a checkpoint or of
     a checkpoints/ folder's latest, shards and tokenizer/ verified: what an export (and relora-eval)
     is made from."""
-    from relora_dist.checkpoint import MANIFEST, ShardReader, check_tokenizer, consolidated_state_dict, find_latest
+    from relora_dist.checkpoint.format import MANIFEST, ShardReader, check_tokenizer, consolidated_state_dict, find_latest
 
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / MANIFEST).is_file():
@@ -40,7 +40,7 @@ def read_checkpoint(ckpt_dir: str | Path):
 
 def damaged(ckpt_dir: Path, e: Exception) -> CheckpointError:
     """A manifest whose model_config does not fit its tensors (export.ModelConfigMismatch)."""
-    from relora_dist.checkpoint import MANIFEST
+    from relora_dist.checkpoint.format import MANIFEST
 
     return CheckpointError(f"{ckpt_dir / MANIFEST}: {e}; the checkpoint is damaged")
 
@@ -49,8 +49,8 @@ def convert(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
             overwrite: bool = False, quantize: str = "none") -> Path:
     import torch
 
-    from relora_dist.checkpoint import MANIFEST, find_latest
-    from relora_dist.export import ModelConfigMismatch, foreign_files, write_hf
+    from relora_dist.checkpoint.format import MANIFEST, find_latest
+    from relora_dist.checkpoint.export import ModelConfigMismatch, foreign_files, write_hf
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not (ckpt_dir / MANIFEST).is_file() and find_latest(ckpt_dir) is None:

@@ -32,9 +32,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from relora_dist.checkpoint import CheckpointError
+from relora_dist.checkpoint.format import CheckpointError
 from relora_dist.config import ConfigError
-from relora_dist.documents import DataError
+from relora_dist.data.documents import DataError
 
 HF_BATCH = 8  # a Hugging Face folder has no run config to take train.micro_batch_size from
 
@@ -51,7 +51,7 @@ class Model:
 
 
 def load_model(path: Path) -> Model:
-    from relora_dist.checkpoint import MANIFEST, find_latest
+    from relora_dist.checkpoint.format import MANIFEST, find_latest
 
     where = ("pass a checkpoint (<output_dir>/checkpoints or a step_N in it) or a Hugging Face model folder "
              "(relora-convert writes one)")
@@ -74,7 +74,7 @@ def _checkpoint(path: Path) -> Model:
     import yaml
 
     from relora_dist.config import Config
-    from relora_dist.export import ModelConfigMismatch, hf_model
+    from relora_dist.checkpoint.export import ModelConfigMismatch, hf_model
     from relora_dist.tools.convert_ckpt import damaged, read_checkpoint
 
     ckpt, reader, state_dict = read_checkpoint(path)
@@ -97,7 +97,7 @@ def _hf_folder(path: Path) -> Model:
     """model.init_from's own checks (model type, weights, vocabulary, tying) and loading."""
     from relora_dist.config import Config
     from relora_dist.model import build_model, check_model_config
-    from relora_dist.tokenizer import has_tokenizer, load_tokenizer
+    from relora_dist.data.tokenizer import has_tokenizer, load_tokenizer
 
     if not has_tokenizer(path):
         raise DataError(f"model '{path}' holds no tokenizer (tokenizer.model or tokenizer.json), which relora-eval "
@@ -117,7 +117,7 @@ def load_blocks(data: str, split: str, model: Model, seq_len: int | None, tmp: s
     prepared into `tmp` by prepare_dataset with no validation split."""
     from relora_dist.data import PackedBlocks, check_tokenizer_matches, prepare_dataset, read_meta
     from relora_dist.data.blocks import Wording, check_blocks, check_seq_len
-    from relora_dist.tokenizer import load_tokenizer
+    from relora_dist.data.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(model.tokenizer_dir).vocab_size
     tok = model.tokenizer_dir.replace("{", "{{").replace("}", "}}")
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if world_size > 1:
-        from relora_dist.dist import shutdown_and_exit
+        from relora_dist.runtime.dist import shutdown_and_exit
 
         shutdown_and_exit(0)  # gloo may abort a rank at interpreter exit without it
     return 0

@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from relora_dist.checkpoint import (MANIFEST, OLDER, CheckpointError, ShardReader, check_tokenizer, find_latest,
+from relora_dist.checkpoint.format import (MANIFEST, OLDER, CheckpointError, ShardReader, check_tokenizer, find_latest,
                                    read_manifest, shard_path)
 
 

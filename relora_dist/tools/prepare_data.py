@@ -25,7 +25,7 @@ import tempfile
 # __main__), and torch in each of them would cost ~220 MB and ~2 s (measured).
 from relora_dist.data.shards import MANIFEST, SHARD_RE
 from relora_dist.data.stream import usable_cores
-from relora_dist.documents import DataError
+from relora_dist.data.documents import DataError
 from relora_dist.resources import CORPUS as DEFAULT_CORPUS
 from relora_dist.resources import TOKENIZER as DEFAULT_TOKENIZER
 
@@ -91,7 +91,7 @@ def _ours(name: str) -> bool:
 
 def _wanted(args, sources) -> dict:
     from relora_dist.data.prepare import source_identity
-    from relora_dist.tokenizer import tokenizer_checksum
+    from relora_dist.data.tokenizer import tokenizer_checksum
 
     return {"source_identity": source_identity(sources, args.hf_dataset, args.hf_split),
             "tokenizer_checksum": tokenizer_checksum(args.tokenizer),

@@ -1,4 +1,4 @@
-"""Train a SentencePiece tokenizer (logic in relora_dist.tokenizer.train_tokenizer).
+"""Train a SentencePiece tokenizer (logic in relora_dist.data.tokenizer.train_tokenizer).
 
 Memory is bounded by sampling documents (--sample_docs, --sample_mb; 256 MB of text by default,
 ~1.3 GB peak): the rest of a larger corpus is never read into memory.
@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from relora_dist.data import DEFAULT_CORPUS
-from relora_dist.tokenizer import DEFAULT_SAMPLE_MB, load_tokenizer, tokenizer_checksum, train_tokenizer
+from relora_dist.data.tokenizer import DEFAULT_SAMPLE_MB, load_tokenizer, tokenizer_checksum, train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from relora_dist.backends.base import Backend, release_memory
-from relora_dist.quant import QuantizedWeight, compute_dtype_of
-from relora_dist.relora import ReLoRALinear, lora_delta
+from relora_dist.relora.quant import QuantizedWeight, compute_dtype_of
+from relora_dist.relora.layer import ReLoRALinear, lora_delta
 
 
 def full_master(backend: Backend, m: ReLoRALinear, shard: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Reading documents from local files (and Hugging Face datasets): the first stage of the data
-pipeline, and what tokenizer training reads. It needs no tokenizer, so both relora_dist.tokenizer
+pipeline, and what tokenizer training reads. It needs no tokenizer, so both relora_dist.data.tokenizer
 and relora_dist.data build on it (it lives outside the data package so that importing it does
 not import the package's tokenizer-dependent modules).
 """

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 # The rules (hyperparameters, target selection, pruning) live in relora_rules, shared with the
 # start-up config check; re-exported here as part of this module's API.
-from relora_dist.relora_rules import (DEFAULT_TARGETS, PRUNE_MODES, PRUNE_THRESHOLDS, ReLoRAConfigError,
+from relora_dist.relora.rules import (DEFAULT_TARGETS, PRUNE_MODES, PRUNE_THRESHOLDS, ReLoRAConfigError,
                                       check_hparams, check_prune, check_prune_threshold, select_targets)
 
 __all__ = [
@@ -118,16 +118,16 @@ class ReLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(
             torch.zeros(self.out_features, self.r, device=w.device, dtype=w.dtype), requires_grad=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        #: The quantized frozen base (relora_dist.quant.QuantizedWeight) once quantize_base ran; a
+        #: The quantized frozen base (relora_dist.relora.quant.QuantizedWeight) once quantize_base ran; a
         #: plain attribute, invisible to DeepSpeed, .to() and state_dict.
         self.qweight = None
         self.quant_compute_dtype = None
-        #: A relora_dist.reinit.GradSketch while the step before a gradient re-init runs, else None.
+        #: A relora_dist.relora.reinit.GradSketch while the step before a gradient re-init runs, else None.
         self.grad_sketch = None
         self.train(base.training)  # inherit train/eval mode (new modules default to train)
 
     def quantize_base(self, qweight, compute_dtype: torch.dtype | None) -> None:
-        """Hold the frozen base as `qweight` (a relora_dist.quant.QuantizedWeight) from now on. The
+        """Hold the frozen base as `qweight` (a relora_dist.relora.quant.QuantizedWeight) from now on. The
         `weight` Parameter is removed, so no engine sees or stores it; `self.weight` becomes a
         meta-device tensor that only carries the shape (reading its values fails loudly: they live
         in the fp32 merge masters). Later calls just swap the quantized tensor (a requantization)."""
@@ -139,7 +139,7 @@ class ReLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.qweight is not None:
-            from relora_dist.quant import quantized_linear
+            from relora_dist.relora.quant import quantized_linear
 
             out = quantized_linear(x, self.qweight, self.quant_compute_dtype)
             if self.bias is not None:

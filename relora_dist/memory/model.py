@@ -52,7 +52,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relora_dist import relora
+from relora_dist.relora import layer as relora
 from relora_dist.model import PRESETS
 
 PHASES = ("full_rank", "warm_start", "relora")

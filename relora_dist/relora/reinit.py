@@ -29,8 +29,8 @@ import math
 import torch
 from torch import Tensor
 
-from relora_dist.relora import _generator, _stable_seed
-from relora_dist.relora_rules import REINITS  # noqa: F401  (the values, defined with the other rules)
+from relora_dist.relora.layer import _generator, _stable_seed
+from relora_dist.relora.rules import REINITS  # noqa: F401  (the values, defined with the other rules)
 
 # Rows of today's A (Kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in))) have E|a|^2 = in * (1/in) / 3: the
 # orthonormal singular vectors are scaled to this norm, so s*B*A and A's Adam updates keep their size.

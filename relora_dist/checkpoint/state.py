@@ -1,5 +1,5 @@
 """What a checkpoint saves and a resume restores, as components (torchtitan's pattern): each has
-state_dict()/load_state_dict(), or for the sharded tensors fragments()/load_fragments(). checkpoint.py,
+state_dict()/load_state_dict(), or for the sharded tensors fragments()/load_fragments(). format.py,
 resume.py and export.py take these objects, never the Trainer, so saving, loading and exporting see
 exactly the same set:
 
@@ -46,7 +46,7 @@ class TrainState:
     """Consecutive such steps up to now (the run stops past train.max_skipped_steps)."""
 
     def state_dict(self) -> dict:
-        """The manifest's counters. The LR is a function of the step (schedule.py), so the step is
+        """The manifest's counters. The LR is a function of the step (relora/schedule.py), so the step is
         the scheduler's whole state; last_lr is recorded for people reading the manifest."""
         return {"global_step": self.step, "phase": self.phase, "restart_index": self.restart_index,
                 "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
@@ -93,7 +93,7 @@ class ReLoRAState:
     """The unmeasured rank statistics (Trainer.rank_stats(measure=False)): no communication."""
 
     def state_dict(self) -> dict:
-        from relora_dist.relora import cumulative_rank
+        from relora_dist.relora.layer import cumulative_rank
 
         active = self.progress.phase == "relora"
         cum = {n: cumulative_rank(m.r, self.progress.restart_index, m.out_features, m.in_features)
@@ -197,7 +197,7 @@ class ModelState:
         """Params, fp32 masters, merge masters and (with `adam_step`) Adam moments from a
         checkpoint.ShardReader: every rank reads the full tensors it needs and keeps its own slice.
         `after_weights` runs once the weights are in, before the optimizer state."""
-        from relora_dist.quant_steps import requantize_all
+        from relora_dist.relora.quant_steps import requantize_all
 
         backend, engine, masters = self.backend, self.engine, self.masters
         frozen_fields = ("merge_master", "weight", "master")

@@ -1,14 +1,14 @@
 """Markdown tables of the analytic memory model (`python tools/memory_model.py`): per-rank state per
 preset, world size and engine; a ZeRO-2 job's ways to hold its ReLoRA phase, with ZeRO-3 and FSDP2
-beside them; one configuration's breakdown. The model itself is relora_dist/memory_model.py.
+beside them; one configuration's breakdown. The model itself is relora_dist/memory/model.py.
 """
 
 from __future__ import annotations
 
-from relora_dist.memory_model import CATEGORIES, GIB, HOST_CATEGORIES, PHASES, TARGET_CASE, TARGETS, Shape, \
+from relora_dist.memory.model import CATEGORIES, GIB, HOST_CATEGORIES, PHASES, TARGET_CASE, TARGETS, Shape, \
     per_rank_bytes, zero2_options
-from relora_dist.memory_quant import TARGET as QUANT_TARGET
-from relora_dist.memory_quant import quant_ratio, relora_quant_bytes
+from relora_dist.memory.quant import TARGET as QUANT_TARGET
+from relora_dist.memory.quant import quant_ratio, relora_quant_bytes
 
 
 def _is_target_case(preset: str, world: int, compute: str, r: int, vocab: int, train_extra: bool) -> bool:

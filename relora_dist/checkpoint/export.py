@@ -22,10 +22,10 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from relora_dist.integrity import architecture
-from relora_dist.quant_steps import full_master
-from relora_dist.relora import lora_delta
-from relora_dist.tokenizer import TOKENIZER_FILES, tokenizer_files
+from relora_dist.checkpoint.integrity import architecture
+from relora_dist.relora.quant_steps import full_master
+from relora_dist.relora.layer import lora_delta
+from relora_dist.data.tokenizer import TOKENIZER_FILES, tokenizer_files
 
 Adapter = tuple[str, torch.Tensor, torch.Tensor, float]
 """(wrapped module name, full fp32 A, full fp32 B, scale)"""
@@ -201,7 +201,7 @@ def quantize_hf(model, out_dir: Path, kind: str, max_shard_size: str) -> None:
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from relora_dist.quant import bnb
+    from relora_dist.relora.quant import bnb
 
     bnb()  # silences its import-time log
     skip = ["lm_head"] + (nf4_unpackable(model) if kind == "nf4" else [])

@@ -4,7 +4,7 @@ backend contract (relora_dist/backends/base.py):
     wrap (relora.wrap_model) -> switch_to_relora -> [train cycle -> relora_reset:
     merge_adapters -> reinit_adapters -> prune_adapter_moments] * n, LR from schedule.lr_multiplier.
 
-relora.reinit=gradient/project replace the re-init (and, for project, the prune) by reinit_steps.py's.
+relora.reinit=gradient/project replace the re-init (and, for project, the prune) by relora/reinit_steps.py's.
 
 Paper: Lialin et al., arXiv 2307.05695, §3 (Algorithm 1).
 """
@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from relora_dist import reinit_steps
+from relora_dist.relora import reinit_steps
 from relora_dist.backends.base import Backend
 from relora_dist.backends.optimizer_state import ADAM_KEYS
-from relora_dist.quant_steps import merge_quantized, quantize_frozen_base
-from relora_dist.shard_ops import ASSEMBLE_CHUNK, assemble, full_fp32_masters
+from relora_dist.relora.quant_steps import merge_quantized, quantize_frozen_base
+from relora_dist.relora.shard_ops import ASSEMBLE_CHUNK, assemble, full_fp32_masters
 from relora_dist.config import Config
-from relora_dist.relora import (
+from relora_dist.relora.layer import (
     ReLoRALinear,
     cumulative_rank,
     draw_lora_A,

@@ -306,7 +306,7 @@ def train_tokenizer(inputs: list[str], out_dir: str, vocab_size: int = 8000,
     """Train a SentencePiece model on ``inputs`` and write it to ``out_dir``.
 
     ``inputs``: local .txt / .jsonl / .json / .jsonl.xz / .parquet files, read with the same
-    document semantics as :func:`relora_dist.documents.load_documents` (``text_field`` for
+    document semantics as :func:`relora_dist.data.documents.load_documents` (``text_field`` for
     json/parquet, ``txt_split`` for text files). ``sample_docs`` / ``sample_mb`` bound what is
     read into memory to a seeded uniform sample of documents (:func:`_sampled_texts`; 0 = no
     cap): SentencePiece keeps every sentence it trains on, ~3 bytes of memory per byte of text
@@ -319,7 +319,7 @@ def train_tokenizer(inputs: list[str], out_dir: str, vocab_size: int = 8000,
     """
     import sentencepiece as spm
 
-    from relora_dist.documents import load_documents
+    from relora_dist.data.documents import load_documents
 
     docs = load_documents(inputs, text_field=text_field, txt_split=txt_split)  # column "text"
     buf = io.BytesIO()

@@ -1,5 +1,5 @@
-"""The re-init steps of relora.reinit=gradient and =project (relora_dist/reinit.py has the math),
-one named function each, written against the backend contract like relora_steps.py:
+"""The re-init steps of relora.reinit=gradient and =project (relora_dist/relora/reinit.py has the math),
+one named function each, written against the backend contract like relora/steps.py:
 
     [last step of a cycle, with start_gradient_sketch] -> merge_adapters -> gradient_reinit_adapters
     -> prune_adapter_moments (gradient) | project_adapter_moments (project)
@@ -14,9 +14,9 @@ import torch
 
 from relora_dist.backends.base import Backend
 from relora_dist.backends.optimizer_state import ADAM_KEYS
-from relora_dist.reinit import GradSketch, project_b_moments
-from relora_dist.relora import ReLoRALinear
-from relora_dist.shard_ops import assemble, full_fp32_masters
+from relora_dist.relora.reinit import GradSketch, project_b_moments
+from relora_dist.relora.layer import ReLoRALinear
+from relora_dist.relora.shard_ops import assemble, full_fp32_masters
 
 
 def start_gradient_sketch(modules: dict[str, ReLoRALinear], seed: int, restart_index: int,

@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from relora_dist.tokenizer import TOKENIZER_FILES, tokenizer_files
+from relora_dist.data.tokenizer import TOKENIZER_FILES, tokenizer_files
 
 CHECKSUM = "manifest_sha256"
 OLDER = ("resume an older one with --checkpoint.resume=previous (the newest that verifies) or "

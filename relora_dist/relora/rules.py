@@ -1,7 +1,7 @@
 """ReLoRA's setting rules, in one place: adapter hyperparameters, target selection against a model's
 Linear layers, optimizer-state pruning, and the relora.* config keys built on them.
 
-The same functions check a Python caller's arguments at run time (relora.py: wrap_model, prune_keep
+The same functions check a Python caller's arguments at run time (relora/layer.py: wrap_model, prune_keep
 raise ReLoRAConfigError) and a run config before any work (check_relora_config and
 check_relora_targets raise ConfigError, naming config keys). `keys` renames the arguments in the
 messages; with keys, values are echoed as typed on the command line (no Python escaping).
@@ -26,7 +26,7 @@ PRUNE_MODES = ("zero", "random", "magnitude")
 
 #: How magnitude pruning finds its threshold (relora.prune_threshold; relora.magnitude_threshold).
 PRUNE_THRESHOLDS = ("kthvalue", "quantile")
-#: How a reset re-initialises the adapter (relora.reinit; relora_dist/reinit.py).
+#: How a reset re-initialises the adapter (relora.reinit; relora_dist/relora/reinit.py).
 REINITS = ("random", "gradient", "project")
 
 
@@ -140,7 +140,7 @@ def check_relora_targets(cfg, model_config) -> None:
     and that bitsandbytes can pack every targeted weight when relora.base_quant is set."""
     from transformers import AutoModelForCausalLM
 
-    from relora_dist.quant import check_packs
+    from relora_dist.relora.quant import check_packs
 
     m = cfg.model
     source = f"model.init_from={m.init_from}" if m.init_from else f"model.preset={m.preset}"

@@ -1,9 +1,9 @@
 """Per-rank training state of the ReLoRA phase with a quantized frozen base (relora.base_quant).
 
-Extends relora_dist/memory_model.py: under ZeRO-2 every rank holds a bitsandbytes replica of each
+Extends relora_dist/memory/model.py: under ZeRO-2 every rank holds a bitsandbytes replica of each
 frozen wrapped weight instead of its compute-dtype copy (NF4: ceil(n/2) bytes of codes + 4 bytes
 of absmax per 64 elements, or 1 byte with double quantization, the default; int8: n bytes + 4 bytes
-per row, relora_dist.quant.quantized_nbytes),
+per row, relora_dist.relora.quant.quantized_nbytes),
 and the fp32 merge masters are always kept (1/world each, also under fp32 compute, where they
 otherwise alias the weights), on the device or in host memory. Under ZeRO-3 the replica replaces
 the frozen weights' bf16 shards (2/world bytes per weight): it saves memory only below 4 ranks
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 
-from relora_dist.memory_model import CATEGORIES, Shape, fmt_bytes, per_rank_bytes
-from relora_dist.quant import quantized_nbytes
+from relora_dist.memory.model import CATEGORIES, Shape, fmt_bytes, per_rank_bytes
+from relora_dist.relora.quant import quantized_nbytes
 
 TARGET = {"preset": "350m", "world": 8, "kind": "nf4", "master_device": "cpu", "limit": 0.45}
 

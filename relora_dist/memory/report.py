@@ -1,6 +1,6 @@
 """The memory model's command line (`python tools/memory_model.py`): tables, the quantized-base
-table, and validation against tools/bench.py measurements. The formulas are in memory_model.py
-(and memory_quant.py for a quantized base); this module only reads bench JSONs and prints."""
+table, and validation against tools/bench.py measurements. The formulas are in memory/model.py
+(and memory/quant.py for a quantized base); this module only reads bench JSONs and prints."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import argparse
 import json
 from pathlib import Path
 
-from relora_dist.memory_model import CATEGORIES, ENGINES, MASTER_DEVICES, MIB, Shape, per_rank_bytes
-from relora_dist.memory_quant import relora_quant_bytes
-from relora_dist.memory_tables import detail, options_table, quant_table, table
+from relora_dist.memory.model import CATEGORIES, ENGINES, MASTER_DEVICES, MIB, Shape, per_rank_bytes
+from relora_dist.memory.quant import relora_quant_bytes
+from relora_dist.memory.tables import detail, options_table, quant_table, table
 from relora_dist.model import PRESETS
 
 

@@ -1,5 +1,5 @@
-"""Batched collectives over the backend contract, shared by the ReLoRA steps (relora_steps.py) and
-the re-init steps (reinit_steps.py): whole tensors assembled from every rank's fragments in a few
+"""Batched collectives over the backend contract, shared by the ReLoRA steps (relora/steps.py) and
+the re-init steps (relora/reinit_steps.py): whole tensors assembled from every rank's fragments in a few
 large collectives instead of one per tensor."""
 
 from __future__ import annotations

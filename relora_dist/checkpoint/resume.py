@@ -1,5 +1,5 @@
-"""Resuming a run from the project's sharded checkpoints (checkpoint.py): which checkpoint, whether
-it belongs to this run (the run identity), and loading it into a run's components (state.py) at any
+"""Resuming a run from the project's sharded checkpoints (checkpoint/format.py): which checkpoint, whether
+it belongs to this run (the run identity), and loading it into a run's components (checkpoint/state.py) at any
 world size and ZeRO stage. Loading reads safetensors and JSON only: nothing is unpickled."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from relora_dist.checkpoint import (
+from relora_dist.checkpoint.format import (
     LATEST,
     MANIFEST,
     OLDER,
@@ -19,8 +19,8 @@ from relora_dist.checkpoint import (
     shard_path,
 )
 from relora_dist.config import SECTIONS, ConfigError, suggest, to_dict
-from relora_dist.run_guard import LockHeld, abandon_newer, check_unlocked, fingerprint_changes, locked_folders
-from relora_dist.state import CheckpointState
+from relora_dist.runtime.run_guard import LockHeld, abandon_newer, check_unlocked, fingerprint_changes, locked_folders
+from relora_dist.checkpoint.state import CheckpointState
 
 # --- loading ---------------------------------------------------------------------------------------
 MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")

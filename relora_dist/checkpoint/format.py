@@ -12,7 +12,7 @@ DeepSpeed 0.19.8).
                                converts on its own)
     <root>/latest              name of the newest complete checkpoint, written last
 
-Readers open only what integrity.py allows: the writer's own shard names as regular files inside
+Readers open only what checkpoint/integrity.py allows: the writer's own shard names as regular files inside
 the folder, `latest` naming a sibling step_* folder, a manifest whose own sha256 verifies.
 
 Fields per parameter: `master` (fp32 master of a trainable param), `exp_avg`, `exp_avg_sq`
@@ -21,7 +21,7 @@ target of a frozen wrapped weight), `w_switch` (W at the switch, for the effecti
 Every fragment is a contiguous range of the row-major flattened tensor, so any world size and ZeRO
 stage can reassemble it. Loading reads safetensors and JSON only: nothing is unpickled.
 
-What is written comes from the components of state.py: save_checkpoint takes a state.CheckpointState
+What is written comes from the components of checkpoint/state.py: save_checkpoint takes a state.CheckpointState
 and resume.load_checkpoint restores the same set.
 """
 
@@ -38,12 +38,12 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from relora_dist import integrity
+from relora_dist.checkpoint import integrity
 # OLDER, CheckpointError, check_tokenizer and shard_path are used here and by the readers that import them from here
-from relora_dist.integrity import OLDER, CheckpointError, check_tokenizer, shard_path  # noqa: F401
-from relora_dist.integrity import fsync_path as _fsync_dir
-from relora_dist.state import CheckpointState
-from relora_dist.tokenizer import tokenizer_files
+from relora_dist.checkpoint.integrity import OLDER, CheckpointError, check_tokenizer, shard_path  # noqa: F401
+from relora_dist.checkpoint.integrity import fsync_path as _fsync_dir
+from relora_dist.checkpoint.state import CheckpointState
+from relora_dist.data.tokenizer import tokenizer_files
 
 # 2: the manifest carries its own sha256 (integrity.CHECKSUM); format 1 checkpoints still load.
 FORMAT_VERSION = 2
@@ -110,7 +110,7 @@ def save_checkpoint(state: CheckpointState, root: str | Path, keep_last: int) ->
     """Write this step's checkpoint collectively; publish it atomically; keep the last K. A rank
     that cannot write (disk full, permissions) or holds a non-finite value fails the save on every
     rank at the same point; nothing is published and no older checkpoint is deleted."""
-    from relora_dist.faults import RunAborted, progress
+    from relora_dist.runtime.faults import RunAborted, progress
 
     root = Path(root)
     step = state.progress.step
@@ -197,7 +197,7 @@ def manifest_of(state: CheckpointState, entries: list[dict]) -> dict:
 def _run_record(state: CheckpointState) -> dict:
     """What retention and a resume read besides the tensors: the eval loss measured at this step
     (None if none was), the non-finite skip streak, the fingerprints of the data and tokenizer."""
-    from relora_dist.run_guard import run_fingerprints
+    from relora_dist.runtime.run_guard import run_fingerprints
 
     evals = state.progress.evals
     at_step = evals[-1]["eval_loss"] if evals and evals[-1]["step"] == state.progress.step else None
@@ -230,7 +230,7 @@ def _publish(state: CheckpointState, tmp: Path, final: Path, root: Path, entries
     # Every published checkpoint is finite (a non-finite model is never saved); run_guard.to_keep
     # also keeps the best-eval one and the newest saved outside a skip streak.
     if keep_last > 0:
-        from relora_dist.run_guard import remove_checkpoint, to_keep
+        from relora_dist.runtime.run_guard import remove_checkpoint, to_keep
 
         found = list_checkpoints(root)
         keep = to_keep(found, keep_last, final)
@@ -398,7 +398,7 @@ class ShardReader:
 def consolidated_state_dict(reader: ShardReader, merge_adapters: bool = True) -> dict[str, torch.Tensor]:
     """fp32 HF-named weights of a checkpoint: fp32 masters where they exist, live adapters merged
     by export.merged_state_dict (the same merge as the live export's)."""
-    from relora_dist.export import merged_state_dict
+    from relora_dist.checkpoint.export import merged_state_dict
 
     return merged_state_dict(_saved_weights(reader), _saved_adapters(reader) if merge_adapters else ())
 

@@ -20,7 +20,7 @@ import socket
 import time
 from pathlib import Path
 
-from relora_dist.integrity import fsync_path as _fsync
+from relora_dist.checkpoint.integrity import fsync_path as _fsync
 
 LOCK_FILE = ".relora.lock"
 _HELD: dict[str, int] = {}  # realpath of a locked folder -> the open lock file (one per process)
@@ -145,7 +145,7 @@ def run_fingerprints(cfg, tokenizer_dir: str | None = None) -> dict[str, str]:
     from relora_dist.data.check import tokenizer_dir_of
     from relora_dist.data.first_use import _cache_key
     from relora_dist.data.prepare import DEFAULT_CORPUS
-    from relora_dist.tokenizer import tokenizer_fingerprint
+    from relora_dist.data.tokenizer import tokenizer_fingerprint
 
     d = cfg.data
     tokenizer_dir = tokenizer_dir or tokenizer_dir_of(cfg)  # the init_from folder's own, when it has one
@@ -186,7 +186,7 @@ def abandon_newer(root: str | Path, resumed_from: Path, checkpoints: list[Path],
     """Resuming step_N with newer step_M present starts a new timeline: the newer ones belong to the
     abandoned one. They move into <root>/abandoned-<UTC time>/ (kept for inspection, never picked by
     a plain relaunch or by retention) and the `latest` pointer names step_N again. Rank 0, at
-    start-up. (checkpoint.py imports this module, so nothing here imports it.)"""
+    start-up. (checkpoint/format.py imports this module, so nothing here imports it.)"""
     root = Path(root)
     newer = [p for p in checkpoints if step_of(p) > step_of(resumed_from)]
     if not newer:

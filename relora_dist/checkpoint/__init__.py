@@ -1,0 +1,1 @@
+"""The sharded checkpoint: its format, what it saves (components), resuming from it, the integrity rules every reader applies, and the Hugging Face export."""

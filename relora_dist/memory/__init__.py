@@ -1,0 +1,1 @@
+"""The analytic per-rank memory model, its quantized-base extension, tables and report."""
