@@ -16,7 +16,7 @@ import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,6 +26,31 @@ DEFAULT_TARGETS: list[str] = [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|dow
 
 class ConfigError(ValueError):
     """A one-line configuration problem that names the fix."""
+
+
+# The keys that take one of a few words are typed with their words: loading refuses any other word
+# (_coerce), and check_choices applies the same rule to a Config built in code, so the owners'
+# checks keep only the rules that join several keys. The tuples are the words, in the order the
+# error lists them.
+Precision = Literal["fp32", "bf16", "auto"]
+OnNonfinite = Literal["stop", "skip"]
+OptimizerName = Literal["adamw", "adamw8bit", "sgd"]
+PruneThreshold = Literal["kthvalue", "quantile"]
+Reinit = Literal["random", "gradient", "project"]
+WarmStartSchedule = Literal["paper", "reference", "anneal"]
+AutoTrueFalse = Literal["auto", "true", "false"]
+MergePrecision = Literal["fp32", "bf16"]
+MergeMasterDevice = Literal["device", "cpu"]
+BaseQuant = Literal["none", "nf4", "int8"]
+QuantComputeDtype = Literal["auto", "bf16", "fp32"]
+QuantMerge = Literal["master", "reference"]
+PhaseStage = Literal["same", "3"]
+OPTIMIZERS = typing.get_args(OptimizerName)
+PRUNE_THRESHOLDS = typing.get_args(PruneThreshold)
+REINITS = typing.get_args(Reinit)
+WARM_START_SCHEDULES = typing.get_args(WarmStartSchedule)
+BASE_QUANT = typing.get_args(BaseQuant)
+QUANT_MERGE = typing.get_args(QuantMerge)
 
 
 @dataclass
@@ -74,7 +99,7 @@ class TrainConfig:
     """Sequences per optimizer step over all ranks (= micro_batch_size x grad_accum x world size)."""
     micro_batch_size: int = 8
     """Sequences per forward pass on one rank; grad_accum is derived from the global batch."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """fp32, bf16, or auto (bf16 on GPUs that support it, fp32 on CPU)."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 disables clipping)."""
@@ -84,7 +109,7 @@ class TrainConfig:
     """Validation budget in tokens per evaluation, split over ranks."""
     seed: int = 0
     """Seed of the model init, the data order, adapter draws and random pruning."""
-    on_nonfinite: str = "stop"
+    on_nonfinite: OnNonfinite = "stop"
     """A step whose loss or gradient norm is inf/NaN on any rank: stop (exit 3 at once, nothing
     saved: the newest checkpoint stays the last finite one) or skip (no optimizer update, the step
     is counted in train/skipped_steps; stops after train.max_skipped_steps such steps in a row)."""
@@ -102,7 +127,7 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: OptimizerName = "adamw"
     """adamw (torch.optim.AdamW, decoupled decay), adamw8bit (bitsandbytes AdamW8bit: blockwise
     8-bit moments, 2 bytes of state per parameter instead of 8; ZeRO-2 and FSDP2) or sgd (torch.optim.SGD, momentum 0.9, L2 weight
     decay; a baseline). ReLoRA's optimizer reset prunes Adam moments: with sgd set
@@ -164,7 +189,7 @@ class ReLoRAConfig:
     """Prune of the adapters' Adam moments at each reset: zero, random, magnitude, or none."""
     prune_ratio: float = 0.9
     """Fraction of moment entries pruned by random/magnitude reset (paper: 0.99; >0.9 is flat)."""
-    prune_threshold: str = "kthvalue"
+    prune_threshold: PruneThreshold = "kthvalue"
     """Magnitude reset's per-tensor threshold t (entries with |m| > t are kept). kthvalue: the
     ceil(p*n)-th smallest |m|, so exactly ceil(p*n) entries are pruned (without ties). quantile:
     torch.quantile(|m|, p)'s linear interpolation, as the reference (training_utils.py
@@ -174,7 +199,7 @@ class ReLoRAConfig:
     2^24-element tensor on one CPU core: 0.32 s against kthvalue's 0.29 s and torch.quantile's
     2.2 s). The default stays kthvalue, what earlier runs and checkpoints used: the two differ by
     at most one entry per tensor (1/n of it)."""
-    reinit: str = "random"
+    reinit: Reinit = "random"
     """How each reset re-initialises the adapter (B = 0 in all three). random: A Kaiming-uniform,
     drawn from (seed, restart index, module); the paper and reference. gradient: A = the top-r right
     singular vectors of the frozen weight's gradient at the reset (GaLore's and LoRA-GA's subspace),
@@ -189,7 +214,7 @@ class ReLoRAConfig:
     """gradient/project: how many of each rank's micro-batches of the cycle's last step feed the
     gradient estimate (0 = all: the whole global batch, free of extra passes; the sketch costs
     ~(in + out) x 6r multiply-adds per token and wrapped linear on those micro-batches only)."""
-    warm_start_schedule: str = "paper"
+    warm_start_schedule: WarmStartSchedule = "paper"
     """paper: one warmup + cosine envelope over the whole run (train.max_steps); the switch comes
     mid-schedule near the peak LR and the ReLoRA phase re-warms up to the same envelope after the
     switch and after every reset (the reference's cosine_restarts shape). reference: the reference
@@ -201,24 +226,24 @@ class ReLoRAConfig:
     perplexity): paper 75.81, reference 71.69 (73.40 with carry_optimizer_state=false), anneal
     75.52. The default stays paper, what earlier
     runs and checkpoints used (a resume refuses a change), until more seeds and sizes confirm."""
-    lr_restarts: str = "auto"
+    lr_restarts: AutoTrueFalse = "auto"
     """auto: the LR restarts from 0 after every reset (the jagged cosine) and only then; true: the
     same jagged LR also when relora.resets=false (the LoRA baseline with ReLoRA's LR, which
     separates what the LR restarts cost from what the merges and pruning cost); false: no restart
     warmup after resets (the paper's ablation: training diverges)."""
-    carry_optimizer_state: str = "auto"
+    carry_optimizer_state: AutoTrueFalse = "auto"
     """true: at the switch, move the Adam moments and step count of every parameter that stays
     trainable (embeddings, norms, lm_head with train_extra) into the ReLoRA engine's optimizer;
     false: start them from zero like the reference's separate warm-start run; auto: true when the
     run has an AdamW warm start (not with optimizer.name=sgd or relora.warm_start_steps=0)."""
-    merge_precision: str = "fp32"
+    merge_precision: MergePrecision = "fp32"
     """fp32: merge into an fp32 master of the frozen weights; bf16: merge straight into bf16
     compute weights like the reference (rounding accumulates over resets)."""
-    merge_master_device: str = "device"
+    merge_master_device: MergeMasterDevice = "device"
     """Where the fp32 merge masters live: device (the accelerator) or cpu (pinned host memory on
     GPUs, so the accelerator holds only the bf16 weights and the trainable state; each merge copies
     one slice at a time). Needs merge_precision=fp32 (with bf16 merges there is no master)."""
-    base_quant: str = "none"
+    base_quant: BaseQuant = "none"
     """none, nf4 or int8: from the switch on, hold each frozen wrapped weight as a bitsandbytes
     4-bit NF4 (block 64) or 8-bit (row-wise) replica; the adapters train in the compute precision.
     Each reset merges into the fp32 masters and requantizes from them (relora.quant_merge), so the
@@ -228,14 +253,14 @@ class ReLoRAConfig:
     """nf4 only: quantize the per-block absmax to 8 bits too (QLoRA's double quantization,
     bitsandbytes' compress_statistics), 0.516 instead of 0.5625 bytes per weight: -14 MB per rank at
     350m. Measured on a 2736 x 1024 N(0, 0.02) weight: relative error 0.09201 against 0.09199."""
-    quant_compute_dtype: str = "auto"
+    quant_compute_dtype: QuantComputeDtype = "auto"
     """Dtype the quantized base is dequantized to for its matmul: auto (the training precision),
     bf16 or fp32."""
-    quant_merge: str = "master"
+    quant_merge: QuantMerge = "master"
     """master: requantize from the fp32 master at each reset; reference: dequantize, add s*B*A,
     requantize (the reference implementation's 4-bit merge; its error compounds over resets: kept
     to measure that)."""
-    phase_stage: str = "same"
+    phase_stage: PhaseStage = "same"
     """ZeRO stage of the ReLoRA phase: same (as the warm start) or 3. A ZeRO-2 warm start with 3
     shards the frozen bf16 weights too; ZeRO-2 keeps them replicated on every rank, which at many
     ranks costs more than the optimizer state the ReLoRA phase frees (see --dry_run's memory plan)."""
@@ -336,10 +361,35 @@ def suggest(name: str, options: list[str]) -> str:
     return f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(sorted(options))}"
 
 
+def choice_error(key: str, value: Any, words: tuple[str, ...]) -> str | None:
+    """The one-line problem of a word-valued key holding another word, or None."""
+    if value in words:
+        return None
+    listing = " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else list(words))
+    close = difflib.get_close_matches(str(value), words, n=1, cutoff=0.6)
+    return f"{key} '{value}' unknown: use {listing}" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
+def check_choices(cfg: Config) -> None:
+    """Every word-valued key holds one of its words (a Config built or changed in code skips _coerce)."""
+    for section, cls in SECTIONS.items():
+        for key, typ in typing.get_type_hints(cls).items():
+            if typing.get_origin(typ) is Literal:
+                problem = choice_error(f"{section}.{key}", getattr(getattr(cfg, section), key), typing.get_args(typ))
+                if problem:
+                    raise ConfigError(problem)
+
+
 def _coerce(key: str, value: Any, typ: Any, example: Any = None) -> Any:
     """Check/convert one YAML- or CLI-parsed value against the dataclass field type."""
     eg = f"; write e.g. {key}={example}" if example not in (None, "", []) else ""
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        value = _coerce(key, value, str, example)
+        problem = choice_error(key, value, typing.get_args(typ))
+        if problem:
+            raise ConfigError(problem)
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
@@ -442,8 +492,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         _set(cfg, key, value)
     return cfg
 
-
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 
 
 def to_dict(cfg: Config) -> dict:

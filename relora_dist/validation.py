@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from relora_dist.runtime.compile import check_compile_config
-from relora_dist.config import OPTIMIZERS, Config, ConfigError, suggest
+from relora_dist.config import Config, ConfigError, check_choices
 from relora_dist.data.check import check_data_config, check_data_values
 from relora_dist.model import check_model_config
 from relora_dist.relora.quant import check_quant_config
@@ -37,6 +37,7 @@ def validate(cfg: Config) -> None:
     tokenizer, and ReLoRA targets and rank against the model's shapes (built on the meta device).
     Raises a one-line ConfigError that names the key and the fix."""
     # Cheap value rules first, then what reads files (checkpoints, data), then what builds the model.
+    check_choices(cfg)  # every word-valued key holds one of its words (their Literal types)
     check_data_values(cfg)  # first: the eval_tokens rule below divides by data.seq_len
     check_run_values(cfg)
     check_compile_config(cfg)
@@ -67,12 +68,8 @@ def check_run_values(cfg: Config) -> None:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}; change one of them"
         )
-    if t.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision '{t.precision}' unknown: use fp32, bf16 or auto")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
-    if t.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"train.on_nonfinite '{t.on_nonfinite}' unknown: use stop or skip")
     if t.max_skipped_steps < 1:
         raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
     if t.eval_every < 0:
@@ -82,8 +79,6 @@ def check_run_values(cfg: Config) -> None:
             f"train.eval_tokens={t.eval_tokens} is fewer than one micro-batch (train.micro_batch_size="
             f"{t.micro_batch_size} x data.seq_len={cfg.data.seq_len}); raise train.eval_tokens to at least "
             f"{t.micro_batch_size * cfg.data.seq_len} (x world size)")
-    if o.name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer.name '{o.name}' unknown: {suggest(o.name, list(OPTIMIZERS))}")
     if o.lr <= 0:
         raise ConfigError(f"optimizer.lr={o.lr} must be > 0")
     if o.weight_decay < 0:
@@ -106,17 +101,9 @@ def check_run_values(cfg: Config) -> None:
             f"relora.optimizer_reset={r.optimizer_reset} with optimizer.name={o.name}: the optimizer reset "
             f"prunes Adam moments; use optimizer.name=adamw or relora.optimizer_reset=none"
         )
-    if r.merge_precision not in ("fp32", "bf16"):
-        raise ConfigError(f"relora.merge_precision '{r.merge_precision}' unknown: use fp32 or bf16")
-    if r.merge_master_device not in ("device", "cpu"):
-        raise ConfigError(f"relora.merge_master_device '{r.merge_master_device}' unknown: use device or cpu")
     if r.merge_master_device == "cpu" and r.merge_precision == "bf16":
         raise ConfigError("relora.merge_master_device=cpu with relora.merge_precision=bf16: bf16 merges keep "
                           "no fp32 master to place; use merge_precision=fp32 or merge_master_device=device")
-    if r.lr_restarts not in ("auto", "true", "false"):
-        raise ConfigError(f"relora.lr_restarts '{r.lr_restarts}' unknown: use auto, true or false")
-    if r.carry_optimizer_state not in ("auto", "true", "false"):
-        raise ConfigError(f"relora.carry_optimizer_state '{r.carry_optimizer_state}' unknown: use auto, true or false")
     if r.carry_optimizer_state == "true" and o.name != "adamw":  # adamw8bit: 8-bit state is per flat partition
         raise ConfigError(f"relora.carry_optimizer_state=true with optimizer.name={o.name}: there are no Adam "
                           f"moments to carry; use optimizer.name=adamw or relora.carry_optimizer_state=false")
@@ -124,8 +111,6 @@ def check_run_values(cfg: Config) -> None:
         raise ConfigError("relora.carry_optimizer_state=true with relora.warm_start_steps=0 (e.g. starting from "
                           "--init_from): this run has no warm-start optimizer state to carry; use "
                           "relora.carry_optimizer_state=false or auto")
-    if r.phase_stage not in ("same", "3"):
-        raise ConfigError(f"relora.phase_stage '{r.phase_stage}' unknown: use same or 3")
     if r.lr < 0:
         raise ConfigError(f"relora.lr={r.lr} must be >= 0 (0 = 2 x optimizer.lr)")
     if r.effective_rank_every < -1:

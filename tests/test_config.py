@@ -246,8 +246,8 @@ CASES = {
     "optimizer_reset": (lambda f: ["relora.optimizer_reset=prune"], ["relora.optimizer_reset 'prune'", "use "]),
     "prune ratio": (lambda f: ["relora.prune_ratio=2"], ["relora.prune_ratio=2", "must be"]),
     "prune threshold": (lambda f: ["relora.prune_threshold=median"],
-                        ["relora.prune_threshold 'median'", "use one of kthvalue, quantile"]),
-    "reinit": (lambda f: ["relora.reinit=svd"], ["relora.reinit 'svd'", "use random, gradient, project"]),
+                        ["relora.prune_threshold 'median'", "use kthvalue or quantile"]),
+    "reinit": (lambda f: ["relora.reinit=svd"], ["relora.reinit 'svd'", "use random, gradient or project"]),
     "reinit micro-batches": (lambda f: ["relora.reinit_micro_batches=-1"],
                              ["relora.reinit_micro_batches=-1", "must be >= 0"]),
     "project with sgd": (lambda f: ["relora.reinit=project", "optimizer.name=sgd", "relora.optimizer_reset=none"],
@@ -366,3 +366,18 @@ def test_bundled_tokenizer_default_matches(tiny_data):
     from relora_dist.data.tokenizer import tokenizer_checksum
 
     assert meta["tokenizer_checksum"] == tokenizer_checksum(DEFAULT_TOKENIZER)
+
+
+def test_word_valued_keys_hold_their_words_however_the_config_was_made():
+    """A Literal-typed key is refused at loading (CLI, YAML) and, for a Config changed in code, by
+    validation's first check; every default is one of its words."""
+    from relora_dist.config import check_choices
+
+    check_choices(Config())
+    cfg = Config()
+    cfg.relora.merge_master_device = "gpu"
+    with pytest.raises(ConfigError, match=r"relora.merge_master_device 'gpu' unknown: use device or cpu"):
+        check_choices(cfg)
+    with pytest.raises(ConfigError, match=r"train.precision 'bf61' unknown: use fp32, bf16 or auto \(did you mean 'bf16'\?\)"):
+        load_config(None, ["train.precision=bf61"])
+    assert load_config(None, ["relora.phase_stage=3", "relora.lr_restarts=true"]).relora.phase_stage == "3"

@@ -19,10 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from relora_dist.config import ConfigError
-
-BASE_QUANT = ("none", "nf4", "int8")
-QUANT_MERGE = ("master", "reference")
+from relora_dist.config import BASE_QUANT, QUANT_MERGE, ConfigError  # noqa: F401  (relora.base_quant's, quant_merge's words)
 NF4_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block
 DQ_BLOCKSIZE = 256  # block of the nested absmax quantization (bitsandbytes quantize_4bit, compress_statistics)
 
@@ -138,18 +135,10 @@ def check_kind(kind: str, key: str = "base quantization", quantized: bool = Fals
 
 
 def check_quant_config(cfg) -> None:
-    """relora.base_quant, quant_compute_dtype and quant_merge, and that a quantized base has an fp32
-    master to requantize from (relora.merge_precision=fp32). The ZeRO-3 and FSDP2 refusals need the
-    DeepSpeed config and live in backends/ds_config.py."""
+    """That a quantized base has an fp32 master to requantize from (relora.merge_precision=fp32).
+    The words of relora.base_quant, quant_compute_dtype and quant_merge are their config types'; the
+    ZeRO-3 and FSDP2 refusals need the DeepSpeed config and live in backends/ds_config.py."""
     r = cfg.relora
-    try:
-        check_kind(r.base_quant, "relora.base_quant")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if r.quant_compute_dtype not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"relora.quant_compute_dtype '{r.quant_compute_dtype}' unknown: use auto, bf16 or fp32")
-    if r.quant_merge not in QUANT_MERGE:
-        raise ConfigError(f"relora.quant_merge '{r.quant_merge}' unknown: use one of {', '.join(QUANT_MERGE)}")
     if r.base_quant != "none" and r.merge_precision == "bf16":
         raise ConfigError(f"relora.base_quant={r.base_quant} with relora.merge_precision=bf16: there is no fp32 "
                           f"master to requantize from at each reset; use merge_precision=fp32")

@@ -17,17 +17,15 @@ import re
 import torch
 from torch import nn
 
-from relora_dist.config import DEFAULT_TARGETS, ConfigError
+from relora_dist.config import DEFAULT_TARGETS, PRUNE_THRESHOLDS, REINITS, ConfigError  # noqa: F401
 
 #: DEFAULT_TARGETS (config.py): Hugging Face LLaMA attention and MLP projections (what the
 #: reference wraps for LLaMA).
 
 PRUNE_MODES = ("zero", "random", "magnitude")
 
-#: How magnitude pruning finds its threshold (relora.prune_threshold; relora.magnitude_threshold).
-PRUNE_THRESHOLDS = ("kthvalue", "quantile")
-#: How a reset re-initialises the adapter (relora.reinit; relora_dist/relora/reinit.py).
-REINITS = ("random", "gradient", "project")
+# PRUNE_THRESHOLDS (how magnitude pruning finds its threshold) and REINITS (how a reset
+# re-initialises the adapter) are the words of relora.prune_threshold and relora.reinit (config.py).
 
 
 class ReLoRAConfigError(ValueError):
@@ -126,8 +124,6 @@ def check_relora_config(cfg) -> None:
         check_prune_threshold(r.prune_threshold, _KEYS["threshold"])
     except ReLoRAConfigError as e:
         raise ConfigError(str(e)) from None
-    if r.reinit not in REINITS:
-        raise ConfigError(f"relora.reinit '{r.reinit}' unknown: use {', '.join(REINITS)}")
     if r.reinit_micro_batches < 0:
         raise ConfigError(f"relora.reinit_micro_batches={r.reinit_micro_batches} must be >= 0 (0 = all micro-batches)")
     if r.reinit == "project" and cfg.optimizer.name != "adamw":

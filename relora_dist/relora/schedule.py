@@ -29,15 +29,14 @@ from __future__ import annotations
 import math
 import numbers
 
-from relora_dist.config import Config, ConfigError
+from relora_dist.config import WARM_START_SCHEDULES, Config, ConfigError
 
 __all__ = ["ScheduleError", "WARM_START_SCHEDULES", "warmup_cosine", "jagged_cosine", "whole_run_jagged",
            "reference_two_run", "validate_jagged",
            "check_min_lr_ratio", "check_schedule_config", "is_reset_step", "fitting_phase_lengths"]
 
 
-#: relora.warm_start_schedule values (see lr_multiplier).
-WARM_START_SCHEDULES = ("paper", "reference", "anneal")
+# WARM_START_SCHEDULES: relora.warm_start_schedule's words (config.py; see lr_multiplier).
 
 
 class ScheduleError(ValueError):
@@ -128,9 +127,6 @@ def check_schedule_config(cfg) -> None:
     """schedule.* and, when the ReLoRA phase resets, its jagged cosine, named by config key: the same
     rules jagged_cosine enforces at run time (validate_jagged), raised as ConfigError."""
     r, t = cfg.relora, cfg.train
-    if r.enabled and r.warm_start_schedule not in WARM_START_SCHEDULES:
-        raise ConfigError(f"relora.warm_start_schedule '{r.warm_start_schedule}' unknown: use "
-                          f"{', '.join(WARM_START_SCHEDULES[:-1])} or {WARM_START_SCHEDULES[-1]}")
     if cfg.schedule.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be >= 0")
     if r.enabled and r.warm_start_steps >= t.max_steps:
