@@ -10,7 +10,7 @@ is the flat range [r0*in, r1*in).
 The sharded params stay fp32 under bf16 (MixedPrecisionPolicy casts each all-gather), so they are
 the optimizer's masters AND the frozen weights' merge masters: no separate copies (`fp32_params`).
 The optimizer states: backends/fsdp2_state.py (AdamW) and backends/fsdp2_8bit.py (AdamW8bit).
-W and B are row-sharded alike, so a merge gathers only A (relora_steps gathers A and B; B is small).
+W and B are row-sharded alike, so a merge gathers only A (relora/steps.py gathers A and B; B is small).
 The ReLoRA switch flips requires_grad on the same sharded params and builds a new AdamW over the
 trainable ones: FSDP2 re-reads requires_grad at every unshard (`set_requires_grad_if_needed` in
 _fsdp_param.py), so nothing is re-sharded.

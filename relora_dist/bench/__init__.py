@@ -13,7 +13,7 @@ same model, batch and engine code (relora_dist/bench/runner.py):
 4b. ReLoRA steps again after the last reset, measured like 3: `post_reset_step_ratio` (a collective
    at a reset can leave every later step slower: at world size 1 a gloo all-gather makes libgomp
    throttle its spinning threads, seen as more voluntary context switches per step);
-5. the merge alone: shard-local (`relora_steps.merge_adapters`) against gather-based merges
+5. the merge alone: shard-local (`relora.steps.merge_adapters`) against gather-based merges
    (ZeRO-3 only: `Probe.gathered_update` over each W, and an all-gather of each W's fp32 shard,
    full add, keep own slice), time and bytes moved; run right after a reset, where B = 0, so they
    leave the weights unchanged;

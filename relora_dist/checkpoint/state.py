@@ -128,7 +128,7 @@ class ModelState:
     engine: Any | None
     model: torch.nn.Module
     modules: dict = field(default_factory=dict)  # name -> ReLoRALinear
-    masters: Any | None = None  # relora_steps.FrozenMasters in the ReLoRA phase
+    masters: Any | None = None  # relora.steps.FrozenMasters in the ReLoRA phase
 
     def adam_step(self) -> int | None:
         """Adam's step counter (None before the first step or with no engine)."""

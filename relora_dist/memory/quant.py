@@ -32,7 +32,7 @@ def relora_quant_bytes(shape: Shape, world: int, kind: str, *, compute: str = "b
                        train_extra: bool = True, master_device: str = "device",
                        optimizer: str = "adamw", double_quant: bool = True, stage: int = 2) -> dict[str, float]:
     """ReLoRA-phase bytes per rank under ZeRO-`stage` with the frozen base quantized to `kind`
-    (optimizer: see memory_model.per_rank_bytes)."""
+    (optimizer: see memory.model.per_rank_bytes)."""
     out = dict(per_rank_bytes(shape, world, stage, "relora", compute=compute, r=r, train_extra=train_extra,
                               master_device=master_device, optimizer=optimizer))
     if kind == "none":

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The rules (hyperparameters, target selection, pruning) live in relora_rules, shared with the
+# The rules (hyperparameters, target selection, pruning) live in relora/rules.py, shared with the
 # start-up config check; re-exported here as part of this module's API.
 from relora_dist.relora.rules import (DEFAULT_TARGETS, PRUNE_MODES, PRUNE_THRESHOLDS, ReLoRAConfigError,
                                       check_hparams, check_prune, check_prune_threshold, select_targets)
@@ -414,7 +414,7 @@ def magnitude_threshold(full: Tensor, p: float, rule: str = "kthvalue") -> Tenso
     if lo == n - 1 or float(rank) == lo:
         return below
     # The (lo + 2)-th smallest is `below` again when at least lo + 2 entries are <= it; chosen on
-    # the device (no host synchronization per tensor, see relora_steps._magnitude_thresholds).
+    # the device (no host synchronization per tensor, see relora.steps._magnitude_thresholds).
     above = torch.where((x <= below).sum() >= lo + 2, below, torch.where(x > below, x, torch.inf).min())
     return torch.lerp(below, above, (rank - lo).to(torch.float32).to(x.device))
 

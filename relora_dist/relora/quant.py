@@ -6,7 +6,7 @@ quantize its absmax too (QLoRA's double quantization, bitsandbytes' `compress_st
 absmax in blocks of 256 with one fp32 scale each), 0.516 instead of 0.5625 bytes per weight. The
 quantized tensor is a plain attribute of the module: no Parameter and no buffer, so DeepSpeed
 neither partitions nor casts it and `state_dict` never contains it. The values live in the fp32
-merge masters (relora_steps.FrozenMasters): every quantization is `quantize(master)`.
+merge masters (relora.steps.FrozenMasters): every quantization is `quantize(master)`.
 
 Forward: `y = x dequant(Wq)^T` in the compute dtype by an autograd Function that saves only the
 quantized handle and dequantizes again in backward, so no dequantized W is kept for backward.
