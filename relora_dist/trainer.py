@@ -73,7 +73,7 @@ class Trainer:
         # rank, so the same command gives the same run: torch's own initial seed differs per process.
         torch.manual_seed(cfg.train.seed + 1_000_003 * info.rank)
         self.backend = make_backend(resolve_backend(ds_template, cfg), self.ds_config, info.rank, info.world_size,
-                                    cfg.optimizer.name)
+                                    cfg.optimizer.name, cfg.optimizer.implementation)
         self.state = TrainState()
         self.masters = None
         self.engine = None

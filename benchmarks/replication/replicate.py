@@ -4,6 +4,7 @@
     python benchmarks/replication/replicate.py table       # the paper's Table 2 rows x 3 seeds
     python benchmarks/replication/replicate.py sweep       # rank, cycle length / number of resets
     python benchmarks/replication/replicate.py ablations   # schedule, carried moments, merge precision, pruning
+    python benchmarks/replication/replicate.py long        # >= 10 tokens per wrapped parameter, 3 seeds
 
 Every row trains the same model on the same tokens (MODEL and COMMON below) with one process on
 the CPU, one row after another: two trainings at once on 2 cores oversubscribe the OpenMP threads
@@ -66,7 +67,22 @@ def with_(base: list[str], **kv) -> list[str]:
     return out
 
 
+# The paper's regime at a size 2 cores train in minutes (`long`): the wrapped linears see >= 10
+# tokens per parameter, as the paper's rows see ~19 per parameter (350m: 6.8B tokens). Hidden 64,
+# intermediate 172, 4 layers: 197,632 wrapped parameters; 1,000 steps x 2,048 tokens = 2.05M tokens,
+# 10.4 per wrapped parameter (2.1 epochs of the 0.97M-token training split). r / hidden = 1/8 as the
+# paper's 350m (r 128, hidden 1024); a full-rank warm start of a quarter of the run and a reset
+# every quarter (2 resets), as its 350m recipe (5K warm start, a reset every 5K, 20K steps).
+LONG_STEPS = 1000
+LONG = ["--model.hidden_size=64", "--model.intermediate_size=172", f"--train.max_steps={LONG_STEPS}",
+        "--train.eval_every=250"]
+LONG_RELORA = LONG + with_(RELORA, relora__warm_start_steps=250, relora__cycle_length=250,
+                           relora__effective_rank_every=250)
+
 SUITES: dict[str, dict] = {
+    "long": {"seeds": [0, 1, 2], "rows": {
+        "full_rank": LONG + FULL, "relora": LONG_RELORA, "lora": LONG_RELORA + ["--relora.resets=false"],
+        "relora_gradient": with_(LONG_RELORA, relora__reinit="gradient")}},
     "table": {"seeds": [0, 1, 2], "rows": {
         "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL,
         # relora.reinit: A from the gradient at each reset; and with B's moments projected, not pruned
@@ -152,14 +168,15 @@ def summarize(r: dict, args: list[str]) -> dict:
         return sum(vals) / len(vals) if vals else float("nan")
 
     warm, cycle = _arg(args, "relora.warm_start_steps", 100), _arg(args, "relora.cycle_length", 50)
+    steps = _arg(args, "train.max_steps", STEPS)
     # the reset after the step at phase index k*cycle is logged with the next step's number
-    bounds = range(max(warm, 1) + cycle + 1, STEPS - 20, cycle)
+    bounds = range(max(warm, 1) + cycle + 1, steps - 20, cycle)
     # loss_prev_20 / loss_next_20: the 20 steps up to the reset (record s is the step at LR 0, taken
     # before it) and the 20 after it, for the per-reset cost against LoRA (reinit_table.py)
     changes = [{"step": s, "loss_before": mean_loss(s - 5, s), "loss_after_20": mean_loss(s + 18, s + 23),
                 "loss_prev_20": mean_loss(s - 19, s + 1), "loss_next_20": mean_loss(s + 1, s + 21)}
                for s in bounds]
-    cycles = [round(mean_loss(b, b + cycle), 4) for b in range(warm + 1, STEPS + 1, cycle)]
+    cycles = [round(mean_loss(b, b + cycle), 4) for b in range(warm + 1, steps + 1, cycle)]
     return {"eval_ppl": r["eval_ppl"][-1][1], "eval_curve": r["eval_ppl"], "tokens": int(r["tokens"][-1]),
             "cycle_loss": cycles,
             "resets": len(r["resets"]), "reset_cost": changes, "effective_rank": r.get("effective_rank"),

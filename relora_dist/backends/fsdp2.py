@@ -147,14 +147,15 @@ class FSDP2Backend(Backend):
     name = "fsdp2"
 
     def __init__(self, rank: int, world_size: int, optimizer_name: str = "adamw", *, grad_clip: float = 0.0,
-                 bf16: bool = False):
+                 bf16: bool = False, implementation: str = "foreach"):
         """`grad_clip`: clip the global grad norm to this (0: never); `bf16`: compute in bf16
-        (params, grads' reduction and the optimizer stay fp32)."""
+        (params, grads' reduction and the optimizer stay fp32); `implementation`: how torch AdamW
+        steps (fused or foreach)."""
         self.rank, self.world_size = rank, world_size
         self._grad_clip, self._bf16 = grad_clip, bf16
         self.shards = FSDP2Shards(rank, world_size)
         state = FSDP2AdamW8bit if optimizer_name == "adamw8bit" else FSDP2AdamW
-        self.optimizer_state = state(self.shards, optimizer_name)
+        self.optimizer_state = state(self.shards, optimizer_name, implementation)
 
     def describe(self) -> dict:
         # zero_stage is a required manifest field; 0 = no ZeRO (readers use the flat ranges only)

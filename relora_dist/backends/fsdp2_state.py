@@ -21,13 +21,13 @@ class FSDP2AdamW(OptimizerState):
     """The optimizer of the live engine (None between engines)."""
 
     def build(self, param_groups):
-        # foreach: one launch per update op for all params of a group, which torch picks by
-        # itself for GPU tensors but not for CPU ones; named so that a CPU run steps (and
-        # `tools/bench.py --count-ops` counts) as a GPU run does. Measured at the 350m
-        # structure, rank 0 of 2: the per-param AdamW (11 launches per param) and grad norm
-        # (4 per grad) made the step 3,075 of a full-rank step's 6,149 launches and 5,427 of a
-        # ReLoRA step's 10,013; with foreach and _foreach_norm 467 and 803.
-        return torch_optimizer(self.name, param_groups, foreach=True)
+        # Named (fused or foreach, never torch's per-param default on CPU) so that a CPU run steps,
+        # and `tools/bench.py --count-ops` counts, as a GPU run does. Measured at the 350m
+        # structure, rank 0 of 2: the per-param AdamW (11 launches per param) and grad norm (4 per
+        # grad) made the step 3,075 of a full-rank step's 6,149 launches and 5,427 of a ReLoRA
+        # step's 10,013; with foreach and _foreach_norm 467 and 803, of which 440 and 776 are
+        # foreach AdamW's two host reads of each tensor's step count; fused reads none.
+        return torch_optimizer(self.name, param_groups, self.implementation)
 
     def attach(self, engine):
         self.optimizer = engine.optimizer
@@ -64,4 +64,4 @@ class FSDP2AdamW(OptimizerState):
         """One step count for all params, as DeepSpeed keeps."""
         require_adamw(engine.optimizer)
         for p in self.params(engine):
-            engine.optimizer.state[p] = zero_adamw_state(p.detach(), step)
+            engine.optimizer.state[p] = zero_adamw_state(p.detach(), step, engine.optimizer)

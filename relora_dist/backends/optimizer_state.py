@@ -18,16 +18,19 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 """The per-parameter moments every optimizer state here reads and writes (AdamW's names)."""
 
 
-def torch_optimizer(name: str, param_groups: list[dict], **adamw_options) -> torch.optim.Optimizer:
-    """The torch optimizer named by optimizer.name for `param_groups` (every engine but 8-bit)."""
+def torch_optimizer(name: str, param_groups: list[dict], implementation: str = "foreach") -> torch.optim.Optimizer:
+    """The torch optimizer named by optimizer.name for `param_groups` (every engine but 8-bit);
+    AdamW steps by `implementation` (optimizer.implementation: fused or foreach)."""
     if name == "sgd":  # a baseline; config validation forbids Adam-moment resets with it
         return torch.optim.SGD(param_groups, momentum=0.9)
-    return torch.optim.AdamW(param_groups, **adamw_options)
+    return torch.optim.AdamW(param_groups, **{implementation: True})
 
 
-def zero_adamw_state(like: torch.Tensor, step: int) -> dict:
-    """AdamW's lazily-built state of one stepped tensor: zero moments and the saved step count."""
-    return {"step": torch.tensor(float(step)),
+def zero_adamw_state(like: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """AdamW's lazily-built state of one stepped tensor: zero moments and the saved step count,
+    which a fused `optimizer` keeps on the tensor's device (as AdamW's own `_init_group` does)."""
+    fused = optimizer is not None and any(g.get("fused") for g in optimizer.param_groups)
+    return {"step": torch.tensor(float(step), device=like.device if fused else None),
             "exp_avg": torch.zeros_like(like, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(like, memory_format=torch.preserve_format)}
 
@@ -41,14 +44,15 @@ class OptimizerState(ABC):
     """Moments of the optimizer of the engine this backend built last. `shards` is the engine's
     Shards (ranges and collectives); `name` the optimizer (adamw, sgd: the plain classes)."""
 
-    def __init__(self, shards, name: str = "adamw"):
+    def __init__(self, shards, name: str = "adamw", implementation: str = "foreach"):
         self.shards = shards
         self.name = name
+        self.implementation = implementation
 
     # --- build ------------------------------------------------------------------------------------
     def build(self, param_groups: list[dict]) -> Any:
         """The optimizer the engine steps over `param_groups`."""
-        return torch_optimizer(self.name, param_groups)
+        return torch_optimizer(self.name, param_groups, self.implementation)
 
     def attach(self, engine: Any) -> None:
         """Called once the engine that steps this optimizer exists."""

@@ -202,4 +202,4 @@ class Zero2Backend(ZeroBackend):
         phase_ds = relora_phase_ds_config(self._ds_config, cfg)
         if phase_ds is self._ds_config:
             return self
-        return Zero3Backend(phase_ds, self.rank, self.world_size, self._optimizer_name)
+        return Zero3Backend(phase_ds, self.rank, self.world_size, self._optimizer_name, self._implementation)
