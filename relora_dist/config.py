@@ -155,7 +155,7 @@ class OptimizerConfig:
     and the Hugging Face Trainer's default) or foreach (one launch per update op and group, plus
     two host reads of the step count per tensor). Under FSDP2 AdamW steps every parameter shard
     as its own tensor: at the 350m structure, 2 ranks, fused takes a ReLoRA step's optimizer from
-    803 to 27 operator launches (docs/benchmarks.md, "Operator launches per step"). Under ZeRO it
+    803 to 17 operator launches (docs/benchmarks.md, "Operator launches per step"). Under ZeRO it
     steps a few flat partitions either way. The two agree to float rounding (a few ulp per step);
     foreach gives per-step losses bitwise those of torch's default CPU AdamW. No effect on
     adamw8bit or sgd."""

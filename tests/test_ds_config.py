@@ -177,9 +177,10 @@ def test_foreach_overflow_check_answers_like_deepspeeds_per_gradient_check(dtype
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_foreach_grad_norm_is_deepspeeds_per_gradient_norm_bitwise(dtype):
-    """ZeRO-2's grad norm as one foreach op (backends/zero.fuse_grad_norm) against DeepSpeed
-    0.19.8's `get_grad_norm_direct` loop written out: each gradient's 2-norm in fp64, squared and
-    summed, then fp32. Bitwise, so clipping and the non-finite test see the same number."""
+    """ZeRO-2's and ZeRO-3's grad norm as one foreach op (backends/zero.fuse_grad_norm*) against
+    DeepSpeed 0.19.8's `get_grad_norm_direct` loops written out: each gradient's 2-norm in the norm
+    dtype (fp64), squared and summed. Bitwise, so clipping and the non-finite test see the same
+    number. (ZeRO-3's `.norm()` is `vector_norm` too.)"""
     from deepspeed.runtime.zero.utils import get_norm_dtype
 
     from relora_dist.backends.zero import norm_foreach
@@ -188,9 +189,9 @@ def test_foreach_grad_norm_is_deepspeeds_per_gradient_norm_bitwise(dtype):
     grads = [torch.randn(n, generator=g).to(dtype) * s for n, s in
              ((4096, 1e-3), (37, 1.0), (64 * 172, 3e2), (1, 1e-30), (0, 1.0))]
     expected = torch.stack([torch.linalg.vector_norm(x.to(get_norm_dtype()), ord=2.0) for x in grads]
-                           ).pow(2.0).sum().float()
-    got = norm_foreach(grads, get_norm_dtype())
-    assert got.dtype == torch.float32 and got.dim() == 0
+                           ).pow(2.0).sum()
+    got = norm_foreach(grads, get_norm_dtype())  # ZeRO-2 then rounds it to fp32, ZeRO-3 keeps fp64
+    assert got.dtype == get_norm_dtype() and got.dim() == 0
     assert torch.equal(got, expected), (float(got), float(expected))
     grads[1][3] = float("nan")  # a NaN reaches the total, which DeepSpeed then masks
     assert torch.isnan(norm_foreach(grads, get_norm_dtype()))
