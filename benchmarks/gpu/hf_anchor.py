@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
 
-    opt = Config().optimizer  # the project's AdamW settings and clipping
+    defaults = Config()  # the project's AdamW settings and clipping
+    opt = defaults.optimizer
     if a.deepspeed and not Path(a.ds_config).is_file():
         raise FileNotFoundError(f"--ds-config '{a.ds_config}' not found; pass a DeepSpeed JSON such as "
                                 f"ds_configs/zero2.json")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             output_dir=tmp, deepspeed=ds, bf16=a.precision == "bf16", use_cpu=not cuda,
             per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=1,
             max_steps=a.warmup + a.steps, learning_rate=opt.lr, weight_decay=opt.weight_decay,
-            adam_beta1=opt.beta1, adam_beta2=opt.beta2, adam_epsilon=opt.eps, max_grad_norm=Config().train.grad_clip,
+            adam_beta1=opt.beta1, adam_beta2=opt.beta2, adam_epsilon=opt.eps, max_grad_norm=defaults.train.grad_clip,
             lr_scheduler_type="constant", logging_strategy="no", save_strategy="no", eval_strategy="no",
             report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=0)
         trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[StepTimer()])
