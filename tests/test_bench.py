@@ -1,5 +1,6 @@
 """tools/bench.py smoke run (tiny preset, world 2, ZeRO-3): its byte counters' consistency, the
-post-reset steps, collective-byte ratios, verdicts and recorded config (one run, shared)."""
+post-reset steps, collective-byte ratios, verdicts and recorded config (one run, shared); and the
+plain HF Trainer + DeepSpeed anchor of the GPU bench (benchmarks/gpu/hf_anchor.py) on CPU."""
 
 from __future__ import annotations
 
@@ -374,3 +375,37 @@ def test_op_counter_counts_a_compiled_graphs_kernels():
     assert any(op.startswith("inductor::cpp_fused") for op in c.by_op["backward"]), c.by_op
     assert "aten.addmm.out" in c.by_op["forward"] and "aten.mm.out" in c.by_op["backward"]
     assert not any(op.startswith(("aten.gelu", "aten.native_layer_norm")) for op in ops), ops
+
+
+@pytest.mark.spawn
+def test_hf_anchor_trains_the_bench_model_under_hf_trainer_and_deepspeed(tiny_data, tmp_path):
+    """benchmarks/gpu/hf_anchor.py, the plain HF Trainer + DeepSpeed ZeRO-2 anchor of run_h200.sh, on
+    CPU at world 1 (DeepSpeed's CPU accelerator): its JSON, and that it trained the project's model."""
+    from relora_dist.data import read_meta
+    from relora_dist.model import build_model, flops_per_token, llama_config
+
+    out = tmp_path / "anchor.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu" / "hf_anchor.py"), "--preset", "tiny", "--seq-len", "32",
+         "--micro-batch", "4", "--steps", "3", "--warmup", "1", "--precision", "bf16", "--threads", "1",
+         "--prepared-dir", tiny_data, "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for key in ("tokens_per_s", "step_time_s", "mfu", "flops_per_token", "peak_flops", "wall_s"):
+        assert r[key] > 0, (key, r[key])
+    assert len(r["step_times_s"]) == 3 and min(r["step_times_s"]) > 0
+    assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_time_s"])
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / r["peak_flops"])
+    # HF's loop really ran DeepSpeed ZeRO-2 in bf16 (the template's "auto" values filled by transformers).
+    assert r["engine"] == "DeepSpeedEngine" and r["param_dtype"] == "bfloat16"
+    ds = r["config"]["ds_config"]
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 1
+    # The project's model for the preset: same parameters, all trained, and the bench's FLOPs per token.
+    config = llama_config("tiny", read_meta(tiny_data)["vocab_size"], 32)
+    assert r["params"] == r["trainable_params"] == sum(p.numel() for p in build_model(config, 0).parameters())
+    assert r["flops_per_token"] == flops_per_token(config, 32)
+    assert r["versions"]["transformers"] and r["device"].startswith("cpu") and "hf_anchor.py" in r["command"][1]

@@ -3,11 +3,12 @@
 # device time): each run is tools/bench.py at world size 1 on CUDA (NCCL, bf16), and each writes
 # its own JSON, so a run cut short loses only itself. Usage, from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu/run_h200.sh
-# Packages the GPU image lacks (deepspeed, bitsandbytes, pydantic, hjson) are read from $SITE, made
+# Packages the GPU image lacks (deepspeed, bitsandbytes, pydantic, hjson; accelerate, which HF's Trainer
+# needs for hf_anchor.py, in case it lacks that too) are read from $SITE, made
 # on any x86-64 machine for the image's Python 3.12:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl bitsandbytes==0.50.2 pydantic==2.13.4 pydantic_core==2.46.4 \
-#     annotated-types typing-inspection hjson
+#     annotated-types typing-inspection hjson accelerate==1.16.0
 #   pip wheel --no-deps -w .whl deepspeed==0.19.8
 #   pip install --no-deps --target .whl/site --python-version 3.12 --only-binary=:all: \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 .whl/*.whl
@@ -34,21 +35,24 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # ONLY="zero2 profile ...": run just these steps (default: all).
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 
-bench() {  # name, timeout (s), bench arguments...
+step() {  # name, timeout (s), command... (its output goes to the log)
   local name=$1 t=$2 l rc; shift 2
   want "$name" || return 0
   l=$(left)
   if [ "$l" -lt 45 ]; then echo "=== skip $name: $l s left" | tee -a "$log"; return 1; fi
   [ "$t" -gt "$l" ] && t=$l
   echo "=== $name (timeout $t s) at $(( $(date +%s) - START )) s" | tee -a "$log"
-  timeout "$t" $PY -m relora_dist.bench --out "$OUT/$name.json" "$@" >> "$log" 2>&1
+  timeout "$t" "$@" >> "$log" 2>&1
   rc=$?
   echo "=== $name rc=$rc at $(( $(date +%s) - START )) s" | tee -a "$log"
   return $rc
 }
+bench() {  # name, timeout (s), bench arguments...
+  step "$1" "$2" $PY -m relora_dist.bench --out "$OUT/$1.json" "${@:3}"
+}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  $PY -c "import torch, deepspeed, bitsandbytes, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__, 'bitsandbytes', bitsandbytes.__version__, 'transformers', transformers.__version__)"
+  $PY -c "import torch, deepspeed, bitsandbytes, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__, 'bitsandbytes', bitsandbytes.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 } 2>&1 | grep -v Warning | tee -a "$log"
 
 # 1. Smoke test: the whole bench path on the tiny model (stop here if it fails).
@@ -103,6 +107,15 @@ want profile && echo "=== profile rc=$? at $(( $(date +%s) - START )) s" | tee -
 
 # 3. The configuration users run: ZeRO-2, bf16 (with the train_extra=false row).
 bench zero2 150 "${COMMON[@]}" --stages 2
+# 3b. The anchor: a plain Hugging Face Trainer + DeepSpeed ZeRO-2 on the same model, data and batch
+#     (benchmarks/gpu/hf_anchor.py; 3 untimed + 10 timed steps). The summary prints zero2's
+#     full-rank tok/s / this one's. hf_anchor_bucket, at the end, is the same with the project's
+#     reduce_bucket_size rule instead of transformers' hidden_size^2.
+anchor() {  # name, timeout (s), hf_anchor.py arguments...
+  step "$1" "$2" $PY benchmarks/gpu/hf_anchor.py --out "$OUT/$1.json" --prepared-dir "$DATA" --preset "$PRESET" \
+    --seq-len "$SEQ" --micro-batch "$MB" --precision bf16 --steps 10 --warmup 3 --peak-flops "${PEAK:-989e12}" "${@:3}"
+}
+anchor hf_anchor 90
 # 4. NF4 base + host merge masters; 5. the same with AdamW8bit for the trainable params.
 bench zero2_nf4 110 "${COMMON[@]}" --stages 2 --no-train-extra-false --base-quant nf4 \
   --override=--relora.merge_master_device=cpu
@@ -115,6 +128,8 @@ bench zero3_fsdp2 170 "${COMMON[@]}" --stages 3 fsdp2 --no-train-extra-false
 bench zero2_mb64 150 "${COMMON[@]}" --stages 2 --no-train-extra-false --micro-batch 64
 bench zero2_mb64_compile 200 "${COMMON[@]}" --stages 2 --no-train-extra-false --micro-batch 64 \
   --override=--train.compile=true
+# 8. The anchor again with the project's bucket rule (the trainable elements: one reduction per step).
+anchor hf_anchor_bucket 90 --reduce-bucket-size trainable
 # MFU per phase of every JSON: tokens/s x model FLOPs per token (relora_dist.model.flops_per_token,
 # the same in both phases) / the device's bf16 peak (PEAK, default the H100/H200's 989e12).
 $PY - "$OUT" "${PEAK:-989e12}" <<'PY' 2>&1 | tee -a "$log" "$OUT/mfu.txt"
@@ -134,5 +149,17 @@ for path in sorted(out.glob("*.json")):
                           vocab_size=m["vocab_size"])
         f = flops_per_token(cfg, data["config"]["seq_len"])
         print(f"{path.stem} stage {name}: MFU " + ", ".join(f"{ph} {v * f / peak:.1%}" for ph, v in tps.items()))
+# The anchors (plain HF Trainer + DeepSpeed ZeRO-2, same model and batch): MFU with the same
+# flops_per_token and peak, and the project's ZeRO-2 full-rank tok/s over theirs (target >= 1.5).
+ours = json.loads((out / "zero2.json").read_text())["stages"]["2"]["tokens_per_s"]["full_rank"] \
+    if (out / "zero2.json").is_file() else None
+for name in ("hf_anchor", "hf_anchor_bucket"):
+    if not (out / f"{name}.json").is_file():
+        continue
+    a = json.loads((out / f"{name}.json").read_text())
+    line = f"{name}: {a['tokens_per_s']:.0f} tok/s, MFU {a['tokens_per_s'] * a['flops_per_token'] / peak:.1%}"
+    if ours:
+        line += f"; zero2 full-rank / {name} tok/s = {ours / a['tokens_per_s']:.2f} (target >= 1.5)"
+    print(line)
 PY
 echo "=== done at $(( $(date +%s) - START )) s" | tee -a "$log"
