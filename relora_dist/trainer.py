@@ -393,28 +393,8 @@ class Trainer:
         peaks = self._all_reduce(peaks)
         record["peak_mem_mb"] = float(peaks[self.info.rank])
         st.history.append(record)
-        tb = {"train/loss": record["loss"], "train/lr": record["lr"], "train/grad_norm": record["grad_norm"],
-              "train/tokens_seen": record["tokens_seen"], "train/skipped_steps": st.skipped_steps,
-              "perf/tokens_per_s": record["tokens_per_s"],
-              "perf/mfu": record["mfu"], **{f"mem/peak_mb_rank{r}": float(v) for r, v in enumerate(peaks)}}
-        if "eval_loss" in record:
-            tb.update({"eval/loss": record["eval_loss"], "eval/ppl": record["eval_ppl"]})
-        if st.phase == "relora":
-            tb["relora/restart_index"] = st.restart_index
-        for key in ("cumulative_rank_mean", "cumulative_rank_total", "effective_rank_mean", "effective_rank_min",
-                    "reset_total_s", "reset_merge_s", "reset_reinit_s", "reset_prune_s"):
-            if key in record:
-                tb[f"relora/{key}"] = record[key]
-        self.log.scalars(st.step, tb)
-        self.log.advance({"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}", "phase": st.phase})
-        if st.step % c.logging.log_every == 0 or "eval_loss" in record:
-            line = (f"step {st.step} | {st.phase} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                    f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s")
-            if st.phase == "relora":
-                line += f" | restart {st.restart_index}"
-            if "eval_loss" in record:
-                line += f" | eval loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}"
-            self.log.print(line)
+        self.log.step(st.step, record, phase=st.phase, restart_index=st.restart_index,
+                      skipped_steps=st.skipped_steps, peaks=peaks.tolist(), log_every=c.logging.log_every)
 
     def log_phase_summary(self, last_eval: dict) -> None:
         st = self.state

@@ -68,6 +68,33 @@ class MetricsLogger:
         else:
             print(line, flush=True)
 
+    def step(self, step: int, record: dict, *, phase: str, restart_index: int, skipped_steps: int,
+             peaks: list[float], log_every: int) -> None:
+        """One optimizer step's record to TensorBoard (every step), the progress bar, and the
+        console (every `log_every` steps and at each eval); `peaks`: every rank's peak memory."""
+        tb = {"train/loss": record["loss"], "train/lr": record["lr"], "train/grad_norm": record["grad_norm"],
+              "train/tokens_seen": record["tokens_seen"], "train/skipped_steps": skipped_steps,
+              "perf/tokens_per_s": record["tokens_per_s"],
+              "perf/mfu": record["mfu"], **{f"mem/peak_mb_rank{r}": float(v) for r, v in enumerate(peaks)}}
+        if "eval_loss" in record:
+            tb.update({"eval/loss": record["eval_loss"], "eval/ppl": record["eval_ppl"]})
+        if phase == "relora":
+            tb["relora/restart_index"] = restart_index
+        for key in ("cumulative_rank_mean", "cumulative_rank_total", "effective_rank_mean", "effective_rank_min",
+                    "reset_total_s", "reset_merge_s", "reset_reinit_s", "reset_prune_s"):
+            if key in record:
+                tb[f"relora/{key}"] = record[key]
+        self.scalars(step, tb)
+        self.advance({"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}", "phase": phase})
+        if step % log_every == 0 or "eval_loss" in record:
+            line = (f"step {step} | {phase} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                    f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s")
+            if phase == "relora":
+                line += f" | restart {restart_index}"
+            if "eval_loss" in record:
+                line += f" | eval loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}"
+            self.print(line)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
