@@ -82,7 +82,10 @@ LONG_RELORA = LONG + with_(RELORA, relora__warm_start_steps=250, relora__cycle_l
 SUITES: dict[str, dict] = {
     "long": {"seeds": [0, 1, 2], "rows": {
         "full_rank": LONG + FULL, "relora": LONG_RELORA, "lora": LONG_RELORA + ["--relora.resets=false"],
-        "relora_gradient": with_(LONG_RELORA, relora__reinit="gradient")}},
+        "relora_gradient": with_(LONG_RELORA, relora__reinit="gradient"),
+        # r / hidden = 1/32 as the table's, where LoRA's rank binds harder
+        "relora_r2": with_(LONG_RELORA, relora__r=2, relora__alpha=2),
+        "lora_r2": with_(LONG_RELORA, relora__r=2, relora__alpha=2) + ["--relora.resets=false"]}},
     "table": {"seeds": [0, 1, 2], "rows": {
         "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL,
         # relora.reinit: A from the gradient at each reset; and with B's moments projected, not pruned
