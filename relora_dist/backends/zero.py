@@ -139,7 +139,7 @@ def fuse_grad_norm(optimizer: Any) -> None:
 def fuse_grad_norm_stage3(optimizer: Any) -> None:
     """`fuse_grad_norm` for DeepSpeed's ZeRO-3 optimizer, whose `get_grad_norm_direct` takes each
     sub-group's gradient norm per gradient in the same way (sum kept in fp64). Measured at the
-    350m structure (bf16, rank 0 of 2): the step's launches 504 -> 68 at full rank, 840 -> 68 in
+    350m structure (bf16, rank 0 of 2, AdamW fused): the step's launches 504 -> 68 at full rank, 840 -> 68 in
     the ReLoRA phase. Left alone where DeepSpeed's own rules would count a gradient on some ranks
     only (model or expert parallelism), for another norm type, or when a gradient is elsewhere
     than the accelerator (offload)."""
