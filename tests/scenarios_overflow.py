@@ -1,0 +1,70 @@
+"""Multi-rank scenario for ZeRO-2's overflow test under bf16 (tests/test_faults.py): the project's
+engine, which skips a step on a non-finite global gradient norm alone, against DeepSpeed's own
+separate overflow check on the same planted values."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from relora_dist.trainer import Trainer
+
+
+def overflow_runs(cfg, template, info, plants: dict) -> dict:
+    """The same run twice, `plants` ({1-based step: value}) written into one element of the final
+    norm weight's gradient on the last rank: once with the project's ZeRO-2 engine, once with
+    DeepSpeed's own per-gradient overflow check and norm (`fuse_overflow_check` and `fuse_grad_norm`
+    disabled). Returns
+    per-step losses and grad norms, the skipped-step count, the trainable fp32 masters at the end,
+    and how often each run called DeepSpeed's `has_overflow` and `torch._foreach_norm` (inf-norms, 2-norms)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from relora_dist.backends import zero
+
+    counts = {"has_overflow": 0, "inf_norms": 0, "two_norms": 0}
+    has_overflow, foreach_norm = DeepSpeedZeroOptimizer.has_overflow, torch._foreach_norm
+
+    def counted_has_overflow(self, *args, **kwargs):
+        counts["has_overflow"] += 1
+        return has_overflow(self, *args, **kwargs)
+
+    def counted_norm(tensors, ord=2, *args, **kwargs):
+        counts["inf_norms" if float(ord) == float("inf") else "two_norms"] += 1
+        return foreach_norm(tensors, ord, *args, **kwargs)
+
+    def run(name: str) -> dict:
+        counts.update(has_overflow=0, inf_norms=0, two_norms=0)
+        c = copy.deepcopy(cfg)
+        c.run.output_dir = f"{cfg.run.output_dir}/{name}"
+        t = Trainer(c, template, info)
+        norm = t.model.model.norm.weight
+
+        def plant(g):
+            value = plants.get(t.state.step + 1)
+            if value is None or info.rank != info.world_size - 1:
+                return None
+            g = g.clone()
+            g.view(-1)[0] = value
+            return g
+
+        norm.register_hook(plant)
+        t.train()
+        masters = torch.cat([t.backend.shards.gather_fp32(p).flatten().float()
+                             for p in t.model.parameters() if p.requires_grad])
+        return {"losses": torch.tensor([h["loss"] for h in t.state.history], dtype=torch.float64),
+                "grad_norms": torch.tensor([h["grad_norm"] for h in t.state.history], dtype=torch.float64),
+                "skipped": t.state.skipped_steps, "masters": masters, **counts}
+
+    DeepSpeedZeroOptimizer.has_overflow, torch._foreach_norm = counted_has_overflow, counted_norm
+    try:
+        ours = run("ours")
+        fused = zero.fuse_overflow_check, zero.fuse_grad_norm
+        zero.fuse_overflow_check = zero.fuse_grad_norm = lambda optimizer: None
+        try:
+            theirs = run("deepspeed")
+        finally:
+            zero.fuse_overflow_check, zero.fuse_grad_norm = fused
+    finally:
+        DeepSpeedZeroOptimizer.has_overflow, torch._foreach_norm = has_overflow, foreach_norm
+    return {"ours": ours, "deepspeed": theirs}
