@@ -192,7 +192,9 @@ class ReLoRAConfig:
     restart_warmup: int = 5
     """Linear LR re-warm after each reset (steps); the paper's ablation diverges without it."""
     lr: float = 0.0
-    """Peak LR of the ReLoRA phase; 0 = 2 x optimizer.lr (reference README: ~2x the full-rank LR)."""
+    """Peak LR of the ReLoRA phase; 0 = 2 x optimizer.lr (reference README: ~2x the full-rank LR).
+    Sweep it: on the replication table (hidden 256, seed 0) every adapter row was best at 8x the
+    full-rank LR, 4x this default (eval perplexity ReLoRA 96.38 -> 82.11, LoRA 88.77 -> 75.46)."""
     resets: bool = True
     """Merge and restart every cycle_length steps; false = plain LoRA after the warm start."""
     optimizer_reset: str = "magnitude"

@@ -5,6 +5,7 @@
     python benchmarks/replication/replicate.py sweep       # rank, cycle length / number of resets
     python benchmarks/replication/replicate.py ablations   # schedule, carried moments, merge precision, pruning
     python benchmarks/replication/replicate.py long        # >= 10 tokens per wrapped parameter, 3 seeds
+    python benchmarks/replication/replicate.py lr          # the ReLoRA phase's peak LR, seed 0
 
 Every row trains the same model on the same tokens (MODEL and COMMON below) with one process on
 the CPU, one row after another: two trainings at once on 2 cores oversubscribe the OpenMP threads
@@ -85,12 +86,26 @@ SUITES: dict[str, dict] = {
         "relora_gradient": with_(LONG_RELORA, relora__reinit="gradient"),
         # r / hidden = 1/32 as the table's, where LoRA's rank binds harder
         "relora_r2": with_(LONG_RELORA, relora__r=2, relora__alpha=2),
-        "lora_r2": with_(LONG_RELORA, relora__r=2, relora__alpha=2) + ["--relora.resets=false"]}},
+        "lora_r2": with_(LONG_RELORA, relora__r=2, relora__alpha=2) + ["--relora.resets=false"],
+        # the same at the adapters' better LR (the `lr` suite: 4x the table's ReLoRA-phase LR)
+        "relora_r2_lr1.6e-2": with_(LONG_RELORA, relora__r=2, relora__alpha=2, relora__lr="1.6e-2"),
+        "lora_r2_lr1.6e-2": with_(LONG_RELORA, relora__r=2, relora__alpha=2, relora__lr="1.6e-2")
+        + ["--relora.resets=false"]}},
     "table": {"seeds": [0, 1, 2], "rows": {
         "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL,
         # relora.reinit: A from the gradient at each reset; and with B's moments projected, not pruned
         "relora_gradient": with_(RELORA, relora__reinit="gradient"),
         "relora_project": with_(RELORA, relora__reinit="project")}},
+    # relora.lr, the peak LR of the ReLoRA phase (LoRA's too): the table's 4e-3 is 2x full rank's
+    # (the reference's advice); here swept on seed 0 for each adapter row, and full rank at 2x its LR.
+    "lr": {"seeds": [0], "rows": {
+        "full_rank": FULL, "full_rank_lr4e-3": with_(FULL, optimizer__lr="4e-3"),
+        **{f"{name}{'_lr' + lr if lr else ''}": with_(base, relora__lr=lr) if lr else base
+           for name, base, lrs in (("lora", LORA, ("8e-3", "1.6e-2", "3.2e-2")),
+                                   ("relora", RELORA, ("8e-3", "1.6e-2", "3.2e-2")),
+                                   ("relora_gradient", with_(RELORA, relora__reinit="gradient"),
+                                    ("8e-3", "1.6e-2", "3.2e-2")))
+           for lr in (None, *lrs)}}},
     "sweep": {"seeds": [0], "rows": {
         **{f"relora_r{r}": with_(RELORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
         **{f"lora_r{r}": with_(LORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
