@@ -74,30 +74,37 @@ def test_reset_without_optimizer_state_prunes_nothing(nonfinite):
         assert r["noopt_error"] == "" and r["noopt_restart_index"] == 1 and r["noopt_skipped"] == 6
 
 
-@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.spawn
-def test_bf16_zero2_skips_a_planted_nan_or_inf_gradient_like_deepspeed(tiny_data, tmp_path, world):
+def test_bf16_zero2_skips_a_planted_nan_or_inf_gradient_like_deepspeed(tiny_data, tmp_path):
     """ZeRO-2 under bf16 skips on a non-finite global norm alone (backends/zero.py,
     `_norm_decides_overflow`): a NaN (full-rank step 3) and an inf (ReLoRA step 7) planted in one
     element of one gradient on the last rank skip that step on every rank, exactly as DeepSpeed's
     own per-gradient overflow check does: losses, grad norms and the final fp32 masters bitwise
-    equal to a run with DeepSpeed's own check and norm; the project's run never calls that check nor
-    replaces it by a second pass over the gradients (no inf-norm), and takes its norm with foreach."""
-    args = tiny_overrides(tiny_data, tmp_path / "run", **{
-        "train.precision": "bf16", "train.max_steps": 8, "train.on_nonfinite": "skip",
-        "relora.warm_start_steps": 4, "relora.cycle_length": 4, "relora.first_warmup": 1,
-        "relora.restart_warmup": 1, "relora.r": 4})
-    results = run_world(world, "overflow_runs", args, tmp_path / "out", plants={3: float("nan"), 7: float("inf")})
-    for r in results:
-        ours, theirs = r["ours"], r["deepspeed"]
-        assert theirs["has_overflow"] == 8 and ours["has_overflow"] == 0 and ours["inf_norms"] == 0
-        assert theirs["two_norms"] == 0 and ours["two_norms"] >= 8  # one foreach norm per step and group
-        assert ours["skipped"] == theirs["skipped"] == 2
-        assert math.isinf(ours["grad_norms"][2]) and math.isinf(ours["grad_norms"][6])
-        assert torch.isfinite(ours["grad_norms"][[0, 1, 3, 4, 5, 7]]).all()
-        for key in ("losses", "grad_norms", "masters"):
-            assert torch.equal(ours[key], theirs[key]), key
-    assert torch.equal(results[0]["ours"]["masters"], results[-1]["ours"]["masters"])
+    equal to a run with DeepSpeed's own check and norm, at 1 and at 2 ranks; the project's run never
+    calls that check nor replaces it by a second pass over the gradients (no inf-norm), and takes
+    its norm with foreach. 2 ranks against 1 process: the same steps skipped, losses within rtol
+    1e-4 (bitwise here) and the fp32 masters within 1e-3 (bf16 gradients reduced in another order:
+    3.1e-4 measured)."""
+    run = {"train.precision": "bf16", "train.max_steps": 8, "train.on_nonfinite": "skip",
+           "relora.warm_start_steps": 4, "relora.cycle_length": 4, "relora.first_warmup": 1,
+           "relora.restart_warmup": 1, "relora.r": 4}
+    by_world = {world: run_world(world, "overflow_runs", tiny_overrides(tiny_data, tmp_path / f"run{world}", **run),
+                                 tmp_path / f"out{world}", plants={3: float("nan"), 7: float("inf")})
+                for world in (1, 2)}
+    for results in by_world.values():
+        for r in results:
+            ours, theirs = r["ours"], r["deepspeed"]
+            assert theirs["has_overflow"] == 8 and ours["has_overflow"] == 0 and ours["inf_norms"] == 0
+            assert theirs["two_norms"] == 0 and ours["two_norms"] >= 8  # one foreach norm per step and group
+            assert ours["skipped"] == theirs["skipped"] == 2
+            assert math.isinf(ours["grad_norms"][2]) and math.isinf(ours["grad_norms"][6])
+            assert torch.isfinite(ours["grad_norms"][[0, 1, 3, 4, 5, 7]]).all()
+            for key in ("losses", "grad_norms", "masters"):
+                assert torch.equal(ours[key], theirs[key]), key
+        assert torch.equal(results[0]["ours"]["masters"], results[-1]["ours"]["masters"])
+    one, two = by_world[1][0]["ours"], by_world[2][0]["ours"]
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(two["masters"], one["masters"], rtol=0, atol=1e-3)  # measured: 3.1e-4
 
 
 @pytest.mark.spawn
