@@ -90,7 +90,12 @@ SUITES: dict[str, dict] = {
         # the same at the adapters' better LR (the `lr` suite: 4x the table's ReLoRA-phase LR)
         "relora_r2_lr1.6e-2": with_(LONG_RELORA, relora__r=2, relora__alpha=2, relora__lr="1.6e-2"),
         "lora_r2_lr1.6e-2": with_(LONG_RELORA, relora__r=2, relora__alpha=2, relora__lr="1.6e-2")
-        + ["--relora.resets=false"]}},
+        + ["--relora.resets=false"],
+        # the same two re-initialisations, and twice as many resets (rank 12 against LoRA's 2)
+        "relora_gradient_r2_lr1.6e-2": with_(LONG_RELORA, relora__r=2, relora__alpha=2, relora__lr="1.6e-2",
+                                             relora__reinit="gradient"),
+        "relora_r2_lr1.6e-2_cycle125": with_(LONG_RELORA, relora__r=2, relora__alpha=2, relora__lr="1.6e-2",
+                                             relora__cycle_length=125, relora__effective_rank_every=125)}},
     "table": {"seeds": [0, 1, 2], "rows": {
         "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL,
         # relora.reinit: A from the gradient at each reset; and with B's moments projected, not pruned
@@ -99,13 +104,19 @@ SUITES: dict[str, dict] = {
     # relora.lr, the peak LR of the ReLoRA phase (LoRA's too): the table's 4e-3 is 2x full rank's
     # (the reference's advice); here swept on seed 0 for each adapter row, and full rank at 2x its LR.
     "lr": {"seeds": [0], "rows": {
-        "full_rank": FULL, "full_rank_lr4e-3": with_(FULL, optimizer__lr="4e-3"),
+        "full_rank": FULL, "full_rank_lr1e-3": with_(FULL, optimizer__lr="1e-3"),
+        "full_rank_lr4e-3": with_(FULL, optimizer__lr="4e-3"),
         **{f"{name}{'_lr' + lr if lr else ''}": with_(base, relora__lr=lr) if lr else base
            for name, base, lrs in (("lora", LORA, ("8e-3", "1.6e-2", "3.2e-2")),
                                    ("relora", RELORA, ("8e-3", "1.6e-2", "3.2e-2")),
                                    ("relora_gradient", with_(RELORA, relora__reinit="gradient"),
                                     ("8e-3", "1.6e-2", "3.2e-2")))
            for lr in (None, *lrs)}}},
+    # the table at the adapters' best LR of the `lr` suite (4x the table's relora.lr), 3 seeds
+    "tuned": {"seeds": [0, 1, 2], "rows": {
+        "full_rank": FULL,
+        **{f"{name}_lr1.6e-2": with_(base, relora__lr="1.6e-2") for name, base in
+           (("lora", LORA), ("relora", RELORA), ("relora_gradient", with_(RELORA, relora__reinit="gradient")))}}},
     "sweep": {"seeds": [0], "rows": {
         **{f"relora_r{r}": with_(RELORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
         **{f"lora_r{r}": with_(LORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
