@@ -4,6 +4,7 @@ and the results.json of runs of its relora_gradient / relora_project rows:
 
     python benchmarks/replication/replicate.py table --rows relora_gradient relora_project
     python benchmarks/replication/reinit_table.py [MORE/results.json ...]   # -> table/reinit.md, reinit.png
+    python benchmarks/replication/reinit_table.py --suite tuned --suffix _lr1.6e-2   # -> tuned/reinit.md
 
 Rows run elsewhere (another --out) are merged into table/results.json by seed. Per row and seed:
 
@@ -21,6 +22,7 @@ Rows run elsewhere (another --out) are merged into table/results.json by seed. P
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import statistics
@@ -148,15 +150,23 @@ def plot(results: dict, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    base_path = HERE / "table" / "results.json"
-    results = json.loads(base_path.read_text())
-    for extra in argv:
-        merge(results, json.loads(Path(extra).read_text()))
-    base_path.write_text(json.dumps(results, indent=1) + "\n")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("extra", nargs="*", help="results.json of more runs of the suite's rows, merged in by seed")
+    ap.add_argument("--suite", default="table", help="the suite folder to read and write (default: table)")
+    ap.add_argument("--suffix", default="", help="a suffix of the suite's row names to drop, so that its rows "
+                    "read as full_rank / lora / relora / ... (tuned: _lr1.6e-2)")
+    args = ap.parse_args(argv)
+    out = HERE / args.suite
+    results = json.loads((out / "results.json").read_text())
+    if args.extra:
+        for extra in args.extra:
+            merge(results, json.loads(Path(extra).read_text()))
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    results["rows"] = {n.removesuffix(args.suffix): r for n, r in results["rows"].items()}
     lines = table(results) + ["", "Train loss per cycle minus LoRA's (seed means):", ""] + cycle_gaps(results)
-    (HERE / "table" / "reinit.md").write_text("\n".join(lines) + "\n")
+    (out / "reinit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(results, HERE / "table")
+    plot(results, out)
     return 0
 
 
