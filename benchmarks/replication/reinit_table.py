@@ -163,6 +163,9 @@ def main(argv: list[str]) -> int:
             merge(results, json.loads(Path(extra).read_text()))
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     results["rows"] = {n.removesuffix(args.suffix): r for n, r in results["rows"].items()}
+    for row in results["rows"].values():  # a suite's own rows: reset timings from their train.log
+        row.setdefault("reset_seconds", [reset_seconds(Path(d) if Path(d).is_absolute() else HERE.parents[1] / d)
+                                         for d in row["dirs"]])
     lines = table(results) + ["", "Train loss per cycle minus LoRA's (seed means):", ""] + cycle_gaps(results)
     (out / "reinit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
