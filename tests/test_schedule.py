@@ -267,3 +267,45 @@ def test_reference_schedule_is_the_reference_repositorys_two_runs():
     lora = cfg("reference", "--relora.resets=false")
     assert lr_multiplier(lora, 200) == pytest.approx(0.8025341794130721, rel=1e-12)  # env((100 - 10) / 290)
     assert lr_multiplier(lora, 250) == pytest.approx(hand[250], rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["paper", "reference"])
+def test_min_reset_lr_ratio_stops_resets_once_the_lr_is_low(schedule):
+    """relora.min_reset_lr_ratio: resets (and their LR restarts) happen only while the LR a restart
+    warmup ramps back to is at least that fraction of the peak; the cycles after the last one follow
+    the no-restart schedule. The replication table's schedule (400 steps, switch 100, cycle 50,
+    warmup 30, restart warmup 10): under paper the envelope after the restart warmups of the resets
+    at 150 / 200 / 250 / 300 / 350 is 0.753 / 0.569 / 0.382 / 0.225 / 0.126, so 0.5 keeps two."""
+    from relora_dist.config import ConfigError, load_config
+    from relora_dist.relora.schedule import check_schedule_config, lr_multiplier, reset_due
+
+    def cfg(*extra):
+        return load_config(None, ["--train.max_steps=400", "--relora.warm_start_steps=100", "--schedule.warmup_steps=30",
+                                  "--relora.cycle_length=50", "--relora.first_warmup=10", "--relora.restart_warmup=10",
+                                  "--schedule.min_lr_ratio=0.1", f"--relora.warm_start_schedule={schedule}", *extra])
+
+    every, floor, lora = cfg(), cfg("--relora.min_reset_lr_ratio=0.5"), cfg("--relora.resets=false")
+    steps = range(400)
+    assert [s for s in steps if reset_due(every, s)] == [150, 200, 250, 300, 350]
+    if schedule == "paper":
+        env = {s: _env((s - 30) / 370, 0.1) for s in (160, 210, 260)}
+        assert [round(env[s], 3) for s in env] == [0.753, 0.569, 0.382]
+        assert [s for s in steps if reset_due(floor, s)] == [150, 200]
+        assert lr_multiplier(every, 250) == 0.0 and lr_multiplier(every, 255) == pytest.approx(0.5 * env[260])
+        # no LR-0 step and no restart warmup at 250: on the envelope
+        assert lr_multiplier(floor, 250) == pytest.approx(_env(220 / 370, 0.1))
+        assert lr_multiplier(floor, 255) == pytest.approx(_env(225 / 370, 0.1))
+    else:  # the reference's fresh cosine over the 300-step phase: 0.5 falls between the resets at 150 and 200
+        ramp = [_env((t + 10 - 10) / 290, 0.1) for t in (50, 100, 150, 200)]
+        assert ramp[2] >= 0.5 > ramp[3]
+        assert [s for s in steps if reset_due(floor, s)] == [150, 200, 250]
+    last = max(s for s in steps if reset_due(floor, s))
+    # the same schedule as every-cycle resets up to the last kept reset's cycle, LoRA's after it
+    assert [lr_multiplier(floor, s) for s in range(last + 50)] == [lr_multiplier(every, s) for s in range(last + 50)]
+    after = range(last + 50, 400)
+    if schedule == "paper":
+        assert [lr_multiplier(floor, s) for s in after] == [lr_multiplier(lora, s) for s in after]
+    assert all(lr_multiplier(floor, s) > 0 for s in after)
+    assert not any(reset_due(cfg("--relora.min_reset_lr_ratio=1"), s) for s in steps)
+    with pytest.raises(ConfigError, match="relora.min_reset_lr_ratio=1.5"):
+        check_schedule_config(cfg("--relora.min_reset_lr_ratio=1.5"))

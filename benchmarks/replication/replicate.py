@@ -95,7 +95,14 @@ SUITES: dict[str, dict] = {
         "relora_gradient_r2_lr1.6e-2": with_(LONG_RELORA, relora__r=2, relora__alpha=2, relora__lr="1.6e-2",
                                              relora__reinit="gradient"),
         "relora_r2_lr1.6e-2_cycle125": with_(LONG_RELORA, relora__r=2, relora__alpha=2, relora__lr="1.6e-2",
-                                             relora__cycle_length=125, relora__effective_rank_every=125)}},
+                                             relora__cycle_length=125, relora__effective_rank_every=125),
+        # r / hidden = 1/64: LoRA's rank binds hardest (rank 1 against ReLoRA's 3)
+        "relora_r1_lr1.6e-2": with_(LONG_RELORA, relora__r=1, relora__alpha=1, relora__lr="1.6e-2"),
+        "lora_r1_lr1.6e-2": with_(LONG_RELORA, relora__r=1, relora__alpha=1, relora__lr="1.6e-2")
+        + ["--relora.resets=false"],
+        # no reset once the LR is below half its peak (relora.min_reset_lr_ratio): the reset at 750 goes
+        "relora_r1_lr1.6e-2_floor0.5": with_(LONG_RELORA, relora__r=1, relora__alpha=1, relora__lr="1.6e-2",
+                                             relora__min_reset_lr_ratio="0.5")}},
     "table": {"seeds": [0, 1, 2], "rows": {
         "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL,
         # relora.reinit: A from the gradient at each reset; and with B's moments projected, not pruned
@@ -116,7 +123,10 @@ SUITES: dict[str, dict] = {
     "tuned": {"seeds": [0, 1, 2], "rows": {
         "full_rank": FULL,
         **{f"{name}_lr1.6e-2": with_(base, relora__lr="1.6e-2") for name, base in
-           (("lora", LORA), ("relora", RELORA), ("relora_gradient", with_(RELORA, relora__reinit="gradient")))}}},
+           (("lora", LORA), ("relora", RELORA), ("relora_gradient", with_(RELORA, relora__reinit="gradient")))},
+        # resets only while the LR is at least half its peak (relora.min_reset_lr_ratio): 150 and 200
+        **{f"{name}_lr1.6e-2_floor0.5": with_(base, relora__lr="1.6e-2", relora__min_reset_lr_ratio="0.5")
+           for name, base in (("relora", RELORA), ("relora_gradient", with_(RELORA, relora__reinit="gradient")))}}},
     "sweep": {"seeds": [0], "rows": {
         **{f"relora_r{r}": with_(RELORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},
         **{f"lora_r{r}": with_(LORA, relora__r=r, relora__alpha=r) for r in (8, 16, 32)},

@@ -82,7 +82,7 @@ RUN_IDENTITY = {
     "optimizer": None,
     "schedule": None,
     "relora": ("enabled", "warm_start_steps", "r", "alpha", "dropout", "targets", "train_extra", "cycle_length",
-               "first_warmup", "restart_warmup", "lr", "resets", "optimizer_reset", "prune_ratio",
+               "first_warmup", "restart_warmup", "lr", "resets", "min_reset_lr_ratio", "optimizer_reset", "prune_ratio",
                "prune_threshold", "merge_precision", "warm_start_schedule", "carry_optimizer_state", "lr_restarts",
                "reinit", "reinit_micro_batches"),
 }

@@ -129,6 +129,9 @@ def check_schedule_config(cfg) -> None:
     r, t = cfg.relora, cfg.train
     if cfg.schedule.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be >= 0")
+    if not (isinstance(r.min_reset_lr_ratio, numbers.Real) and 0.0 <= r.min_reset_lr_ratio <= 1.0):
+        raise ConfigError(f"relora.min_reset_lr_ratio={r.min_reset_lr_ratio!r} is invalid: use 0 <= it <= 1 "
+                          "(0 = a reset every cycle; e.g. 0.5 stops resetting once the LR is below half its peak)")
     if r.enabled and r.warm_start_steps >= t.max_steps:
         raise ConfigError(f"relora.warm_start_steps={r.warm_start_steps} leaves no ReLoRA steps in "
                           f"train.max_steps={t.max_steps}; {_fitting_hint(t.max_steps, r.resets)}")
@@ -271,6 +274,22 @@ def _relora_phase(t: int, total: int, first_warmup: int, restart_warmup: int, cy
     return jagged_cosine(t, total, first_warmup, restart_warmup, cycle_length, min_lr_ratio)
 
 
+def last_reset(cfg: Config) -> int:
+    """Phase index t of the last reset relora.min_reset_lr_ratio allows: the largest n * C (n >= 1,
+    n * C < the phase's steps) whose restart warmup ramps back to at least that fraction of the
+    peak, i.e. the no-cutoff multiplier at phase step n * C + Wr (the envelope there, which does not
+    rise after the first warmup, so the first reset below the floor ends the search). 0 = no reset
+    allowed; the phase's length when there is no floor."""
+    r = cfg.relora
+    total = cfg.relora_steps
+    if r.min_reset_lr_ratio <= 0:
+        return total
+    last, t = 0, r.cycle_length
+    while t < total and _multiplier(cfg, r.warm_start_steps + t + r.restart_warmup, True) >= r.min_reset_lr_ratio:
+        last, t = t, t + r.cycle_length
+    return last
+
+
 def lr_multiplier(cfg: Config, step: int) -> float:
     """LR multiplier for global step `step` (0-based), by relora.warm_start_schedule. paper: one
     warmup+cosine envelope over the whole run, the ReLoRA phase ramping back up to it after the
@@ -279,8 +298,16 @@ def lr_multiplier(cfg: Config, step: int) -> float:
     warmup+cosine inside the warm start, then the same fresh jagged cosine. Without restarts
     (relora.resets=false, the LoRA baseline) reference and anneal use a plain warmup+cosine over the
     ReLoRA phase."""
-    r, s = cfg.relora, cfg.schedule
+    r = cfg.relora
     restarts = r.resets if r.lr_restarts == "auto" else r.lr_restarts == "true"
+    if restarts and r.enabled and r.min_reset_lr_ratio > 0:
+        # past the last allowed reset's cycle no restart comes (relora.min_reset_lr_ratio)
+        restarts = step - r.warm_start_steps < last_reset(cfg) + r.cycle_length
+    return _multiplier(cfg, step, restarts)
+
+
+def _multiplier(cfg: Config, step: int, restarts: bool) -> float:
+    r, s = cfg.relora, cfg.schedule
     # Warmups longer than their phase are clamped to it, so a short debug run (--train.max_steps=4)
     # needs no other overrides.
     if not r.enabled:
@@ -306,4 +333,4 @@ def reset_due(cfg: Config, step: int) -> bool:
     r = cfg.relora
     if not (r.enabled and r.resets) or step < r.warm_start_steps:
         return False
-    return is_reset_step(step - r.warm_start_steps, r.cycle_length, cfg.relora_steps)
+    return is_reset_step(step - r.warm_start_steps, r.cycle_length, min(cfg.relora_steps, last_reset(cfg) + 1))
