@@ -273,6 +273,8 @@ CASES = {
     "alpha": (lambda f: ["relora.alpha=0"], ["relora.alpha=0", "must be"]),
     "dropout": (lambda f: ["relora.dropout=1"], ["relora.dropout=1", "must be"]),
     "relora lr": (lambda f: ["relora.lr=-1"], ["relora.lr=-1.0", "must be"]),
+    "min reset lr ratio": (lambda f: ["relora.min_reset_lr_ratio=2"],
+                           ["relora.min_reset_lr_ratio=2.0", "use 0 <= it <= 1"]),
     # the jagged cosine schedule
     "restart warmup >= cycle": (lambda f: ["relora.restart_warmup=50"],
                                 ["relora.restart_warmup=50", "relora.cycle_length=50", "use 1 <= "
