@@ -102,7 +102,10 @@ SUITES: dict[str, dict] = {
         + ["--relora.resets=false"],
         # no reset once the LR is below half its peak (relora.min_reset_lr_ratio): the reset at 750 goes
         "relora_r1_lr1.6e-2_floor0.5": with_(LONG_RELORA, relora__r=1, relora__alpha=1, relora__lr="1.6e-2",
-                                             relora__min_reset_lr_ratio="0.5")}},
+                                             relora__min_reset_lr_ratio="0.5"),
+        **{f"relora_gradient_r{r}_lr1.6e-2_floor0.5": with_(LONG_RELORA, relora__r=r, relora__alpha=r,
+                                                            relora__lr="1.6e-2", relora__min_reset_lr_ratio="0.5",
+                                                            relora__reinit="gradient") for r in (1, 2)}}},
     "table": {"seeds": [0, 1, 2], "rows": {
         "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL,
         # relora.reinit: A from the gradient at each reset; and with B's moments projected, not pruned
