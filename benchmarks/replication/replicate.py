@@ -102,10 +102,9 @@ SUITES: dict[str, dict] = {
         + ["--relora.resets=false"],
         # no reset once the LR is below half its peak (relora.min_reset_lr_ratio): the reset at 750 goes
         "relora_r1_lr1.6e-2_floor0.5": with_(LONG_RELORA, relora__r=1, relora__alpha=1, relora__lr="1.6e-2",
-                                             relora__min_reset_lr_ratio="0.5"),
-        **{f"relora_gradient_r{r}_lr1.6e-2_floor0.5": with_(LONG_RELORA, relora__r=r, relora__alpha=r,
-                                                            relora__lr="1.6e-2", relora__min_reset_lr_ratio="0.5",
-                                                            relora__reinit="gradient") for r in (1, 2)}}},
+                                             relora__min_reset_lr_ratio="0.5")}},
+    # the long run's ReLoRA-against-LoRA pairs at the adapters' LR on five seeds (seeds 0-2 are long's runs)
+    "long5": {"seeds": [0, 1, 2, 3, 4], "rows": {}},  # filled below from long's rows
     "table": {"seeds": [0, 1, 2], "rows": {
         "full_rank": FULL, "relora": RELORA, "lora": LORA, "relora_no_warm": NO_WARM, "control": CONTROL,
         # relora.reinit: A from the gradient at each reset; and with B's moments projected, not pruned
@@ -150,6 +149,8 @@ SUITES: dict[str, dict] = {
         "nf4_base": with_(RELORA, relora__base_quant="nf4"),
         "int8_base": with_(RELORA, relora__base_quant="int8")}},
 }
+SUITES["long5"]["rows"] = {n: SUITES["long"]["rows"][n] for n in (
+    "full_rank", "relora_r1_lr1.6e-2", "lora_r1_lr1.6e-2", "relora_r2_lr1.6e-2", "lora_r2_lr1.6e-2")}
 
 
 def run_key(args: list[str], seed: int) -> str:
