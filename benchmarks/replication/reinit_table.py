@@ -108,12 +108,19 @@ def table(results: dict) -> list[str]:
     return lines
 
 
+def _relora_rows(rows: dict) -> list[str]:
+    """The re-init rows in ROWS' order, then the suite's other ReLoRA rows with LoRA's cycle windows
+    (e.g. tuned's _floor0.5; not relora_no_warm, whose ReLoRA phase starts at step 0)."""
+    return [n for n in ROWS if n.startswith("relora")] + [n for n in rows if n.startswith("relora") and n not in ROWS
+                                                         and n != "relora_no_warm"]
+
+
 def cycle_gaps(results: dict) -> list[str]:
     """Seed-mean train loss per cycle minus LoRA's (same seeds), per ReLoRA row."""
     rows = results["rows"]
     lora = by_seed(rows["lora"], "cycle_loss")
     lines = []
-    for name in ("relora", "relora_gradient", "relora_project"):
+    for name in _relora_rows(rows):
         if name in rows:
             gaps = [[a - b for a, b in zip(c, lora[s])] for s, c in by_seed(rows[name], "cycle_loss").items() if s in lora]
             mean = [statistics.mean(g) for g in zip(*gaps)]
@@ -135,7 +142,7 @@ def plot(results: dict, out: Path) -> None:
     rows = results["rows"]
     lora = by_seed(rows["lora"], "cycle_loss")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in ("relora", "relora_gradient", "relora_project"):
+    for name in _relora_rows(rows):
         if name not in rows:
             continue
         gaps = [[a - b for a, b in zip(c, lora[s])] for s, c in by_seed(rows[name], "cycle_loss").items() if s in lora]
