@@ -6,6 +6,8 @@
     python benchmarks/replication/replicate.py ablations   # schedule, carried moments, merge precision, pruning
     python benchmarks/replication/replicate.py long        # >= 10 tokens per wrapped parameter, 3 seeds
     python benchmarks/replication/replicate.py lr          # the ReLoRA phase's peak LR, seed 0
+    python benchmarks/replication/replicate.py tuned       # the table at the adapters' best LR, 3 seeds
+    python benchmarks/replication/replicate.py long5       # long's ReLoRA/LoRA pairs at that LR, 5 seeds
 
 Every row trains the same model on the same tokens (MODEL and COMMON below) with one process on
 the CPU, one row after another: two trainings at once on 2 cores oversubscribe the OpenMP threads
