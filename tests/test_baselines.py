@@ -100,3 +100,29 @@ def test_fused_and_foreach_adamw_agree_to_rounding(tiny_data, tmp_path):
     torch.testing.assert_close(fused["losses"], foreach["losses"], rtol=1e-5, atol=0)
     # measured here: losses bitwise equal for 11 steps, 3e-8 apart at step 12; weights 2.7e-8
     assert any(not torch.equal(v, foreach["state_dict"][k]) for k, v in fused["state_dict"].items())
+
+
+@pytest.mark.spawn
+def test_min_reset_lr_ratio_keeps_only_the_resets_at_a_high_lr(tiny_data, tmp_path):
+    """relora.min_reset_lr_ratio through the Trainer: 12 ReLoRA steps, cycle 4, so resets after
+    phase steps 4 and 8 (global steps 8 and 12) by default; a floor between the LRs their restart
+    warmups ramp back to keeps the first only. The run then takes no LR-0 step at 12, and every
+    step's LR is the schedule's multiplier of the ReLoRA phase's peak."""
+    from relora_dist.config import load_config
+    from relora_dist.relora.schedule import lr_multiplier, reset_due
+
+    every = load_config(None, tiny_overrides(tiny_data, tmp_path / "cfg", **BASE))
+    ramp = [lr_multiplier(every, s + 1) for s in (8, 12)]  # restart warmup 1: the envelope there
+    assert ramp[0] > ramp[1] > 0
+    floor = (ramp[0] + ramp[1]) / 2
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path / "cfg", **BASE, **{"relora.min_reset_lr_ratio": floor}))
+    assert [s for s in range(16) if reset_due(every, s)] == [8, 12]
+    assert [s for s in range(16) if reset_due(cfg, s)] == [8]
+    r = _run(tiny_data, tmp_path, **{"relora.min_reset_lr_ratio": floor})
+    assert r["restart_index"] == 1
+    assert r["steps"].tolist() == list(range(1, 17))  # logged after each step; lrs[i] is step i's
+    peak = 2 * cfg.optimizer.lr  # relora.lr = 0: twice the full-rank LR
+    expect = torch.tensor([lr_multiplier(cfg, s) * (peak if s >= 4 else cfg.optimizer.lr) for s in range(16)])
+    torch.testing.assert_close(r["lrs"].double(), expect.double(), rtol=1e-6, atol=0)
+    assert r["lrs"][12] > 0 and r["lrs"][8] == 0
+    assert r["losses"][-3:].mean() < r["losses"][:3].mean()
