@@ -122,7 +122,10 @@ SUITES: dict[str, dict] = {
                                    ("relora", RELORA, ("8e-3", "1.6e-2", "3.2e-2")),
                                    ("relora_gradient", with_(RELORA, relora__reinit="gradient"),
                                     ("8e-3", "1.6e-2", "3.2e-2")))
-           for lr in (None, *lrs)}}},
+           for lr in (None, *lrs)},
+        # the reference's schedule (a fresh cosine over the ReLoRA phase: a higher LR at the late resets)
+        **{f"{name}_lr1.6e-2_reference": with_(base, relora__lr="1.6e-2", relora__warm_start_schedule="reference")
+           for name, base in (("lora", LORA), ("relora_gradient", with_(RELORA, relora__reinit="gradient")))}}},
     # the table at the adapters' best LR of the `lr` suite (4x the table's relora.lr), 3 seeds
     "tuned": {"seeds": [0, 1, 2], "rows": {
         "full_rank": FULL,
