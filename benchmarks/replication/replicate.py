@@ -259,6 +259,17 @@ def report(suite: str, results: dict, out: Path, ref: str) -> None:
                   "| row | " + " | ".join(f"cycle {i + 1}" for i in range(len(next(iter(gaps.values()))))) + " |",
                   "|---|" + "---|" * len(next(iter(gaps.values())))]
         lines += [f"| {n} | " + " | ".join(f"{g:+.3f}" for g in v) + " |" for n, v in gaps.items()]
+    leads = paired_leads(results)
+    if leads:
+        lines += ["", "ReLoRA's lead over LoRA of the same settings, 1 - ReLoRA's eval ppl / LoRA's, same seed "
+                  "(the seed also draws the validation split, so rows are compared within a seed):", "",
+                  "| ReLoRA row | LoRA row | lead per seed (%) | mean (%) | sd over seeds | mean / standard error |",
+                  "|---|---|---|---|---|---|"]
+        for (n, lora), lead in leads.items():
+            sd = statistics.stdev(lead) if len(lead) > 1 else float("nan")
+            t = statistics.mean(lead) / (sd / math.sqrt(len(lead))) if len(lead) > 1 and sd > 0 else float("nan")
+            lines.append(f"| {n} | {lora} | {', '.join(f'{x:+.2f}' for x in lead)} | {statistics.mean(lead):+.2f} | "
+                         f"{sd:.2f} | {t:.1f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     (out / "results.json").write_text(json.dumps({
@@ -272,6 +283,18 @@ def report(suite: str, results: dict, out: Path, ref: str) -> None:
                                             for x in recs], "dirs": [x["dir"] for x in recs]}
                  for n, recs in results.items()}}, indent=1) + "\n")
     plot(results, out)
+
+
+def paired_leads(results: dict) -> dict[tuple[str, str], list[float]]:
+    """Per ReLoRA row with a LoRA row of the same name after the prefix (relora_r1_lr1.6e-2 and
+    lora_r1_lr1.6e-2): 100 x (1 - ReLoRA's eval ppl / LoRA's) on each seed both ran."""
+    out = {}
+    for name, recs in results.items():
+        lora = "lora" + name[len("relora"):] if name.startswith("relora") else None
+        if lora in results:
+            base = {x["seed"]: x["eval_ppl"] for x in results[lora]}
+            out[(name, lora)] = [100 * (1 - x["eval_ppl"] / base[x["seed"]]) for x in recs if x["seed"] in base]
+    return out
 
 
 def cycle_gaps(results: dict) -> dict[str, list[float]]:

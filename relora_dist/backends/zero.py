@@ -100,9 +100,9 @@ def _norm_decides_overflow(optimizer: Any) -> bool:
     It does when the optimizer takes the norm (`zero_optimization.compute_grad_norm`, on by
     default) and DeepSpeed's step flags a non-finite norm as an overflow (DeepSpeed 0.19.8 does
     under `bf16.check_grad_overflow` and fp16; a release whose `step` lacks that test keeps its own
-    check), and the norm
-    sums every gradient of the rank's partition: no pipeline-replicated, model-parallel or expert
-    parameters, which DeepSpeed leaves out of a rank's sum. The two tests agree: a gradient holds
+    check), and the norm sums every gradient of the rank's partition: no pipeline-replicated,
+    model-parallel or expert parameters, which DeepSpeed leaves out of a rank's sum. The two tests
+    agree: a gradient holds
     an inf or NaN iff its fp64 sum of squares does (finite bf16 squares stay below 1e77), the
     all-reduced sum then holds it on every rank, and the norm is masked to -1 and read as an
     overflow; a finite norm too large for fp32 (above 1.8e19) is read as one by both code paths
