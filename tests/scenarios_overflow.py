@@ -14,16 +14,16 @@ from relora_dist.trainer import Trainer
 def overflow_runs(cfg, template, info, plants: dict) -> dict:
     """The same run twice, `plants` ({1-based step: value}) written into one element of the final
     norm weight's gradient on the last rank: once with the project's ZeRO-2 engine, once with
-    DeepSpeed's own per-gradient overflow check and norm (`fuse_overflow_check` and `fuse_grad_norm`
-    disabled). Returns
-    per-step losses and grad norms, the skipped-step count, the trainable fp32 masters at the end,
-    and how often each run called DeepSpeed's `has_overflow` and `torch._foreach_norm` (inf-norms, 2-norms)."""
+    DeepSpeed's own per-gradient overflow check, norm and copies into the partition (no
+    `backends.zero_fused.fuse`). Returns per-step losses and grad norms, the skipped-step count,
+    the trainable fp32 masters at the end, and how often each run called DeepSpeed's
+    `has_overflow`, `torch._foreach_norm` (inf-norms, 2-norms) and `torch._foreach_copy_`."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from relora_dist.backends import zero
+    from relora_dist.backends import zero_fused
 
-    counts = {"has_overflow": 0, "inf_norms": 0, "two_norms": 0}
-    has_overflow, foreach_norm = DeepSpeedZeroOptimizer.has_overflow, torch._foreach_norm
+    counts = {"has_overflow": 0, "inf_norms": 0, "two_norms": 0, "copies": 0}
+    has_overflow, foreach_norm, foreach_copy = DeepSpeedZeroOptimizer.has_overflow, torch._foreach_norm, torch._foreach_copy_
 
     def counted_has_overflow(self, *args, **kwargs):
         counts["has_overflow"] += 1
@@ -33,8 +33,12 @@ def overflow_runs(cfg, template, info, plants: dict) -> dict:
         counts["inf_norms" if float(ord) == float("inf") else "two_norms"] += 1
         return foreach_norm(tensors, ord, *args, **kwargs)
 
+    def counted_copy(*args, **kwargs):
+        counts["copies"] += 1
+        return foreach_copy(*args, **kwargs)
+
     def run(name: str) -> dict:
-        counts.update(has_overflow=0, inf_norms=0, two_norms=0)
+        counts.update(has_overflow=0, inf_norms=0, two_norms=0, copies=0)
         c = copy.deepcopy(cfg)
         c.run.output_dir = f"{cfg.run.output_dir}/{name}"
         t = Trainer(c, template, info)
@@ -56,15 +60,16 @@ def overflow_runs(cfg, template, info, plants: dict) -> dict:
                 "grad_norms": torch.tensor([h["grad_norm"] for h in t.state.history], dtype=torch.float64),
                 "skipped": t.state.skipped_steps, "masters": masters, **counts}
 
-    DeepSpeedZeroOptimizer.has_overflow, torch._foreach_norm = counted_has_overflow, counted_norm
+    patched = counted_has_overflow, counted_norm, counted_copy
+    DeepSpeedZeroOptimizer.has_overflow, torch._foreach_norm, torch._foreach_copy_ = patched
     try:
         ours = run("ours")
-        fused = zero.fuse_overflow_check, zero.fuse_grad_norm
-        zero.fuse_overflow_check = zero.fuse_grad_norm = lambda optimizer: None
+        fuse = zero_fused.fuse
+        zero_fused.fuse = lambda optimizer: None
         try:
             theirs = run("deepspeed")
         finally:
-            zero.fuse_overflow_check, zero.fuse_grad_norm = fused
+            zero_fused.fuse = fuse
     finally:
-        DeepSpeedZeroOptimizer.has_overflow, torch._foreach_norm = has_overflow, foreach_norm
+        DeepSpeedZeroOptimizer.has_overflow, torch._foreach_norm, torch._foreach_copy_ = has_overflow, foreach_norm, foreach_copy
     return {"ours": ours, "deepspeed": theirs}

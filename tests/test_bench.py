@@ -236,7 +236,7 @@ def test_op_counts_per_phase_and_source(smoke):
     assert src["relora"]["forward"] - src["full_rank"]["forward"] == 14 * _adapter_forward_ops()
     # ZeRO-3 gathers params in hooks in forward and backward; a step after a reset launches the same ops.
     assert src["full_rank"]["hooks"] > 0 and src["full_rank"]["step"] > 0
-    # The grad norm is one foreach op (backends/zero.fuse_grad_norm_stage3), so the step launches the
+    # The grad norm is one foreach op (backends/zero_fused.fuse_grad_norm_stage3), so the step launches the
     # same ops whatever the number of trainable tensors (21 at full rank, 35 in the ReLoRA phase).
     assert src["relora"]["step"] == src["full_rank"]["step"], src
     assert s["ops_per_step"]["relora_post_reset"] == s["ops_per_step"]["relora"]

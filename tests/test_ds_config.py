@@ -154,11 +154,11 @@ def test_auto_bucket_size_is_capped_at_the_trainable_elements_and_absent_stays_d
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_foreach_overflow_check_answers_like_deepspeeds_per_gradient_check(dtype):
-    """ZeRO-2's overflow check as one foreach op (backends/zero.fuse_overflow_check) against
+    """ZeRO-2's overflow check as one foreach op (backends/zero_fused.fuse_overflow_check) against
     DeepSpeed's own per-gradient test, summed the way its serial check sums it."""
     from deepspeed.runtime.utils import has_inf_or_nan
 
-    from relora_dist.backends.zero import overflow_foreach
+    from relora_dist.backends.zero_fused import overflow_foreach
 
     def grads(bad):
         g = [torch.randn(4, 3, dtype=dtype), None, torch.zeros(0, dtype=dtype), torch.randn(7, dtype=dtype) * 1e30]
@@ -177,13 +177,13 @@ def test_foreach_overflow_check_answers_like_deepspeeds_per_gradient_check(dtype
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_foreach_grad_norm_is_deepspeeds_per_gradient_norm_bitwise(dtype):
-    """ZeRO-2's and ZeRO-3's grad norm as one foreach op (backends/zero.fuse_grad_norm*) against
+    """ZeRO-2's and ZeRO-3's grad norm as one foreach op (backends/zero_fused.fuse_grad_norm*) against
     DeepSpeed 0.19.8's `get_grad_norm_direct` loops written out: each gradient's 2-norm in the norm
     dtype (fp64), squared and summed. Bitwise, so clipping and the non-finite test see the same
     number. (ZeRO-3's `.norm()` is `vector_norm` too.)"""
     from deepspeed.runtime.zero.utils import get_norm_dtype
 
-    from relora_dist.backends.zero import norm_foreach
+    from relora_dist.backends.zero_fused import norm_foreach
 
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(n, generator=g).to(dtype) * s for n, s in

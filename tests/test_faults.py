@@ -76,13 +76,13 @@ def test_reset_without_optimizer_state_prunes_nothing(nonfinite):
 
 @pytest.mark.spawn
 def test_bf16_zero2_skips_a_planted_nan_or_inf_gradient_like_deepspeed(tiny_data, tmp_path):
-    """ZeRO-2 under bf16 skips on a non-finite global norm alone (backends/zero.py,
+    """ZeRO-2 under bf16 skips on a non-finite global norm alone (backends/zero_fused.py,
     `_norm_decides_overflow`): a NaN (full-rank step 3) and an inf (ReLoRA step 7) planted in one
     element of one gradient on the last rank skip that step on every rank, exactly as DeepSpeed's
     own per-gradient overflow check does: losses, grad norms and the final fp32 masters bitwise
-    equal to a run with DeepSpeed's own check and norm, at 1 and at 2 ranks; the project's run never
-    calls that check nor replaces it by a second pass over the gradients (no inf-norm), and takes
-    its norm with foreach. 2 ranks against 1 process: the same steps skipped, losses within rtol
+    equal to a run with DeepSpeed's own check, norm and copies into the partition, at 1 and at 2
+    ranks; the project's run never calls that check nor replaces it by a second pass over the
+    gradients (no inf-norm), and takes its norm and copies with foreach. 2 ranks against 1 process: the same steps skipped, losses within rtol
     1e-4 (bitwise here) and the fp32 masters within 1e-3 (bf16 gradients reduced in another order:
     3.1e-4 measured)."""
     run = {"train.precision": "bf16", "train.max_steps": 8, "train.on_nonfinite": "skip",
@@ -96,6 +96,7 @@ def test_bf16_zero2_skips_a_planted_nan_or_inf_gradient_like_deepspeed(tiny_data
             ours, theirs = r["ours"], r["deepspeed"]
             assert theirs["has_overflow"] == 8 and ours["has_overflow"] == 0 and ours["inf_norms"] == 0
             assert theirs["two_norms"] == 0 and ours["two_norms"] >= 8  # one foreach norm per step and group
+            assert ours["copies"] - theirs["copies"] >= 8  # the partition's copies: one foreach per step
             assert ours["skipped"] == theirs["skipped"] == 2
             assert math.isinf(ours["grad_norms"][2]) and math.isinf(ours["grad_norms"][6])
             assert torch.isfinite(ours["grad_norms"][[0, 1, 3, 4, 5, 7]]).all()

@@ -15,7 +15,6 @@ Each stage module holds its Backend, Shards, one OptimizerState per optimizer an
 from __future__ import annotations
 
 import contextlib
-import weakref
 from abc import abstractmethod
 from typing import Any
 
@@ -31,185 +30,11 @@ from deepspeed.utils import (  # noqa: E402
     safe_get_full_optimizer_state,
 )
 
+from relora_dist.backends import zero_fused  # noqa: E402
 from relora_dist.backends.base import Backend, release_memory  # noqa: E402
 from relora_dist.backends.optimizer_state import OptimizerState, require_adamw, zero_adamw_state  # noqa: E402
 from relora_dist.backends.probe import Probe  # noqa: E402
 from relora_dist.backends.shards import Shards  # noqa: E402
-
-
-def _partition_grads(optimizer: Any) -> list:
-    """The gradients DeepSpeed's ZeRO-1/2 overflow check walks: this rank's partition, per group."""
-    return [g for i in range(len(optimizer.bit16_groups)) for g in (optimizer.averaged_gradients[i] or [])]
-
-
-def overflow_foreach(grads: list) -> torch.Tensor:
-    """Whether any of `grads` (dense; None allowed) holds an inf or NaN, as a [1] bool tensor on
-    the accelerator (DeepSpeed 0.19.8's `has_overflow_partitioned_grads_serial` contract): every
-    gradient's max |g| in one `torch._foreach_norm(ord=inf)` (inf or NaN iff the gradient holds
-    one), then one finiteness test over the stacked maxima."""
-    grads = [g for g in grads if g is not None and g.numel() > 0]
-    if not grads:
-        from deepspeed.accelerator import get_accelerator
-
-        return torch.zeros([1], dtype=torch.bool, device=get_accelerator().current_device_name())
-    maxabs = torch.stack(torch._foreach_norm(grads, float("inf")))
-    return (~torch.isfinite(maxabs)).any().reshape(1)
-
-
-def fuse_overflow_check(optimizer: Any) -> None:
-    """Replace DeepSpeed's per-gradient overflow check of a ZeRO-1/2 optimizer by
-    `overflow_foreach` (the same answer as DeepSpeed's per-gradient `has_inf_or_nan`,
-    tests/test_ds_config.py).
-
-    Why: with bf16 (DeepSpeed's `bf16.check_grad_overflow`, on by default) the check runs every
-    step over every gradient of the rank's partition, about 13 launches per gradient (amax, amin,
-    two isfinite, logical_and / logical_not, the running count), and the ReLoRA phase has 387
-    trainable tensors against 219. Measured at the 350m structure (ZeRO-2, bf16, rank 0 of 2,
-    `tools/bench.py --count-ops`): the step 1,757 -> 333 launches at full rank, 3,017 -> 501 in
-    the ReLoRA phase.
-    A NaN that the foreach maximum missed would still skip the step: DeepSpeed also flags a
-    non-finite global norm as an overflow under this setting. Left alone where the optimizer is
-    not DeepSpeed's ZeRO-1/2 one (ZeRO-3 checks its flat partitions) or offloads to the CPU (it
-    then checks while copying) or a gradient is sparse."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or getattr(optimizer, "cpu_offload", False):
-        return
-    # Through a weak reference and the class's function: no cycle keeps a torn-down engine alive.
-    ref, original = weakref.ref(optimizer), type(optimizer).has_overflow_partitioned_grads_serial
-
-    def check():
-        opt = ref()
-        grads = _partition_grads(opt)
-        if any(g is not None and g.is_sparse for g in grads):
-            return original(opt)
-        return overflow_foreach(grads)
-
-    optimizer.has_overflow_partitioned_grads_serial = check
-    if _norm_decides_overflow(optimizer):
-        def check_overflow(partition_gradients=True):
-            ref().overflow = False  # step() takes the global norm next and skips on a non-finite one
-
-        optimizer.check_overflow = check_overflow
-
-
-def _norm_decides_overflow(optimizer: Any) -> bool:
-    """Whether this ZeRO-1/2 optimizer's `step()` decides every overflow from its global gradient
-    norm alone, so the separate overflow check reads every gradient a second time for nothing.
-
-    It does when the optimizer takes the norm (`zero_optimization.compute_grad_norm`, on by
-    default) and DeepSpeed's step flags a non-finite norm as an overflow (DeepSpeed 0.19.8 does
-    under `bf16.check_grad_overflow` and fp16; a release whose `step` lacks that test keeps its own
-    check), and the norm sums every gradient of the rank's partition: no pipeline-replicated,
-    model-parallel or expert parameters, which DeepSpeed leaves out of a rank's sum. The two tests
-    agree: a gradient holds
-    an inf or NaN iff its fp64 sum of squares does (finite bf16 squares stay below 1e77), the
-    all-reduced sum then holds it on every rank, and the norm is masked to -1 and read as an
-    overflow; a finite norm too large for fp32 (above 1.8e19) is read as one by both code paths
-    already. Measured at the 350m structure (ZeRO-2, bf16, rank 0 of 2, `tools/bench.py
-    --count-ops`): the step's launches 101 -> 90 in both phases, among them one all-reduce and one host
-    read."""
-    import inspect
-
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    try:
-        step_source = inspect.getsource(DeepSpeedZeroOptimizer.step)
-    except (OSError, TypeError):
-        return False
-    params = [p for group in getattr(optimizer, "params_in_partition", []) for p in group]
-    return (bool(getattr(optimizer, "compute_grad_norm", False))
-            and "is_invalid_grad_norm(scaled_global_grad_norm)" in step_source
-            and getattr(optimizer, "model_parallel_rank", 0) == 0
-            and not getattr(optimizer, "has_moe_layers", False)
-            and not any(getattr(p, "ds_pipe_replicated", False) for p in params))
-
-
-def norm_foreach(grads: list, norm_dtype: torch.dtype) -> torch.Tensor:
-    """The sum of squares of `grads`' 2-norms as a 0-dim `norm_dtype` tensor, each norm taken in
-    `norm_dtype` by one `torch._foreach_norm` (bitwise DeepSpeed's per-gradient
-    `vector_norm(g.to(norm_dtype))` on this CPU, tests/test_ds_config.py)."""
-    grads = [g for g in grads if g.numel() > 0]
-    if not grads:
-        return torch.zeros((), dtype=norm_dtype)
-    return torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype)).pow(2).sum()
-
-
-def fuse_grad_norm(optimizer: Any) -> None:
-    """Replace the per-gradient loop of a ZeRO-1/2 optimizer's `get_grad_norm_direct` (the 2-norm
-    DeepSpeed clips by and, under bf16, also tests for overflow) by `norm_foreach`; the
-    all-reduce, the root and the masking of a non-finite norm stay DeepSpeed's.
-
-    Why: DeepSpeed casts each gradient of the rank's partition to fp64 and takes its norm, 2
-    launches per gradient, and the ReLoRA phase has 387 trainable tensors against 219. Measured
-    at the 350m structure (ZeRO-2, bf16, rank 0 of 2, `tools/bench.py --count-ops`): the step's
-    launches 333 -> 101 at full rank, 501 -> 101 in the ReLoRA phase. Left alone for another
-    norm type, pipeline-replicated or model-parallel parameters, sparse gradients, or an
-    optimizer that is not DeepSpeed's ZeRO-1/2 one."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    from deepspeed.runtime.zero.utils import get_norm_dtype
-
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or getattr(optimizer, "cpu_offload", False) \
-            or getattr(optimizer, "model_parallel_rank", 0) != 0:
-        return
-    ref, original = weakref.ref(optimizer), type(optimizer).get_grad_norm_direct
-
-    def grad_norm(gradients, params, norm_type=2):
-        opt = ref()
-        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)]
-        if float(norm_type) != 2.0 or any(g.is_sparse for g in grads) \
-                or any(getattr(p, "ds_pipe_replicated", False) for p in params):
-            return original(opt, gradients, params, norm_type)
-        from deepspeed import comm
-        from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
-
-        total = norm_foreach(grads[:len(params)], get_norm_dtype()).float().to(opt.device)
-        comm.all_reduce(total, op=comm.ReduceOp.SUM, group=opt.dp_process_group)
-        opt._model_parallel_all_reduce(tensor=total, op=comm.ReduceOp.SUM)
-        total = total.pow(0.5)
-        mask_nan_or_inf_with_val_inplace(total, device=opt.device)
-        return total
-
-    optimizer.get_grad_norm_direct = grad_norm
-
-
-def fuse_grad_norm_stage3(optimizer: Any) -> None:
-    """`fuse_grad_norm` for DeepSpeed's ZeRO-3 optimizer, whose `get_grad_norm_direct` takes each
-    sub-group's gradient norm per gradient in the same way (sum kept in fp64). Measured at the
-    350m structure (bf16, rank 0 of 2, AdamW fused): the step's launches 504 -> 68 at full rank, 840 -> 68 in
-    the ReLoRA phase. Left alone where DeepSpeed's own rules would count a gradient on some ranks
-    only (model or expert parallelism), for another norm type, or when a gradient is elsewhere
-    than the accelerator (offload)."""
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.utils import get_norm_dtype
-
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3) or getattr(optimizer, "model_parallel_rank", 0) != 0:
-        return
-    ref, original = weakref.ref(optimizer), type(optimizer).get_grad_norm_direct
-
-    def grad_norm(gradients, params, norm_type=2):
-        from deepspeed.accelerator import get_accelerator
-
-        opt = ref()
-        device = torch.device(get_accelerator().current_device_name())
-        if float(norm_type) != 2.0 or not params or getattr(opt, "offload_optimizer", False) \
-                or opt._autoep_expert_parallel_group(params) is not None \
-                or any(g.is_sparse or g.device != device for g in gradients):
-            return original(opt, gradients, params, norm_type)
-        from deepspeed import comm
-
-        opt._assert_same_partition_group(params)
-        group = opt._get_param_partition_group(params[0])
-        counts_every_rank = opt._grad_norm_counts_every_rank(params, group)
-        total = norm_foreach(list(gradients)[:len(params)], get_norm_dtype())
-        comm.all_reduce(total, op=comm.ReduceOp.SUM, group=group)
-        if not counts_every_rank:
-            opt._model_parallel_all_reduce(tensor=total, op=comm.ReduceOp.SUM)
-        total = total**0.5
-        return torch.where(total.isnan().logical_or(total.isinf()),
-                           torch.tensor(-1.0, device=opt.device, dtype=torch.float), total)
-
-    optimizer.get_grad_norm_direct = grad_norm
 
 
 class ZeroBackend(Backend):
@@ -257,9 +82,7 @@ class ZeroBackend(Backend):
         trainable = sum(self.shards.numel(p) for p in model.parameters() if p.requires_grad)
         config = with_model_buckets(self._ds_config, trainable)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        fuse_overflow_check(engine.optimizer)
-        fuse_grad_norm(engine.optimizer)
-        fuse_grad_norm_stage3(engine.optimizer)
+        zero_fused.fuse(engine.optimizer)
         self.optimizer_state.attach(engine)
         return engine
 

@@ -20,9 +20,9 @@ Each op is attributed to a source:
 * `forward`: model code under the engine's forward (transformers, the ReLoRA layers);
 * `backward`: autograd's own kernels (run by the autograd engine, no Python frame in between);
 * `hooks`: engine machinery inside forward or backward: any op whose innermost non-torch Python
-  frame is in deepspeed/ or torch/distributed/ (DeepSpeed's per-gradient hooks and bucket
-  reductions, ZeRO-3 / FSDP2 parameter gathers and gradient reduce-scatters; DeepSpeed's ZeRO-3
-  replacement of F.linear is model math, not a hook);
+  frame is in deepspeed/, torch/distributed/ or the project's backends/ (DeepSpeed's per-gradient
+  hooks and bucket reductions, ZeRO-3 / FSDP2 parameter gathers and gradient reduce-scatters;
+  DeepSpeed's ZeRO-3 replacement of F.linear is model math, not a hook);
 * `step`: everything under the engine's step: optimizer, clipping and grad norm, overflow check;
 * `other`: the rest of `Trainer.train_step` (batch transfer, loss averaging and its all-reduce).
 
@@ -69,7 +69,9 @@ METADATA_NAMESPACES = frozenset({"profiler"})
 _TORCH = os.path.dirname(torch.__file__) + os.sep
 _TORCH_DIST = _TORCH + "distributed" + os.sep
 _AUTOGRAD_ENGINE = (_TORCH + os.path.join("autograd", "graph.py"), "_engine_run_backward")
-_ENGINE_DIRS = (_TORCH_DIST, os.sep + "deepspeed" + os.sep)
+# The project's own engine code (backends/, e.g. the foreach copies that replace DeepSpeed's
+# per-gradient ones, backends/zero_fused.py) is engine machinery as DeepSpeed's is.
+_ENGINE_DIRS = (_TORCH_DIST, os.sep + "deepspeed" + os.sep, os.sep + os.path.join("relora_dist", "backends") + os.sep)
 # DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear by its own autograd Function (when the
 # model is built inside its partitioning init context, memory_efficient_linear): its frames are the linear's math,
 # not engine machinery, so they are skipped like torch's own frames.
