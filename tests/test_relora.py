@@ -488,8 +488,8 @@ def test_flat_slice_bitexact_larger_shapes_and_blocks(monkeypatch, block_rows):
     not divide) is bitwise the same elements of the full delta, with many blocks (16 rows) and
     with the default block, at 1 and 2 threads. The fp64 GEMM's only error is fp64 summation
     before one rounding to fp32: within 1 fp32 ulp of the exact fp64 product."""
-    import relora_dist.relora.layer as rl
-    monkeypatch.setattr(rl, "_DELTA_BLOCK_ROWS", block_rows)
+    import relora_dist.relora.algebra as ra
+    monkeypatch.setattr(ra, "_DELTA_BLOCK_ROWS", block_rows)
     g = torch.Generator().manual_seed(2)
     A = torch.randn(64, 301, generator=g)
     B = torch.randn(257, 64, generator=g)

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-from relora_dist.relora.layer import _generator, _stable_seed
+from relora_dist.relora.algebra import _generator, _stable_seed
 from relora_dist.relora.rules import REINITS  # noqa: F401  (the values, defined with the other rules)
 
 # Rows of today's A (Kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in))) have E|a|^2 = in * (1/in) / 3: the
