@@ -3,8 +3,9 @@ Linear layers, optimizer-state pruning, and the relora.* config keys built on th
 
 The same functions check a Python caller's arguments at run time (relora/layer.py's wrap_model and
 relora/algebra.py's prune_keep raise ReLoRAConfigError) and a run config before any work
-(check_relora_config and check_relora_targets raise ConfigError, naming config keys). `keys` renames the arguments in the
-messages; with keys, values are echoed as typed on the command line (no Python escaping).
+(check_relora_config and check_relora_targets raise ConfigError, naming config keys). `keys`
+renames the arguments in the messages; with keys, values are echoed as typed on the command line
+(no Python escaping).
 """
 
 from __future__ import annotations
