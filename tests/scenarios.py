@@ -289,7 +289,7 @@ def killed_run(cfg, template, info, where: str, at_step: int, victim: int) -> di
 
 
 from tests.scenarios_quant import adam8_checks, quant_checks  # noqa: E402,F401  (run_world looks scenarios up here)
-from tests.scenarios_overflow import overflow_runs  # noqa: E402,F401
+from tests.scenarios_overflow import fused_vs_deepspeed  # noqa: E402,F401
 
 
 def relora_runs(cfg, template, info, runs: list[list[str]], stop_at: int | None = None) -> dict:

@@ -1,6 +1,7 @@
-"""Multi-rank scenario for ZeRO-2's overflow test under bf16 (tests/test_faults.py): the project's
-engine, which skips a step on a non-finite global gradient norm alone, against DeepSpeed's own
-separate overflow check on the same planted values."""
+"""Multi-rank scenario for the ZeRO engines' foreach replacements of DeepSpeed's per-gradient loops
+(backends/zero_fused.py; tests/test_faults.py): the project's engine against DeepSpeed's own loops
+on the same run, e.g. ZeRO-2 under bf16, which skips a step on a non-finite global gradient norm
+alone, against DeepSpeed's separate overflow check on the same planted values."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 from relora_dist.trainer import Trainer
 
 
-def overflow_runs(cfg, template, info, plants: dict) -> dict:
+def fused_vs_deepspeed(cfg, template, info, plants: dict) -> dict:
     """The same run twice, `plants` ({1-based step: value}) written into one element of the final
-    norm weight's gradient on the last rank: once with the project's ZeRO-2 engine, once with
+    norm weight's gradient on the last rank: once with the project's ZeRO engine, once with
     DeepSpeed's own per-gradient overflow check, norm and copies into the partition (no
     `backends.zero_fused.fuse`). Returns per-step losses and grad norms, the skipped-step count,
     the trainable fp32 masters at the end, and how often each run called DeepSpeed's
