@@ -114,12 +114,15 @@ def test_zero3_copies_gradient_partitions_like_deepspeed(tiny_data, tmp_path):
     with one foreach op (backends/zero_fused.fuse_partition_copies_stage3), and takes its norm
     with one: losses, grad norms and the final fp32 masters bitwise those of a run with DeepSpeed's
     own per-gradient loops, at 1 rank (2 micro-batches a step: the second accumulates through
-    DeepSpeed's own loop) and at 2 ranks, through a reset (bf16, 6 steps)."""
+    DeepSpeed's own loop) and at 2 ranks, through a reset (bf16, 6 steps). 2 ranks against 1
+    process: losses within rtol 1e-4 and fp32 masters within 3e-3 (bf16 gradients reduced and
+    accumulated in another order; measured 1.4e-5 and 1.4e-3)."""
     from tests.dist_utils import engine
 
     ds_config, extra = engine("zero3")
     run = {"train.precision": "bf16", "train.max_steps": 6, "relora.warm_start_steps": 2,
            "relora.cycle_length": 2, "relora.first_warmup": 1, "relora.restart_warmup": 1, "relora.r": 4, **extra}
+    by_world = {}
     for world in (1, 2):
         results = run_world(world, "fused_vs_deepspeed", tiny_overrides(tiny_data, tmp_path / f"run{world}", **run),
                             tmp_path / f"out{world}", ds_config=ds_config, plants={})
@@ -129,6 +132,10 @@ def test_zero3_copies_gradient_partitions_like_deepspeed(tiny_data, tmp_path):
             assert ours["skipped"] == theirs["skipped"] == 0
             for key in ("losses", "grad_norms", "masters"):
                 assert torch.equal(ours[key], theirs[key]), (world, key)
+        by_world[world] = results[0]["ours"]
+    one, two = by_world[1], by_world[2]
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-4, atol=0)  # measured: 1.4e-5
+    torch.testing.assert_close(two["masters"], one["masters"], rtol=0, atol=3e-3)  # measured: 1.4e-3
 
 
 @pytest.mark.spawn

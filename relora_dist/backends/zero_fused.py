@@ -27,6 +27,23 @@ def fuse(optimizer: Any) -> None:
     fuse_partition_copies_stage3(optimizer)
 
 
+def _code_is(cls: type, method: str, *snippets: str) -> bool:
+    """Whether the source of DeepSpeed's `cls.method` holds every snippet: each replacement below
+    stands in for code checked on DeepSpeed 0.19.8, and leaves a release whose code differs alone.
+    DeepSpeed wraps some methods in its NVTX range decorator (a closure over the method, no
+    `__wrapped__`): the method is then read from the closure."""
+    import inspect
+
+    fn = getattr(cls, method, None)
+    inner = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())
+             if getattr(c.cell_contents, "__name__", None) == method]
+    try:
+        source = inspect.getsource(inner[0] if inner else fn)
+    except (OSError, TypeError):
+        return False
+    return all(snippet in source for snippet in snippets)
+
+
 def _partition_grads(optimizer: Any) -> list:
     """The gradients DeepSpeed's ZeRO-1/2 overflow check walks: this rank's partition, per group."""
     return [g for i in range(len(optimizer.bit16_groups)) for g in (optimizer.averaged_gradients[i] or [])]
@@ -92,24 +109,17 @@ def _norm_decides_overflow(optimizer: Any) -> bool:
     under `bf16.check_grad_overflow` and fp16; a release whose `step` lacks that test keeps its own
     check), and the norm sums every gradient of the rank's partition: no pipeline-replicated,
     model-parallel or expert parameters, which DeepSpeed leaves out of a rank's sum. The two tests
-    agree: a gradient holds
-    an inf or NaN iff its fp64 sum of squares does (finite bf16 squares stay below 1e77), the
-    all-reduced sum then holds it on every rank, and the norm is masked to -1 and read as an
-    overflow; a finite norm too large for fp32 (above 1.8e19) is read as one by both code paths
-    already. Measured at the 350m structure (ZeRO-2, bf16, rank 0 of 2, `tools/bench.py
-    --count-ops`): the step's launches 101 -> 90 in both phases, among them one all-reduce and one host
-    read."""
-    import inspect
-
+    agree: a gradient holds an inf or NaN iff its fp64 sum of squares does (finite bf16 squares
+    stay below 1e77), the all-reduced sum then holds it on every rank, and the norm is masked to -1
+    and read as an overflow; a finite norm too large for fp32 (above 1.8e19) is read as one by both
+    code paths already. Measured at the 350m structure (ZeRO-2, bf16, rank 0 of 2, `tools/bench.py
+    --count-ops`): the step's launches 101 -> 90 in both phases, among them one all-reduce and one
+    host read."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    try:
-        step_source = inspect.getsource(DeepSpeedZeroOptimizer.step)
-    except (OSError, TypeError):
-        return False
     params = [p for group in getattr(optimizer, "params_in_partition", []) for p in group]
     return (bool(getattr(optimizer, "compute_grad_norm", False))
-            and "is_invalid_grad_norm(scaled_global_grad_norm)" in step_source
+            and _code_is(DeepSpeedZeroOptimizer, "step", "is_invalid_grad_norm(scaled_global_grad_norm)")
             and getattr(optimizer, "model_parallel_rank", 0) == 0
             and not getattr(optimizer, "has_moe_layers", False)
             and not any(getattr(p, "ds_pipe_replicated", False) for p in params))
@@ -204,21 +214,14 @@ def fuse_grad_norm_stage3(optimizer: Any) -> None:
 
 def _copies_one_at_a_time() -> bool:
     """Whether this DeepSpeed's ZeRO-1/2 `copy_grads_in_partition` is the per-gradient copy that
-    `fuse_partition_copies` defers (checked on 0.19.8) and `reduce_ipg_grads` the only caller
-    that reaches it there."""
-    import inspect
-
+    `fuse_partition_copies` defers and `reduce_ipg_grads` the caller that reaches it there."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Z
 
-    try:
-        copy, reduce = inspect.getsource(Z.copy_grads_in_partition), inspect.getsource(Z.reduce_ipg_grads)
-    except (OSError, TypeError, AttributeError):
-        return False
-    return ("new_grad_tensor.copy_(grad_reduc.view(-1))" in copy
-            and "grad_reduc.data = new_grad_tensor.data.view_as(grad_reduc)" in copy
-            and "self.grads_in_partition_offset += param.numel()" in copy
-            and "self.copy_grads_in_partition(param, group_idx)" in reduce
-            and hasattr(Z, "_use_compact_grad_partition_buffer"))
+    return (hasattr(Z, "_use_compact_grad_partition_buffer")
+            and _code_is(Z, "copy_grads_in_partition", "new_grad_tensor.copy_(grad_reduc.view(-1))",
+                         "grad_reduc.data = new_grad_tensor.data.view_as(grad_reduc)",
+                         "self.grads_in_partition_offset += param.numel()")
+            and _code_is(Z, "reduce_ipg_grads", "self.copy_grads_in_partition(param, group_idx)"))
 
 
 def fuse_partition_copies(optimizer: Any) -> None:
@@ -281,25 +284,16 @@ _STAGE3_GRAD_PARTITIONS = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_part
 
 def _stage3_copies_one_at_a_time() -> bool:
     """Whether this DeepSpeed's ZeRO-3 `partition_grads` is the per-gradient loop that
-    `fuse_partition_copies_stage3` replaces (checked on 0.19.8)."""
-    import inspect
-
+    `fuse_partition_copies_stage3` replaces."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Z3
 
-    fn = getattr(Z3, "partition_grads", None)
-    # DeepSpeed wraps it in its NVTX range decorator (a closure over the method, no __wrapped__).
-    inner = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())
-             if getattr(c.cell_contents, "__name__", None) == "partition_grads"]
-    try:
-        source = inspect.getsource(inner[0] if inner else fn)
-    except (OSError, TypeError):
-        return False
-    return ("contains_real_data = param.partition_numel() * self._get_param_partition_rank(param) < param.ds_numel"
-            in source
-            and "self.__param_id_to_grad_partition[param.ds_id].narrow(0, 0, grad_partition.numel())" in source
-            and "if self.micro_step_id == 0:  # don't accumulate" in source
-            and "grad_buffer.copy_(grad_partition, non_blocking=True)" in source
-            and "self._offload_boundary_param_ids.add(param.ds_id)" in source)
+    return _code_is(Z3, "partition_grads",
+                    "contains_real_data = param.partition_numel() * self._get_param_partition_rank(param)"
+                    " < param.ds_numel",
+                    "self.__param_id_to_grad_partition[param.ds_id].narrow(0, 0, grad_partition.numel())",
+                    "if self.micro_step_id == 0:  # don't accumulate",
+                    "grad_buffer.copy_(grad_partition, non_blocking=True)",
+                    "self._offload_boundary_param_ids.add(param.ds_id)")
 
 
 def fuse_partition_copies_stage3(optimizer: Any) -> None:
